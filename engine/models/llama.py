@@ -1,0 +1,80 @@
+"""Llama 3-family dense model (LlamaForCausalLM: Llama 3.x, SmolLM2), plain PyTorch over
+the ops layer. RoPE in HF's rotate-half layout; tied or untied embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig, llama3_inv_freq
+from engine.models.layers import MLP, Embedding, Linear, RMSNorm
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = Linear(h, cfg.num_heads * d)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d)
+        self.o_proj = Linear(cfg.num_heads * d, h)
+        self.scale = d**-0.5
+        self.register_buffer("inv_freq", llama3_inv_freq(d, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.ops = ops
+
+    def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
+        t = x.shape[0]
+        q = F.linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
+        k = F.linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.rope_half(q, k, positions, self.inv_freq)
+        self.ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+        o = self.ops.attention(q, kv_cache, meta, self.scale)
+        return F.linear(o.reshape(t, -1), self.o_proj.weight)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, ops)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ops = ops
+
+    def forward(self, h, positions, kv_cache, meta):
+        n = self.input_layernorm
+        h = h + self.self_attn(self.ops.rms_norm(h, n.weight, n.eps), positions, kv_cache, meta)
+        n = self.post_attention_layernorm
+        return h + self.mlp(self.ops.rms_norm(h, n.weight, n.eps))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, ops)
+        # Tied models read the embedding matrix; the checkpoint has no lm_head then.
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.ops = ops
+
+    def forward(self, input_ids, positions, kv_caches, metas):
+        h = F.embedding(input_ids, self.model.embed_tokens.weight)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, positions, kv_caches[i], metas[i])
+        return self.ops.rms_norm(h, self.model.norm.weight, self.model.norm.eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w)

@@ -1,0 +1,135 @@
+"""The ops layer: every piece of math the models do, behind one object.
+
+Models call `self.ops.rms_norm(...)`, `self.ops.attention(...)` and so on, never torch
+directly for these. `TorchOps` is the plain-PyTorch implementation, exact against
+transformers and used on CPU; the Triton kernels (kernels/) subclass it and replace
+methods one by one, so the model code never changes. Shapes are written as
+`[tokens, heads, head_dim]` etc.; T is the number of tokens in the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata
+
+
+class TorchOps:
+    name = "torch"
+
+    # -- norms -------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm in fp32, cast back, then scaled (HF Llama/Llama4 order of rounding)."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    def l2_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """Llama 4's weightless QK norm."""
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+    # -- rotary embeddings -------------------------------------------------------------
+    def rope_interleaved(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama 4 RoPE: adjacent pairs (x[2i], x[2i+1]) are one complex number.
+        q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+        cis = torch.polar(torch.ones_like(freqs), freqs)[:, None, :]  # [T, 1, D/2]
+
+        def rot(x):
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
+
+        return rot(q), rot(k)
+
+    def rope_half(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama 3 RoPE (HF layout): the two halves of the head dim are the pair."""
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
+
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+        return rot(q), rot(k)
+
+    # -- MLPs ----------------------------------------------------------------------------
+    def swiglu(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)); weights in nn.Linear layout [out, in]."""
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def moe(
+        self,
+        x: torch.Tensor,  # [T, H]
+        router: torch.Tensor,  # [E, H]
+        gate_up: torch.Tensor,  # [E, H, 2I], gate is the first half
+        down: torch.Tensor,  # [E, I, H]
+    ) -> torch.Tensor:
+        """Llama 4 top-1 MoE: the expert sees x * sigmoid(its router logit)."""
+        logits = F.linear(x, router)  # [T, E]
+        top_logit, expert = logits.max(dim=-1)
+        score = torch.sigmoid(top_logit.float()).to(x.dtype)
+        xs = x * score[:, None]
+        out = torch.zeros_like(x)
+        # Group tokens by expert so each expert's weights are read once per step.
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=router.shape[0]).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = order[start : start + n]
+            start += n
+            g, u = (xs[idx] @ gate_up[e]).chunk(2, dim=-1)
+            out[idx] = (F.silu(g) * u) @ down[e]
+        return out
+
+    # -- attention -----------------------------------------------------------------------
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """kv_cache: [2, num_blocks, block_size, KVH, D]; k, v: [T, KVH, D]; slots: [T]."""
+        kvh, d = k.shape[1], k.shape[2]
+        kv_cache[0].view(-1, kvh, d)[slots] = k
+        kv_cache[1].view(-1, kvh, d)[slots] = v
+
+    def attention(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q: [T, H, D] -> [T, H, D], reading keys/values from the paged cache.
+        Decode rows (one query each) run as one padded batch; each prefill segment
+        runs on its own with its own mask."""
+        kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
+        k_flat, v_flat = kv_cache[0].view(-1, kvh, d), kv_cache[1].view(-1, kvh, d)
+        out = torch.empty_like(q)
+        gqa = q.shape[1] != kvh
+        if meta.decode is not None:
+            dec = meta.decode
+            qd = q[dec.token_index][:, :, None, :]  # [B, H, 1, D]
+            k = k_flat[dec.kv_slots].transpose(1, 2)  # [B, KVH, L, D]
+            v = v_flat[dec.kv_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=dec.mask[:, None, None, :], scale=scale, enable_gqa=gqa)
+            out[dec.token_index] = o[:, :, 0, :]
+        for seg in meta.prefills:
+            qs = q[seg.start : seg.end].transpose(0, 1)[None]  # [1, H, n, D]
+            k = k_flat[seg.kv_slots].transpose(0, 1)[None]  # [1, KVH, L, D]
+            v = v_flat[seg.kv_slots].transpose(0, 1)[None]
+            if seg.mask is None:  # plain causal over exactly these tokens
+                o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=seg.mask[None, None], scale=scale, enable_gqa=gqa)
+            out[seg.start : seg.end] = o[0].transpose(0, 1)
+        return out
+
+
+OPS = {"torch": TorchOps}
+
+
+def make_ops(name: str) -> TorchOps:
+    if name not in OPS:
+        raise ValueError(f"ops must be one of {sorted(OPS)}, got {name!r}")
+    return OPS[name]()

@@ -1,0 +1,114 @@
+"""The model runner: turns a scheduler plan into tensors, runs the model, samples.
+
+It owns the device side: the model's weights and the per-layer KV cache tensors
+(`[2, num_blocks, block_size, kv_heads, head_dim]`, one pool per layer group). The
+scheduler and the KV cache manager never see a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import SeqSpan, build_metadata
+from engine.config import EngineConfig, cdiv
+from engine.kv_cache import GLOBAL, LOCAL
+from engine.loader import DTYPES, load_model
+from engine.sampling import Sampler
+from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int]  # request id -> new token, for chunks that sample
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]]  # when asked
+    all_logits: torch.Tensor | None = None  # [T, vocab] fp32, only for run(all_logits=True)
+
+
+def plan_cache_blocks(cfg: EngineConfig, available_bytes: int) -> tuple[int, int | None]:
+    """Split a byte budget between the global and local pools. The local pool needs at
+    most a chunk (plus one step's new tokens) per running request; the rest is global."""
+    m, cc, sc = cfg.model, cfg.cache, cfg.scheduler
+    elem = torch.finfo(DTYPES[cfg.device.torch_dtype_name]).bits // 8
+    per_layer_block = 2 * cc.block_size * m.num_kv_heads * m.head_dim * elem
+    n_local, n_global = len(m.local_layers), len(m.global_layers)
+    local = None
+    if n_local:
+        window = min(m.attention_chunk_size, cfg.max_model_len)
+        local = cc.num_local_blocks or (
+            sc.max_num_seqs * (cdiv(window, cc.block_size) + 1) + cdiv(sc.max_num_batched_tokens, cc.block_size) + 1
+        )
+    glob = cc.num_blocks
+    if glob is None:
+        glob = (available_bytes - (local or 0) * n_local * per_layer_block) // max(1, n_global * per_layer_block)
+    return int(glob), local
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, ops):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device.device)
+        self.dtype = DTYPES[cfg.device.torch_dtype_name]
+        self.model = load_model(cfg.model, cfg.model_dir, cfg.device.device, cfg.device.torch_dtype_name, ops)
+        self.sampler = Sampler()
+        self.num_blocks, self.num_local_blocks = plan_cache_blocks(cfg, self._available_cache_bytes())
+        if self.num_blocks < 1:
+            raise ValueError("not enough memory for a single KV block after loading the model")
+        self.layer_group = [LOCAL if cfg.model.is_local_layer(i) else GLOBAL for i in range(cfg.model.num_layers)]
+        m, bs = cfg.model, cfg.cache.block_size
+        self.kv_caches = [
+            torch.zeros(2, self.num_blocks if g == GLOBAL else self.num_local_blocks, bs, m.num_kv_heads, m.head_dim,
+                        device=self.device, dtype=self.dtype)
+            for g in self.layer_group
+        ]
+        log.info("KV cache: %d global blocks%s of %d tokens", self.num_blocks,
+                 f" + {self.num_local_blocks} local" if self.num_local_blocks else "", bs)
+
+    def _available_cache_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = total * (1 - self.cfg.cache.gpu_memory_utilization)
+            return int(max(0, free - reserve - (2 << 30)))  # 2 GiB for activations
+        return int(self.cfg.cache.cpu_cache_gib * (1 << 30))
+
+    @torch.inference_mode()
+    def run(self, plan: SchedulerOutput, all_logits: bool = False) -> RunnerOutput:
+        """all_logits: also return every row's logits (parity tests compare them)."""
+        ids, pos, sample_rows, sampled_reqs = [], [], [], []
+        spans = {g: [] for g in set(self.layer_group)}
+        row = 0
+        for c in plan.chunks:
+            req = c.request
+            ids.extend(req.all_token_ids[c.start : c.start + c.num_tokens])
+            pos.extend(range(c.start, c.start + c.num_tokens))
+            for g in spans:
+                spans[g].append(SeqSpan(row, c.start, c.num_tokens, tuple(req.block_tables[g])))
+            row += c.num_tokens
+            if c.samples:
+                sample_rows.append(row - 1)
+                sampled_reqs.append(req)
+        chunk = self.cfg.model.attention_chunk_size
+        metas = {
+            g: build_metadata(s, self.cfg.cache.block_size, chunk if g == LOCAL else None, self.device)
+            for g, s in spans.items()
+        }
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, [metas[g] for g in self.layer_group])
+        every = self.model.compute_logits(hidden).float() if all_logits else None
+        if not sampled_reqs:
+            return RunnerOutput({}, {}, every)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]).float()
+        out = self.sampler(logits, [r.sampling_params for r in sampled_reqs], [r.generator for r in sampled_reqs])
+        tokens = out.token_ids.tolist()
+        sampled = {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
+        logprobs = {}
+        if out.logprobs is not None:
+            for i, r in enumerate(sampled_reqs):
+                if r.sampling_params.logprobs is not None:
+                    logprobs[r.request_id] = (float(out.logprobs[i]), out.top_logprobs[i] or [])
+        return RunnerOutput(sampled, logprobs, every)

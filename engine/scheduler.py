@@ -1,0 +1,154 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Queue lifecycle of a request:
+  add() -> waiting -> (admitted: prefix hit + blocks) -> running -> finish() -> gone
+                 ^                                          |
+                 +---- preempted: blocks freed, counters ---+
+                       reset, front of the waiting queue
+
+`schedule()` spends a token budget: first on running requests in arrival order (a
+decode takes one token, an unfinished prefill takes what is left of the budget), then
+admits waiting requests while the budget and `max_num_seqs` allow. When a running
+request cannot get blocks, the latest-admitted running request is preempted (its
+blocks freed, its tokens recomputed later) until it can. The plan it returns is plain
+data: which request computes which token range.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    start: int  # first token position computed (num_computed_tokens at schedule time)
+    num_tokens: int
+    samples: bool  # reaches the end of the request's tokens: its last logits are sampled
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager):
+        self.cfg = cfg
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                chunks.append(self._chunk(req, n))
+                budget -= n
+                i += 1
+
+        # No admissions in a step that had to preempt: memory is short.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            fresh = req.num_preemptions == 0
+            hit = self.kv.acquire_prefix(req)
+            req.num_computed_tokens = hit
+            if fresh:
+                req.num_cached_tokens = hit
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req, n):
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    @staticmethod
+    def _chunk(req: Request, n: int) -> ScheduledChunk:
+        return ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def update(self, plan: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance counters after the runner computed the plan; append sampled tokens."""
+        for c in plan.chunks:
+            req = c.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens = c.start + c.num_tokens
+            self.kv.cache_full_blocks(req)
+            self.kv.release_out_of_window(req)
+            if c.samples:
+                req.output_token_ids.append(sampled[req.request_id])
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length, aborted): release its blocks exactly once."""
+        if req.is_finished:
+            return
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        del self.requests[req.request_id]
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def check_integrity(self) -> None:
+        live = list(self.requests.values())
+        for r in self.waiting:
+            if r.status is not RequestStatus.WAITING:
+                raise AssertionError(f"{r.request_id} in waiting queue with status {r.status}")
+        self.kv.check_integrity(live)

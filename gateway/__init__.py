@@ -1,0 +1,1 @@
+"""Gateway: OpenAI REST shim, public gRPC, routing, Redis state (gateway issue)."""

@@ -1,0 +1,1 @@
+"""Load-testing harness (loadtest issue)."""

@@ -1,0 +1,1 @@
+"""Prefill gRPC service (services issue)."""

@@ -1,0 +1,1 @@
+"""Placeholder: public API and PrefillService/DecodeService protos land with the services issue."""

@@ -1,0 +1,30 @@
+"""Model folders shared by the whole test session, each made once by `make_model`.
+
+    tiny_llama4_dir    tiny-llama4 (Scout-shaped, 4 layers, MoE every layer), seed 0, bf16
+    tiny_maverick_dir  tiny-llama4-maverick (MoE in odd layers, no QK norm), seed 0, bf16
+    smollm2_dir        the real SmolLM2-135M-Instruct (about 50 s to convert on 2 CPU cores)
+
+All three carry a real tokenizer (Llama 4's or SmolLM2's). Tests must not modify them:
+copy what you want to change into tmp_path.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from launcher.make_model import make_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama4_dir(tmp_path_factory) -> Path:
+    return make_model("tiny-llama4", tmp_path_factory.mktemp("tiny-llama4"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_maverick_dir(tmp_path_factory) -> Path:
+    return make_model("tiny-llama4-maverick", tmp_path_factory.mktemp("tiny-maverick"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    return make_model("smollm2-135m", tmp_path_factory.mktemp("smollm2"))
