@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.attention import AttentionMetadata
+
+# cuDNN's SDPA builds a graph per new shape (~16 ms of CPU each); the key length changes
+# every decode step, so it would rebuild every step. Flash / memory-efficient / math
+# have no such cost (measured on H100, BENCHMARKS.md).
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class TorchOps:
@@ -98,6 +104,12 @@ class TorchOps:
         kv_cache[1].view(-1, kvh, d)[slots] = v
 
     def attention(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        with sdpa_kernel(_SDPA_BACKENDS):
+            return self._attention(q, kv_cache, meta, scale)
+
+    def _attention(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         """q: [T, H, D] -> [T, H, D], reading keys/values from the paged cache.

