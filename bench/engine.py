@@ -88,8 +88,10 @@ def bench_transformers(model_dir: str, prompt_len: int, batches: list[int], new_
     with torch.no_grad():
         for p in CHECK_PROMPTS:
             g = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, min_new_tokens=16,
-                               do_sample=False, pad_token_id=0)
-            out["greedy"].append(g[0, len(p):].tolist())
+                               do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+            out["greedy"].append(g.sequences[0, len(p):].tolist())
+            top2 = [s[0].float().topk(2).values for s in g.scores]
+            out.setdefault("gaps", []).append([float(t[0] - t[1]) for t in top2])
         long = torch.randint(0, 200000, (1, prefill_len), device="cuda")
         out["prefill_s"] = cuda_time(lambda: model(long, logits_to_keep=1), reps=3, warmup=1)
     print(f"  transformers prefill {prefill_len}: {out['prefill_s'] * 1e3:.1f} ms", flush=True)
@@ -121,8 +123,9 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
     params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
     out = {"decode": {}, "prefill_s": None}
     llm.generate(torch.randint(0, 200000, (32,), generator=g).tolist(), SamplingParams(max_tokens=4))  # warm-up
-    greedy = llm.generate(CHECK_PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    greedy = llm.generate(CHECK_PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2))
     out["greedy"] = [o.token_ids for o in greedy]
+    out["gaps"] = [[lp[1][0][1] - lp[1][1][1] for lp in o.logprobs] for o in greedy]
     for b in batches:
         for _ in range(b):
             eng.add_request(torch.randint(0, 200000, (prompt_len,), generator=g).tolist(), params)
@@ -211,7 +214,11 @@ def main() -> int:
     if hf:
         for i, (a, b) in enumerate(zip(hf["greedy"], ours["greedy"])):
             same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            print(f"greedy check prompt {i}: first {same}/16 tokens identical to transformers (bf16)")
+            gap = ""
+            if same < len(a):
+                gap = (f"; at token {same} the top-2 logit gap is {hf['gaps'][i][same]:.3f} (transformers), "
+                       f"{ours['gaps'][i][same]:.3f} (tandem)")
+            print(f"greedy check prompt {i}: first {same}/16 tokens identical to transformers (bf16){gap}")
     if args.json:
         Path(args.json).write_text(json.dumps({"ceilings": ceil, "transformers": hf, "tandem": ours,
                                                "device": torch.cuda.get_device_name()}, indent=1))

@@ -51,45 +51,55 @@ class SeqSpan:
 def build_metadata(
     spans: list[SeqSpan], block_size: int, chunk: int | None, device: torch.device
 ) -> AttentionMetadata:
-    """chunk: the local attention chunk size, or None for global layers."""
+    """chunk: the local attention chunk size, or None for global layers. Index math is
+    vectorised over the batch on the CPU; a handful of tensors then go to the device."""
+    width = max(len(s.block_table) for s in spans)
+    # A released (None) block becomes -1 so any read of it is caught below.
+    table = torch.tensor([[-1 if b is None else b for b in s.block_table] + [-1] * (width - len(s.block_table))
+                          for s in spans], dtype=torch.long)  # [B, W]
+    q_start = torch.tensor([s.q_start for s in spans], dtype=torch.long)
+    n_tok = torch.tensor([s.num_tokens for s in spans], dtype=torch.long)
 
-    def slots(table: tuple[int | None, ...], lo: int, hi: int) -> torch.Tensor:
-        pos = torch.arange(lo, hi)
-        blocks = torch.tensor([b if b is not None else -1 for b in table[lo // block_size : (hi - 1) // block_size + 1]])
-        s = blocks[pos // block_size - lo // block_size] * block_size + pos % block_size
-        if bool((s < 0).any()):
-            raise RuntimeError(f"attention reads a released block in positions [{lo}, {hi})")
-        return s
+    def slots(req: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = table[req, pos // block_size] * block_size + pos % block_size
+        if bool((out < 0).any()):
+            raise RuntimeError("attention touches a released block")
+        return out
 
-    slot_mapping, dec_rows, dec_slots, prefills = [], [], [], []
-    for sp in spans:
-        q_end = sp.q_start + sp.num_tokens
-        slot_mapping.append(slots(sp.block_table, sp.q_start, q_end))
-        kv_start = 0 if chunk is None else (sp.q_start // chunk) * chunk
-        kv = slots(sp.block_table, kv_start, q_end)
+    req = torch.repeat_interleave(torch.arange(len(spans)), n_tok)  # [T] request of each token
+    first = torch.cumsum(n_tok, 0) - n_tok
+    pos = q_start[req] + torch.arange(len(req)) - first[req]
+    slot_mapping = slots(req, pos)
+
+    decode = None
+    dec = [i for i, s in enumerate(spans) if s.num_tokens == 1]
+    if dec:
+        d = torch.tensor(dec)
+        p = q_start[d]
+        kv_start = (p // chunk) * chunk if chunk is not None else torch.zeros_like(p)
+        length = p + 1 - kv_start
+        j = torch.arange(int(length.max()))
+        mask = j[None, :] < length[:, None]  # [B, L]
+        kpos = torch.where(mask, kv_start[:, None] + j[None, :], kv_start[:, None])
+        kv_slots = slots(d[:, None].expand_as(kpos), kpos)
+        batch_rows = torch.tensor([spans[i].batch_start for i in dec])
+        decode = DecodeBatch(batch_rows.to(device), kv_slots.to(device), mask.to(device))
+
+    prefills = []
+    for i, sp in enumerate(spans):
         if sp.num_tokens == 1:
-            dec_rows.append(sp.batch_start)
-            dec_slots.append(kv)
             continue
-        qpos = torch.arange(sp.q_start, q_end)[:, None]
-        kpos = torch.arange(kv_start, q_end)[None, :]
-        square = kv_start == sp.q_start
-        if square and (chunk is None or (q_end - 1) // chunk == sp.q_start // chunk):
-            mask = None
+        q_end = sp.q_start + sp.num_tokens
+        kv_start = 0 if chunk is None else (sp.q_start // chunk) * chunk
+        kv = slots(torch.full((q_end - kv_start,), i), torch.arange(kv_start, q_end))
+        if kv_start == sp.q_start and (chunk is None or (q_end - 1) // chunk == sp.q_start // chunk):
+            mask = None  # exactly causal over these tokens
         else:
+            qpos = torch.arange(sp.q_start, q_end)[:, None]
+            kpos = torch.arange(kv_start, q_end)[None, :]
             mask = kpos <= qpos
             if chunk is not None:
                 mask &= (kpos // chunk) == (qpos // chunk)
             mask = mask.to(device)
         prefills.append(PrefillSegment(sp.batch_start, sp.batch_start + sp.num_tokens, kv.to(device), mask))
-
-    decode = None
-    if dec_rows:
-        width = max(len(s) for s in dec_slots)
-        kv_slots = torch.zeros(len(dec_rows), width, dtype=torch.long)
-        mask = torch.zeros(len(dec_rows), width, dtype=torch.bool)
-        for i, s in enumerate(dec_slots):
-            kv_slots[i, : len(s)] = s
-            mask[i, : len(s)] = True
-        decode = DecodeBatch(torch.tensor(dec_rows, device=device), kv_slots.to(device), mask.to(device))
-    return AttentionMetadata(torch.cat(slot_mapping).to(device), decode, prefills)
+    return AttentionMetadata(slot_mapping.to(device), decode, prefills)
