@@ -219,6 +219,30 @@ class KVCacheManager:
             req.block_tables[g].extend(self.pools[g].allocate(need[g]))
         return True
 
+    def reserve(self, req: Request, num_tokens: int) -> bool:
+        """Decode role: hold blocks for positions [num_computed_tokens, num_tokens) that
+        another instance fills. The local group needs only the window of the next
+        position (num_tokens); earlier local blocks are neither reserved nor sent.
+        False (and nothing taken) when a pool is short."""
+        bs = self.block_size
+        total = cdiv(num_tokens, bs)
+        need = {GLOBAL: total - len(req.block_tables[GLOBAL])}
+        if LOCAL in self.pools:
+            table = req.block_tables[LOCAL]
+            first = min(self._window_start(num_tokens) // bs, total)
+            need[LOCAL] = total - max(len(table), first)
+        if any(need[g] > self.pools[g].num_free for g in need):
+            return False
+        if LOCAL in self.pools:
+            gone = [table[j] for j in range(min(first, len(table))) if table[j] is not None]
+            for j in range(min(first, len(table))):
+                table[j] = None
+            table.extend([None] * (first - len(table)))
+            self.pools[LOCAL].release(gone[::-1])
+        for g in need:
+            req.block_tables[g].extend(self.pools[g].allocate(need[g]))
+        return True
+
     def can_fit(self, num_tokens: int) -> bool:
         """Whether a request of num_tokens could ever be held (for admission checks). The
         local pool is checked once, at start, against a chunk plus a step's budget."""

@@ -97,11 +97,7 @@ class LLMEngine:
             raise ValueError(f"prompt: {len(ids)} tokens do not fit the KV cache")
         return ids
 
-    def add_request(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> str:
-        """Validate and queue a request. Nothing is allocated until it is admitted, so a
-        rejected request leaves no trace."""
+    def _make_request(self, prompt, params, request_id) -> Request:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
@@ -110,12 +106,53 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise ValueError(f"stop_token_ids: {bad} outside the vocabulary [0, {vocab})")
+        if request_id is not None and request_id in self.scheduler.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
         request_id = request_id if request_id is not None else str(next(self._ids))
         gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
-        req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, generator=gen)
+        return Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, generator=gen)
+
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Validate and queue a request. Nothing is allocated until it is admitted, so a
+        rejected request leaves no trace."""
+        req = self._make_request(prompt, params, request_id)
         self.scheduler.add(req)
         self.outputs.add(req)
-        return request_id
+        return req.request_id
+
+    # -- decode role: the prompt's KV is computed by a prefill instance ---------------
+    def reserve(
+        self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request | None:
+        """Hold blocks for a prompt whose KV another instance will push. Returns the
+        request (its `num_cached_tokens` and `block_tables` say what to send where), or
+        None when the cache is short right now (nothing is held then)."""
+        req = self._make_request(prompt, params, request_id)
+        if not self.scheduler.reserve(req):
+            return None
+        self.outputs.add(req)
+        return req
+
+    def complete_transfer(
+        self, request_id: str, first_token: int, logprobs: tuple[float, list[tuple[int, float]]] | None = None
+    ) -> RequestOutput:
+        """The KV arrived and prefill sampled `first_token`: the request joins the batch
+        (or finishes at once if that token ends it)."""
+        req = self.scheduler.transferring[request_id]
+        self.scheduler.complete_transfer(req, first_token)
+        if logprobs is not None and req.sampling_params.logprobs is not None:
+            req.logprobs.append(logprobs)
+        status = self.outputs.check_stop(req)
+        if status is not None:
+            self.scheduler.finish(req, status)
+        return self.outputs.make_output(req)
+
+    def fail_transfer(self, request_id: str) -> None:
+        """Recompute here: the reserved blocks go back and the request queues for a
+        local prefill."""
+        self.scheduler.fail_transfer(self.scheduler.transferring[request_id])
 
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.requests.get(request_id)

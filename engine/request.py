@@ -20,6 +20,7 @@ from engine.sampling import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    TRANSFERRING = "transferring"  # decode role: blocks reserved, KV arriving from prefill
     RUNNING = "running"
     FINISHED_STOPPED = "stop"  # EOS, a stop token id or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or max_model_len

@@ -8,6 +8,7 @@ scheduler and the KV cache manager never see a tensor.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +77,11 @@ class ModelRunner:
         return int(self.cfg.cache.cpu_cache_gib * (1 << 30))
 
     @torch.inference_mode()
-    def run(self, plan: SchedulerOutput, all_logits: bool = False) -> RunnerOutput:
-        """all_logits: also return every row's logits (parity tests compare them)."""
+    def run(self, plan: SchedulerOutput, all_logits: bool = False,
+            on_layer: Callable[[int], None] | None = None) -> RunnerOutput:
+        """all_logits: also return every row's logits (parity tests compare them).
+        on_layer(i): called as soon as layer i's KV for this step is in the cache (the
+        prefill role pushes it to decode from there, overlapping the next layer)."""
         ids, pos, sample_rows, sampled_reqs = [], [], [], []
         spans = {g: [] for g in set(self.layer_group)}
         row = 0
@@ -98,7 +102,7 @@ class ModelRunner:
         }
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, [metas[g] for g in self.layer_group])
+        hidden = self.model(input_ids, positions, self.kv_caches, [metas[g] for g in self.layer_group], on_layer)
         every = self.model.compute_logits(hidden).float() if all_logits else None
         if not sampled_reqs:
             return RunnerOutput({}, {}, every)

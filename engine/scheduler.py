@@ -5,6 +5,10 @@ Queue lifecycle of a request:
                  ^                                          |
                  +---- preempted: blocks freed, counters ---+
                        reset, front of the waiting queue
+Decode role, KV computed elsewhere:
+  reserve() -> transferring (blocks held, not scheduled) -> complete_transfer() -> running
+                    | fail_transfer(recompute): blocks freed -> waiting (prefilled here)
+                    | finish(): aborted, blocks freed
 
 `schedule()` spends a token budget: first on running requests in arrival order (a
 decode takes one token, an unfinished prefill takes what is left of the budget), then
@@ -52,6 +56,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.transferring: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
 
     def add(self, req: Request) -> None:
@@ -60,9 +65,47 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
+    def reserve(self, req: Request) -> bool:
+        """Decode role: take the prefix hit and hold blocks for the rest of the prompt,
+        which another instance will fill. False (nothing held) when blocks are short."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        hit = self.kv.acquire_prefix(req)
+        req.num_computed_tokens = req.num_cached_tokens = hit
+        if not self.kv.reserve(req, req.num_tokens):
+            self.kv.free(req)
+            req.num_computed_tokens = req.num_cached_tokens = 0
+            return False
+        req.status = RequestStatus.TRANSFERRING
+        self.requests[req.request_id] = req
+        self.transferring[req.request_id] = req
+        return True
+
+    def complete_transfer(self, req: Request, first_token: int) -> None:
+        """The prompt's KV arrived and prefill sampled the first token: decode from here."""
+        del self.transferring[req.request_id]
+        req.num_computed_tokens = req.num_tokens
+        self.kv.cache_full_blocks(req)
+        req.output_token_ids.append(first_token)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def fail_transfer(self, req: Request) -> None:
+        """The transfer failed: drop the reserved blocks and prefill here instead."""
+        del self.transferring[req.request_id]
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def has_schedulable(self) -> bool:
+        """Work a step can do now (requests waiting on a transfer are not)."""
+        return bool(self.running or self.waiting)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.cfg.max_num_batched_tokens
@@ -136,6 +179,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self.transferring.pop(req.request_id, None)
         self.kv.free(req)
         del self.requests[req.request_id]
 

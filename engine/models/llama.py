@@ -3,6 +3,8 @@ the ops layer. RoPE in HF's rotate-half layout; tied or untied embeddings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,10 +71,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.ops = ops
 
-    def forward(self, input_ids, positions, kv_caches, metas):
+    def forward(self, input_ids, positions, kv_caches, metas, on_layer: Callable[[int], None] | None = None):
         h = F.embedding(input_ids, self.model.embed_tokens.weight)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, kv_caches[i], metas[i])
+            if on_layer is not None:
+                on_layer(i)
         return self.ops.rms_norm(h, self.model.norm.weight, self.model.norm.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

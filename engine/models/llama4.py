@@ -12,6 +12,8 @@ Parameter names are transformers' Llama4ForCausalLM names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,10 +120,13 @@ class Llama4ForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, KVH, D]
         metas: list[AttentionMetadata],  # per layer (shared within a layer group)
+        on_layer: Callable[[int], None] | None = None,  # called once layer i's KV is in the cache
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.model.embed_tokens.weight)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, kv_caches[i], metas[i])
+            if on_layer is not None:
+                on_layer(i)
         return self.ops.rms_norm(h, self.model.norm.weight, self.model.norm.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,247 @@
+"""The transfer interface: status enum, cache layout handshake, sender/receiver ABCs, registry.
+
+A *transfer* is one request's KV blocks moving from a prefill process (the sender) into
+a decode process's (the receiver's) paged KV cache. Each side's cache is a list of
+per-layer tensors `kv_caches[layer]`, `[2, num_blocks, block_size, num_kv_heads, head_dim]`
+(K and V; num_blocks may differ between layers: Llama 4's local and global layer groups
+have separate pools). For each layer the transfer names `src_blocks` on the sender and the
+same-length `dst_blocks` on the receiver; the sender pushes ONE message per
+(transfer, layer): the layer's src blocks gathered into a contiguous `[2, n, bs, kvh, d]`.
+
+Who knows what (one sender per (receiver, transfer)):
+  - the receiver learns the transfer's layers and destination blocks from `expect()`
+    BEFORE the sender starts, and is DONE once every expected layer was written;
+  - the sender's `finish(num_layers)` is the end-of-stream marker: the receiver answers it,
+    after every earlier message on that connection was processed, with DONE (all expected
+    layers written and `num_layers` equals the expected count) or FAILED. That answer is
+    what makes the sender's side DONE.
+
+Both sides report a `TransferStatus`; FAILED and DONE are terminal. The order
+FAILED < BOOTSTRAPPING < WAITING < TRANSFERRING < DONE makes `min()` over the ranks of a
+tensor-parallel group the group's status.
+
+Backends register themselves in `BACKENDS` (see `register_backend`); importing the
+`kv_transfer` package registers "tcp" and "nccl".
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+class TransferStatus(enum.IntEnum):
+    FAILED = 0
+    BOOTSTRAPPING = 1  # connection / handshake in progress
+    WAITING = 2  # registered, no data yet
+    TRANSFERRING = 3  # some layers moved
+    DONE = 4  # every layer written (receiver) / acknowledged as written (sender)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferStatus.FAILED, TransferStatus.DONE)
+
+
+class TransferError(RuntimeError):
+    """A transfer could not be set up or carried out (peer unreachable, backend unusable)."""
+
+
+class LayoutMismatch(ValueError):
+    """The two sides' KV caches are laid out differently; the message names every field."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype: unknown torch dtype {name!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What both sides must agree on before a byte moves. All fields must be equal:
+    heterogeneous tensor parallelism (different kv heads per rank) is not supported."""
+
+    model: str
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    num_layers: int
+    num_kv_heads: int  # per tensor-parallel rank
+    head_dim: int
+    block_size: int  # tokens per block
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        dtype_from_name(self.dtype)
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank: must be in [0, {self.tp_size}), got {self.tp_rank}")
+
+    def check_compatible(self, other: CacheLayout) -> None:
+        diffs = [
+            f"{f.name}: {getattr(self, f.name)!r} here vs {getattr(other, f.name)!r} at peer"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+        if diffs:
+            raise LayoutMismatch("KV cache layouts differ: " + "; ".join(diffs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheLayout:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"CacheLayout: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_caches(cls, model: str, kv_caches: Sequence[torch.Tensor],
+                    tp_rank: int = 0, tp_size: int = 1) -> CacheLayout:
+        if not kv_caches:
+            raise ValueError("kv_caches: empty")
+        c0 = kv_caches[0]
+        if c0.dim() != 5:
+            raise ValueError(f"kv_caches[0]: shape {tuple(c0.shape)}, want "
+                             "[2, num_blocks, block_size, num_kv_heads, head_dim]")
+        layout = cls(model=model, dtype=dtype_name(c0.dtype), num_layers=len(kv_caches),
+                     num_kv_heads=c0.shape[3], head_dim=c0.shape[4], block_size=c0.shape[2],
+                     tp_rank=tp_rank, tp_size=tp_size)
+        layout.check_caches(kv_caches)
+        return layout
+
+    def check_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """ValueError unless `kv_caches` is laid out as this layout says."""
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"kv_caches: {len(kv_caches)} layers, layout says {self.num_layers}")
+        want_tail = (self.block_size, self.num_kv_heads, self.head_dim)
+        device = kv_caches[0].device
+        for i, c in enumerate(kv_caches):
+            if c.dim() != 5 or c.shape[0] != 2 or tuple(c.shape[2:]) != want_tail:
+                raise ValueError(f"kv_caches[{i}]: shape {tuple(c.shape)}, want "
+                                 f"[2, num_blocks, {', '.join(map(str, want_tail))}]")
+            if dtype_name(c.dtype) != self.dtype:
+                raise ValueError(f"kv_caches[{i}]: dtype {dtype_name(c.dtype)}, layout says {self.dtype}")
+            if c.device != device:
+                raise ValueError(f"kv_caches[{i}]: on {c.device}, layer 0 on {device}")
+            if not c.is_contiguous():
+                raise ValueError(f"kv_caches[{i}]: must be contiguous")
+
+
+class KVReceiver(abc.ABC):
+    """Decode side. Constructed with (layout, kv_caches, host, port); listens at once."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """'host:port' for senders to connect to."""
+
+    @abc.abstractmethod
+    def expect(self, transfer_id: str, layers: dict[int, list[int]]) -> None:
+        """Register destination block ids per layer; call before the sender starts."""
+
+    @abc.abstractmethod
+    def poll(self, transfer_id: str) -> TransferStatus: ...
+
+    @abc.abstractmethod
+    def wait(self, transfer_id: str, timeout: float) -> TransferStatus:
+        """Block until DONE or FAILED, or `timeout` seconds; return the status then."""
+
+    @abc.abstractmethod
+    def abort(self, transfer_id: str) -> None:
+        """FAILED from now on; no byte of it is written into the cache after this returns."""
+
+    @abc.abstractmethod
+    def release(self, transfer_id: str) -> None:
+        """Forget the transfer's bookkeeping (after DONE, FAILED or abort)."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class KVSender(abc.ABC):
+    """Prefill side. Constructed with (layout, kv_caches)."""
+
+    @abc.abstractmethod
+    def connect(self, address: str) -> None:
+        """Open (or reuse) the connection to `address` and check layouts (LayoutMismatch)."""
+
+    @abc.abstractmethod
+    def send_layer(self, address: str, transfer_id: str, layer: int,
+                   src_blocks: list[int], dst_blocks: list[int]) -> None:
+        """Gather the layer's src blocks now (stream-ordered), send in the background."""
+
+    @abc.abstractmethod
+    def finish(self, address: str, transfer_id: str, num_layers: int) -> None:
+        """Mark the end of the transfer: `num_layers` layers were sent."""
+
+    @abc.abstractmethod
+    def poll(self, transfer_id: str) -> TransferStatus: ...
+
+    @abc.abstractmethod
+    def wait(self, transfer_id: str, timeout: float) -> TransferStatus: ...
+
+    @abc.abstractmethod
+    def abort(self, transfer_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def release(self, transfer_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+BACKENDS: dict[str, tuple[type[KVSender], type[KVReceiver]]] = {}
+
+
+def register_backend(name: str) -> Callable[[tuple[type[KVSender], type[KVReceiver]]], None]:
+    def add(pair: tuple[type[KVSender], type[KVReceiver]]) -> None:
+        if name in BACKENDS:
+            raise ValueError(f"kv_transfer backend {name!r} registered twice")
+        BACKENDS[name] = pair
+    return add
+
+
+def _backend(name: str) -> tuple[type[KVSender], type[KVReceiver]]:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"kv_transfer backend: unknown {name!r}; choose from {sorted(BACKENDS)}") from None
+
+
+def make_sender(name: str, layout: CacheLayout, kv_caches: Sequence[torch.Tensor], **kwargs) -> KVSender:
+    return _backend(name)[0](layout, kv_caches, **kwargs)
+
+
+def make_receiver(name: str, layout: CacheLayout, kv_caches: Sequence[torch.Tensor], **kwargs) -> KVReceiver:
+    return _backend(name)[1](layout, kv_caches, **kwargs)

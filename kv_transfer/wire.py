@@ -1,0 +1,112 @@
+"""Framing on a TCP stream: `!IQ` prefix (header length, payload length), a JSON header,
+then `payload length` raw bytes. Used by every backend's control plane and by the TCP
+backend's data plane.
+
+Messages (header "op"):
+  sender -> receiver
+    hello   {layout, data_plane, proto}        first message on a connection
+    layer   {tid, layer, dst, shape, dtype}    payload: the gathered blocks (TCP data plane)
+                                               or none (the bytes follow on the NCCL pair)
+    finish  {tid, num_layers}
+    abort   {tid}
+  receiver -> sender
+    hello_ok {layout, ...backend extras} | hello_err {layout, reason}  (then closes)
+    ack     {tid, layer}          the layer is written into the receiver's cache
+    nack    {tid, layer, reason}  the layer was discarded; the transfer failed
+    finish_ack {tid, status, reason}
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+import torch
+
+PROTO_VERSION = 1
+_PREFIX = struct.Struct("!IQ")
+MAX_HEADER_BYTES = 64 << 20  # a header lists block ids; 64 MiB is far beyond any real one
+_CHUNK = 8 << 20  # bytes per recv call
+
+
+class PeerClosed(ConnectionError):
+    """The stream ended (cleanly or not) before a full frame arrived."""
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Small control messages must not wait for Nagle; a dead peer must surface (keepalive)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address: want 'host:port', got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes without a copy (any dtype, bf16 included)."""
+    assert t.device.type == "cpu" and t.is_contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], payload: memoryview | None = None) -> int:
+    """Write one frame; returns the bytes written. Callers serialize writers per socket."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    n = 0 if payload is None else payload.nbytes
+    sock.sendall(_PREFIX.pack(len(head), n) + head)
+    if n:
+        sock.sendall(payload)
+    return _PREFIX.size + len(head) + n
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    view = view.cast("B")
+    got, total = 0, view.nbytes
+    while got < total:
+        n = sock.recv_into(view[got:], min(total - got, _CHUNK))
+        if n == 0:
+            raise PeerClosed(f"peer closed after {got} of {total} bytes")
+        got += n
+
+
+def recv_header(sock: socket.socket) -> tuple[dict[str, Any], int]:
+    """Read a frame's prefix and header; the caller must then consume exactly the payload."""
+    prefix = bytearray(_PREFIX.size)
+    recv_exact_into(sock, memoryview(prefix))
+    head_len, payload_len = _PREFIX.unpack(prefix)
+    if head_len > MAX_HEADER_BYTES:
+        raise ConnectionError(f"frame header of {head_len} bytes: stream out of sync")
+    head = bytearray(head_len)
+    recv_exact_into(sock, memoryview(head))
+    return json.loads(head), payload_len
+
+
+def recv_payload(sock: socket.socket, nbytes: int, pin_memory: bool = False) -> torch.Tensor:
+    """The payload as a flat uint8 CPU tensor (pinned when it is headed for a GPU)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+    if nbytes:
+        recv_exact_into(sock, memoryview(buf.numpy()))
+    return buf
+
+
+def discard(sock: socket.socket, nbytes: int) -> None:
+    scratch = memoryview(bytearray(min(nbytes, _CHUNK) or 1))
+    while nbytes > 0:
+        n = min(nbytes, scratch.nbytes)
+        recv_exact_into(sock, scratch[:n])
+        nbytes -= n
+
+
+def recv_frame(sock: socket.socket) -> dict[str, Any]:
+    """A control frame (no payload expected); any payload is skipped."""
+    header, payload_len = recv_header(sock)
+    discard(sock, payload_len)
+    return header

@@ -1,0 +1,95 @@
+"""Which KV blocks prefill pushes to decode, layer by layer.
+
+For each request with a destination, prefill sends every block of the prompt that
+decode lacks exactly once, as soon as it is complete:
+  - global layers: blocks [num_cached // B, ceil(n / B)) — decode's prefix hit
+    (block-aligned) is not sent;
+  - chunked-local layers: only the window of decode's next position n, blocks
+    [C * (n // C) // B, ceil(n / B)) — decode never reads older local KV.
+Within a step, block j goes out once it is full ((j+1)·B ≤ computed), or at the final
+step for the partial tail. The step's range is fixed before the forward; `on_layer(i)`
+sends layer i's share of it right after layer i wrote its KV, so the transfer overlaps
+the next layer's compute. Source ids come from the request's own block table, and
+destination ids from decode's table at the same index (both sides use one block size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import cdiv
+from engine.kv_cache import GLOBAL, LOCAL
+from engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class Destination:
+    address: str
+    transfer_id: str
+    num_cached_tokens: int  # decode already holds positions below this (block-aligned)
+    blocks: dict[str, list[int | None]]  # decode's block table per layer group
+    sent_upto: dict[str, int] = field(default_factory=dict)  # next block index to send
+    layers_sent: int = 0
+    bytes_sent: int = 0
+
+
+class KVPusher:
+    def __init__(self, sender, layer_group: list[str], block_size: int, chunk: int | None):
+        self.sender = sender
+        self.layer_group = layer_group
+        self.block_size = block_size
+        self.chunk = chunk
+        self.dest: dict[str, Destination] = {}
+
+    def add(self, request_id: str, dest: Destination, prompt_len: int) -> None:
+        bs = self.block_size
+        if dest.num_cached_tokens % bs:
+            raise ValueError(f"num_cached_tokens {dest.num_cached_tokens} is not a multiple of block_size {bs}")
+        need = cdiv(prompt_len, bs)
+        first = dest.num_cached_tokens // bs
+        dest.sent_upto = {GLOBAL: first}
+        if LOCAL in self.layer_group:
+            window = (prompt_len // self.chunk) * self.chunk // bs if self.chunk else 0
+            dest.sent_upto[LOCAL] = max(first, min(window, need))
+        for g, start in dest.sent_upto.items():
+            table = dest.blocks.get(g, [])
+            if len(table) < need or any(b is None for b in table[start:need]):
+                raise ValueError(f"destination blocks for {g!r} do not cover positions up to {prompt_len}")
+        self.dest[request_id] = dest
+
+    def remove(self, request_id: str) -> Destination | None:
+        return self.dest.pop(request_id, None)
+
+    def plan_ranges(self, plan: SchedulerOutput) -> dict[str, dict[str, tuple[int, int]]]:
+        """Block-index ranges [lo, hi) each request sends this step, per group."""
+        out = {}
+        for c in plan.chunks:
+            d = self.dest.get(c.request.request_id)
+            if d is None:
+                continue
+            done = c.start + c.num_tokens
+            final = done == c.request.num_prompt_tokens
+            upto = cdiv(done, self.block_size) if final else done // self.block_size
+            ranges = {g: (lo, upto) for g, lo in d.sent_upto.items() if upto > lo}
+            if ranges:
+                out[c.request.request_id] = ranges
+        return out
+
+    def on_layer(self, layer: int, plan: SchedulerOutput, ranges) -> None:
+        g = self.layer_group[layer]
+        for c in plan.chunks:
+            r = ranges.get(c.request.request_id, {}).get(g)
+            if r is None:
+                continue
+            d = self.dest[c.request.request_id]
+            src = c.request.block_tables[g][r[0] : r[1]]
+            dst = d.blocks[g][r[0] : r[1]]
+            self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
+            d.layers_sent += 1
+
+    def after_step(self, ranges) -> None:
+        for rid, groups in ranges.items():
+            d = self.dest.get(rid)
+            if d is not None:
+                for g, (_, hi) in groups.items():
+                    d.sent_upto[g] = hi

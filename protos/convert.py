@@ -1,0 +1,45 @@
+"""The edge between protobuf and the engine's dataclasses (used by the services).
+
+`SamplingParams` travels as `common_pb2.SamplingParams`; proto3 has no "unset" for
+scalars, so 0 means "default" for max_tokens and top_p, and the optional fields carry
+presence. Validation stays in the engine's dataclass: a bad value raises ValueError
+naming the field, which servicers map to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from protos import common_pb2
+
+
+def sampling_to_pb(p) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, min_p=p.min_p,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        include_stop_str_in_output=p.include_stop_str_in_output, skip_special_tokens=p.skip_special_tokens,
+    )
+    if p.top_k is not None:
+        msg.top_k = p.top_k
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def sampling_from_pb(msg: common_pb2.SamplingParams):
+    from engine.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=msg.max_tokens or 16,
+        temperature=msg.temperature,
+        top_p=msg.top_p or 1.0,
+        top_k=msg.top_k if msg.HasField("top_k") else None,
+        min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        skip_special_tokens=msg.skip_special_tokens,
+    )
