@@ -67,6 +67,15 @@ class ModelConfig:
         if self.family == "llama4" and len(self.rope_layers) != self.num_layers:
             raise ValueError(f"no_rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
 
+    @property
+    def fingerprint(self) -> str:
+        """Names the architecture and every shape-relevant setting: two processes may
+        exchange KV only if their fingerprints (and cache layouts) match."""
+        import hashlib
+
+        digest = hashlib.sha256(repr(sorted(self.__dict__.items())).encode()).hexdigest()[:12]
+        return f"{self.architecture}/{digest}"
+
     def is_local_layer(self, i: int) -> bool:
         """Chunked local attention: Llama 4's RoPE layers when a chunk size is set."""
         return self.family == "llama4" and self.attention_chunk_size is not None and self.rope_layers[i]

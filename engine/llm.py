@@ -167,11 +167,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     # -- the step --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, hook=None) -> list[RequestOutput]:
+        """hook (optional): `hook.begin(plan)` returns an on_layer(i) callback run as each
+        layer finishes; `hook.end()` runs after the forward (the prefill role's KV push)."""
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        out = self.runner.run(plan)
+        out = self.runner.run(plan, on_layer=hook.begin(plan) if hook is not None else None)
+        if hook is not None:
+            hook.end()
         self.scheduler.update(plan, out.sampled)
         results = []
         for c in plan.chunks:

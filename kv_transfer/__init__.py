@@ -6,7 +6,8 @@
     tx = make_sender("tcp", layout, kv_caches)            # prefill side
 
 The interface and the lifecycle live in base.py; the TCP backend (and the control plane
-every backend shares) in tcp.py; the NCCL data plane in nccl.py.
+every backend shares) in receiver.py and sender.py, registered as "tcp" by tcp.py; the
+NCCL data plane in nccl.py.
 """
 
 from kv_transfer.base import (BACKENDS, CacheLayout, KVReceiver, KVSender, LayoutMismatch, TransferError,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
@@ -138,6 +139,29 @@ class CacheLayout:
                 raise ValueError(f"kv_caches[{i}]: on {c.device}, layer 0 on {device}")
             if not c.is_contiguous():
                 raise ValueError(f"kv_caches[{i}]: must be contiguous")
+
+
+def check_blocks(kv_caches: Sequence[torch.Tensor], layer: int, blocks: list[int], name: str) -> None:
+    if not 0 <= layer < len(kv_caches):
+        raise ValueError(f"layer: {layer} out of range [0, {len(kv_caches)})")
+    if not blocks:
+        raise ValueError(f"{name}: empty block list for layer {layer}")
+    nb = kv_caches[layer].shape[1]
+    bad = [b for b in blocks if not (isinstance(b, int) and 0 <= b < nb)]
+    if bad:
+        raise ValueError(f"{name}: layer {layer} block ids {bad[:8]} out of range [0, {nb})")
+
+
+def wait_status(cond: threading.Condition, records: dict, transfer_id: str, timeout: float) -> TransferStatus:
+    with cond:
+        def current() -> TransferStatus:
+            rec = records.get(transfer_id)
+            if rec is None:
+                raise KeyError(f"transfer_id: unknown {transfer_id!r}")
+            return rec.status
+        cond.wait_for(lambda: current().terminal, timeout=max(0.0, timeout))
+        return current()
+
 
 
 class KVReceiver(abc.ABC):

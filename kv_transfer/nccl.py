@@ -1,8 +1,9 @@
-"""NCCL backend: TCP control plane (tcp.py), GPU-to-GPU data plane over NCCL send/recv.
+"""NCCL backend: the TCP control plane (receiver.py, sender.py), a GPU-to-GPU data plane
+over NCCL send/recv.
 
 Everything but the bytes of a layer goes exactly as in the TCP backend: the handshake,
-layer headers, acks, finish, aborts and all failure handling (see tcp.py's lifecycles).
-What changes is where a layer's bytes travel:
+layer headers, acks, finish, aborts and all failure handling (see the lifecycles in
+receiver.py and sender.py). What changes is where a layer's bytes travel:
 
   pair set-up (once per connection, i.e. per sender-GPU / receiver-GPU pair):
     the receiver answers the hello with the port of a fresh `TCPStore` it hosts for this
@@ -63,7 +64,8 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import TransferError, dtype_from_name, register_backend
-from kv_transfer.tcp import TcpReceiver, TcpSender, _Conn, _Peer, _Staged
+from kv_transfer.receiver import TcpReceiver, _Conn
+from kv_transfer.sender import TcpSender, _Peer, _Staged
 
 SENDER_RANK, RECEIVER_RANK, WORLD = 0, 1, 2
 TAG = 0
@@ -140,9 +142,9 @@ def _socket_open(sock: socket.socket) -> bool:
         return False
 
 
-def _wait_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait for a p2p op without ever hanging on a dead peer; then `work.wait()`, which
-    raises the op's error (gloo) or orders the current CUDA stream after it (NCCL)."""
+def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
+    """NCCL: wait for a p2p op without ever hanging on a dead peer (an NCCL op whose peer
+    died never completes); then `work.wait()`, which orders the current stream after it."""
     deadline = time.monotonic() + timeout
     delay, spins = 0.0, 0
     while not work.is_completed():
@@ -155,6 +157,15 @@ def _wait_work(work, alive: Callable[[], bool], timeout: float, what: str) -> No
             delay = min(max(delay * 2, 2e-5), 1e-3)
         time.sleep(delay)
     work.wait()
+
+
+def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
+    """gloo: its send/recv works only complete inside wait(); gloo's own sockets see a dead
+    peer and its timeout bounds the wait."""
+    work.wait(datetime.timedelta(seconds=timeout))
+
+
+_WAIT: dict[str, Callable[..., None]] = {"nccl": _poll_work, "gloo": _block_on_work}
 
 
 class _NcclOptions:
@@ -192,7 +203,7 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
 
     def _recv(self, conn: _Conn, buf: torch.Tensor, what: str) -> None:
         work = conn.data.group.recv([buf], SENDER_RANK, TAG)
-        _wait_work(work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
+        _WAIT[self.pg_backend](work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
 
     def _receive_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> torch.Tensor:
         # Allocated and received on the receiver's stream; _write's index_copy_ runs on the
@@ -227,8 +238,8 @@ class NcclSender(_NcclOptions, TcpSender):
                                                      SENDER_RANK, pair.prefix, self.pg_timeout)
                 probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
                 work = pair.group.send([probe], RECEIVER_RANK, TAG)
-                _wait_work(work, lambda: _socket_open(peer.sock), self.pg_timeout.total_seconds(),
-                           f"warm-up send to {peer.address}")
+                _WAIT[self.pg_backend](work, lambda: _socket_open(peer.sock), self.pg_timeout.total_seconds(),
+                                       f"warm-up send to {peer.address}")
         except Exception:
             pair.abort()
             raise
@@ -242,7 +253,7 @@ class NcclSender(_NcclOptions, TcpSender):
         ready = None
         if buf.is_cuda:  # the writer thread's stream must wait for the gather on the caller's
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(buf.device))
         return _Staged(buf, ready)
 
     def _transmit(self, peer: _Peer, header: dict[str, Any], staged: _Staged) -> int:

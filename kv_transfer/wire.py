@@ -29,6 +29,7 @@ PROTO_VERSION = 1
 _PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 64 << 20  # a header lists block ids; 64 MiB is far beyond any real one
 _CHUNK = 8 << 20  # bytes per recv call
+HANDSHAKE_TIMEOUT_S = 30.0
 
 
 class PeerClosed(ConnectionError):
@@ -42,6 +43,14 @@ def tune_socket(sock: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -12,6 +12,8 @@ import sys
 SUBCOMMANDS = {
     "generate": ("launcher.generate", "generate text offline from a model folder"),
     "make-model": ("launcher.make_model", "write a model folder (tiny test models, scout-slice, SmolLM2)"),
+    "prefill": ("prefill_service.__main__", "run a prefill service (gRPC): computes KV, pushes it to decode"),
+    "decode": ("decode_service.__main__", "run a decode service (gRPC): continuous batching, streams tokens"),
     "serve": ("launcher.serve", "start the whole stack (gateway, prefill, decode, Redis)"),
 }
 

@@ -15,11 +15,14 @@ destination ids from decode's table at the same index (both sides use one block 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from engine.config import cdiv
 from engine.kv_cache import GLOBAL, LOCAL
 from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,8 +32,8 @@ class Destination:
     num_cached_tokens: int  # decode already holds positions below this (block-aligned)
     blocks: dict[str, list[int | None]]  # decode's block table per layer group
     sent_upto: dict[str, int] = field(default_factory=dict)  # next block index to send
-    layers_sent: int = 0
-    bytes_sent: int = 0
+    layers_sent: int = 0  # layer messages handed to the sender
+    error: str | None = None  # the push failed; the Prefill RPC reports it
 
 
 class KVPusher:
@@ -40,6 +43,18 @@ class KVPusher:
         self.block_size = block_size
         self.chunk = chunk
         self.dest: dict[str, Destination] = {}
+        self._step: tuple[SchedulerOutput, dict] | None = None
+
+    # The engine's step hook: begin(plan) -> on_layer callback; end() after the forward.
+    def begin(self, plan: SchedulerOutput):
+        ranges = self.plan_ranges(plan)
+        self._step = (plan, ranges)
+        return (lambda i: self.on_layer(i, plan, ranges)) if ranges else None
+
+    def end(self) -> None:
+        if self._step is not None:
+            self.after_step(self._step[1])
+            self._step = None
 
     def add(self, request_id: str, dest: Destination, prompt_len: int) -> None:
         bs = self.block_size
@@ -82,9 +97,16 @@ class KVPusher:
             if r is None:
                 continue
             d = self.dest[c.request.request_id]
+            if d.error is not None:
+                continue
             src = c.request.block_tables[g][r[0] : r[1]]
             dst = d.blocks[g][r[0] : r[1]]
-            self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
+            try:
+                self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
+            except Exception as e:  # one bad transfer must not stop the engine's step
+                log.exception("KV push for %s failed", c.request.request_id)
+                d.error = str(e)
+                continue
             d.layers_sent += 1
 
     def after_step(self, ranges) -> None:

@@ -43,3 +43,30 @@ def sampling_from_pb(msg: common_pb2.SamplingParams):
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
     )
+
+
+# Decode's block tables can hold released blocks (the chunked-local layers' blocks behind
+# the current chunk); on the wire they are this id, which no pool ever hands out.
+NO_BLOCK = 0xFFFFFFFF
+
+
+def blocks_to_pb(tables: dict[str, list[int | None]], out) -> None:
+    """Fill a `map<string, BlockIds>` field from block tables."""
+    for g, table in tables.items():
+        out[g].ids.extend(NO_BLOCK if b is None else b for b in table)
+
+
+def blocks_from_pb(blocks) -> dict[str, list[int | None]]:
+    return {g: [None if b == NO_BLOCK else b for b in v.ids] for g, v in blocks.items()}
+
+
+def fill_info(base: common_pb2.InfoResponse, engine) -> common_pb2.InfoResponse:
+    """`base` (static fields) plus the engine's live counters; call under the loop lock."""
+    info = common_pb2.InfoResponse()
+    info.CopyFrom(base)
+    for g, s in engine.kv.stats().items():
+        info.total_blocks[g] = s.total
+        info.free_blocks[g] = s.cached + s.free
+    info.running = len(engine.scheduler.running)
+    info.waiting = len(engine.scheduler.waiting) + len(engine.scheduler.transferring)
+    return info

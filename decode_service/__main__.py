@@ -1,0 +1,74 @@
+"""`python -m decode_service --model DIR --port P --kv-transport tcp|nccl ...` (also `tandem decode`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from engine.args import add_engine_arguments
+
+    add_engine_arguments(p)
+    g = p.add_argument_group("service")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on, gRPC and KV (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=50071, help="gRPC port (default 50071; 0 = any free port)")
+    g.add_argument("--kv-transport", default="tcp", choices=["tcp", "nccl"],
+                   help="how KV blocks arrive from prefill: tcp (CPU, cross-host) or nccl (GPU)")
+    g.add_argument("--kv-port", type=int, default=0, help="port of the KV receiver (default: any free port)")
+    g.add_argument("--local-prefill-threshold", type=int, default=32,
+                   help="prefill here, with no transfer, when at most this many prompt tokens are not "
+                        "already cached (default 32)")
+    g.add_argument("--on-transfer-failure", default="recompute", choices=["recompute", "fail"],
+                   help="when prefill or the KV transfer fails: recompute the prompt here (default) or "
+                        "end the request with UNAVAILABLE")
+    g.add_argument("--prefill-timeout", type=float, default=120.0,
+                   help="seconds a Prefill call (compute + transfer) may take before it counts as failed")
+
+
+def run(args) -> int:
+    from decode_service.server import DecodeServicer
+    from engine.args import engine_config
+    from engine.llm import LLMEngine
+    from engine.loop import EngineLoop
+    from kv_transfer import CacheLayout, make_receiver
+    from protos import common_pb2, decode_pb2_grpc
+    from protos.grpc_server import make_server, serve_until_signal
+
+    cfg = engine_config(args)
+    engine = LLMEngine(cfg)
+    m = cfg.model
+    layout = CacheLayout.from_caches(m.fingerprint, engine.runner.kv_caches)
+    receiver = make_receiver(args.kv_transport, layout, engine.runner.kv_caches, host=args.host, port=args.kv_port)
+    loop = EngineLoop(engine).start()
+    info = common_pb2.InfoResponse(role="decode", model=cfg.model_dir, max_model_len=engine.max_model_len,
+                                   vocab_size=m.vocab_size, kv_transport=args.kv_transport,
+                                   kv_address=receiver.address)
+    info.layout.CopyFrom(common_pb2.CacheLayout(**layout.to_dict()))
+    servicer = DecodeServicer(loop, receiver, info, local_prefill_threshold=args.local_prefill_threshold,
+                              on_transfer_failure=args.on_transfer_failure, prefill_timeout=args.prefill_timeout)
+    server, port, hs = make_server(args.host, args.port,
+                                   lambda s: decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, s),
+                                   "tandem.v1.DecodeService")
+    print(f"decode_service listening on {args.host}:{port}, KV receiver at {receiver.address}", flush=True)
+
+    def stop():
+        loop.stop()
+        receiver.close()
+
+    serve_until_signal(server, hs, stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="decode_service", description="tandem decode service (gRPC)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

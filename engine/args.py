@@ -1,0 +1,44 @@
+"""Engine flags shared by every command that runs an engine (`tandem generate`, the
+prefill and decode services): one place that turns argv into an EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="HF model folder (config.json + *.safetensors)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence, prompt plus output (default: the model's, lowered to fit the cache)")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks for the global layers (default: sized from memory)")
+    g.add_argument("--num-local-blocks", type=int, default=None,
+                   help="KV blocks for chunked-local layers (default: a chunk per running request)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prefills are chunked (default 2048)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="share of free GPU memory the KV cache may take (default 0.85)")
+    g.add_argument("--seed", type=int, default=0, help="global sampling seed (default 0)")
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(
+        model_dir=str(args.model),
+        model=ModelConfig.from_dir(args.model),
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                          num_local_blocks=args.num_local_blocks, enable_prefix_caching=not args.no_prefix_caching,
+                          gpu_memory_utilization=args.gpu_memory_utilization),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len),
+        device=DeviceConfig(device=args.device, dtype=args.dtype),
+        seed=args.seed,
+    )

@@ -1,0 +1,99 @@
+"""Running an engine behind a server: one thread steps the engine; request handlers
+(gRPC threads) talk to it through `EngineLoop` and read their outputs from a queue.
+
+Every engine call from a handler happens under `lock`, which the loop thread holds
+while it steps, so the engine itself stays single-threaded. The loop sleeps on a
+condition when there is nothing to schedule and wakes when a handler adds work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from engine.llm import LLMEngine
+from engine.output import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, hook=None):
+        self.engine = engine
+        self.hook = hook  # passed to engine.step (the prefill role's KV pusher)
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.streams: dict[str, queue.Queue[RequestOutput]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self._stop = True
+            self.wake.notify_all()
+        self._thread.join(timeout=30)
+
+    def call(self, fn: Callable[[LLMEngine], object]):
+        """Run fn(engine) between steps; wakes the loop afterwards (fn may add work)."""
+        with self.lock:
+            result = fn(self.engine)
+            self.wake.notify_all()
+            return result
+
+    def open_stream(self, request_id: str) -> queue.Queue:
+        with self.lock:
+            q: queue.Queue[RequestOutput] = queue.Queue()
+            self.streams[request_id] = q
+            return q
+
+    def add_request(self, prompt, params, request_id: str) -> queue.Queue:
+        """Queue a request; its outputs arrive on the returned queue, the last one
+        with finished=True. ValueError (bad input) is raised here, nothing queued."""
+        with self.lock:
+            self.engine.add_request(prompt, params, request_id)
+            q = self.open_stream(request_id)
+            self.wake.notify_all()
+            return q
+
+    def publish(self, out: RequestOutput) -> None:
+        with self.lock:
+            q = self.streams.get(out.request_id)
+            if q is not None:
+                q.put(out)
+                if out.finished:
+                    del self.streams[out.request_id]
+
+    def abort(self, request_id: str) -> bool:
+        """Abort wherever the request is; its stream gets a final 'abort' output."""
+        with self.lock:
+            found = self.engine.abort(request_id)
+            q = self.streams.pop(request_id, None)
+            if q is not None:
+                q.put(RequestOutput(request_id, [], [], "", finished=True, finish_reason="abort"))
+            return found
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while not self._stop and not self.engine.scheduler.has_schedulable:
+                        self.wake.wait(timeout=1.0)
+                    if self._stop:
+                        return
+                    outs = self.engine.step(self.hook)
+                    for o in outs:
+                        self.publish(o)
+        except BaseException as e:  # a broken engine must not leave handlers waiting forever
+            log.exception("engine loop died")
+            self.error = e
+            with self.lock:
+                for rid, q in list(self.streams.items()):
+                    q.put(RequestOutput(rid, [], [], "", finished=True, finish_reason="abort"))
+                self.streams.clear()

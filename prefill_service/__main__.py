@@ -1,0 +1,69 @@
+"""`python -m prefill_service --model DIR --port P --kv-transport tcp|nccl ...` (also `tandem prefill`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("prefill_service")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from engine.args import add_engine_arguments
+
+    add_engine_arguments(p)
+    g = p.add_argument_group("service")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=50061, help="gRPC port (default 50061; 0 = any free port)")
+    g.add_argument("--kv-transport", default="tcp", choices=["tcp", "nccl"],
+                   help="how KV blocks reach decode: tcp (CPU, cross-host) or nccl (GPU)")
+    g.add_argument("--transfer-timeout", type=float, default=60.0,
+                   help="seconds to wait for decode to acknowledge a request's KV (default 60)")
+
+
+def run(args) -> int:
+    from engine.args import engine_config
+    from engine.llm import LLMEngine
+    from engine.loop import EngineLoop
+    from kv_transfer import CacheLayout, make_sender
+    from prefill_service.push import KVPusher
+    from prefill_service.server import PrefillServicer
+    from protos import common_pb2, prefill_pb2_grpc
+    from protos.grpc_server import make_server, serve_until_signal
+
+    cfg = engine_config(args)
+    engine = LLMEngine(cfg)
+    runner = engine.runner
+    layout = CacheLayout.from_caches(cfg.model.fingerprint, runner.kv_caches)
+    sender = make_sender(args.kv_transport, layout, runner.kv_caches)
+    pusher = KVPusher(sender, runner.layer_group, cfg.cache.block_size, cfg.model.attention_chunk_size)
+    loop = EngineLoop(engine, hook=pusher).start()
+    info = common_pb2.InfoResponse(role="prefill", model=cfg.model_dir, max_model_len=engine.max_model_len,
+                                   vocab_size=cfg.model.vocab_size, kv_transport=args.kv_transport)
+    info.layout.CopyFrom(common_pb2.CacheLayout(**layout.to_dict()))
+    servicer = PrefillServicer(loop, sender, pusher, info, args.transfer_timeout)
+    server, port, hs = make_server(args.host, args.port,
+                                   lambda s: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, s),
+                                   "tandem.v1.PrefillService")
+    print(f"prefill_service listening on {args.host}:{port}", flush=True)
+
+    def stop():
+        loop.stop()
+        sender.close()
+
+    serve_until_signal(server, hs, stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prefill_service", description="tandem prefill service (gRPC)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""gRPC plumbing shared by the services: a server with standard health checking, and a
+graceful drain on SIGTERM/SIGINT (health NOT_SERVING, no new RPCs, in-flight ones get
+`grace` seconds to finish)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def make_server(host: str, port: int, add_servicers: Callable[[grpc.Server], None], service_name: str,
+                max_workers: int = 64) -> tuple[grpc.Server, int, health.HealthServicer]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])
+    add_servicers(server)
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    for name in ("", service_name):
+        hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, hs
+
+
+def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: Callable[[], None],
+                       grace: float = 30.0) -> None:
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        log.info("signal %d: draining (grace %.0f s)", signum, grace)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    server.start()
+    stop.wait()
+    hs.enter_graceful_shutdown()
+    server.stop(grace).wait()
+    on_stop()
+    log.info("stopped")
+
+
+def wait_healthy(address: str, timeout: float = 120.0, service: str = "") -> None:
+    """Block until `address` reports SERVING (used by tests and the launcher)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not healthy after {timeout:.0f} s")
+            time.sleep(0.2)

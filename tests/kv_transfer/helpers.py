@@ -1,0 +1,116 @@
+"""Shared by the kv_transfer tests and the peer process (peer.py)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kv_transfer import CacheLayout
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_BLOCKS = (24, 16, 24, 16)  # two layer groups with separate pools, as in Llama 4
+BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 2, 8
+POISON = -77.0  # never produced by randn at these sizes
+
+
+def make_caches(dtype: torch.dtype, seed: int | None, num_blocks=NUM_BLOCKS,
+                block_size=BLOCK_SIZE, kv_heads=KV_HEADS, head_dim=HEAD_DIM) -> list[torch.Tensor]:
+    """Random caches (seed given) or caches full of POISON (seed None)."""
+    gen = torch.Generator().manual_seed(seed or 0)
+    out = []
+    for n in num_blocks:
+        shape = (2, n, block_size, kv_heads, head_dim)
+        t = torch.randn(shape, generator=gen) if seed is not None else torch.full(shape, POISON)
+        out.append(t.to(dtype))
+    return out
+
+
+def layout_of(caches, model="tiny-llama4", **kw) -> CacheLayout:
+    return CacheLayout.from_caches(model, caches, **kw)
+
+
+def make_plan(seed: int, layers=(0, 1, 2, 3), num_blocks=NUM_BLOCKS, n=5,
+              exclude: dict[int, set[int]] | None = None) -> dict[int, tuple[list[int], list[int]]]:
+    """layer -> (src_blocks, dst_blocks), random and non-contiguous; dst avoids `exclude`."""
+    rng = random.Random(seed)
+    plan = {}
+    for layer in layers:
+        nb = num_blocks[layer]
+        free = [b for b in range(nb) if b not in (exclude or {}).get(layer, set())]
+        plan[layer] = (rng.sample(range(nb), n), rng.sample(free, n))
+    return plan
+
+
+def dst_of(plan) -> dict[int, list[int]]:
+    return {layer: dst for layer, (_, dst) in plan.items()}
+
+
+def plan_to_json(plan) -> str:
+    return json.dumps({str(k): v for k, v in plan.items()})
+
+
+def plan_from_json(s: str):
+    return {int(k): tuple(v) for k, v in json.loads(s).items()}
+
+
+def check_written(dst_caches, before, src_caches, plans, layers_written=None) -> None:
+    """Every planned (layer, block) holds the source data; every other block is unchanged."""
+    touched = [set() for _ in dst_caches]
+    for plan in plans:
+        for layer, (src, dst) in plan.items():
+            if layers_written is not None and layer not in layers_written:
+                continue
+            assert torch.equal(dst_caches[layer][:, dst], src_caches[layer][:, src]), f"layer {layer}"
+            touched[layer].update(dst)
+    for layer, (cache, old) in enumerate(zip(dst_caches, before)):
+        rest = [b for b in range(cache.shape[1]) if b not in touched[layer]]
+        assert torch.equal(cache[:, rest], old[:, rest]), f"layer {layer}: unlisted blocks changed"
+
+
+def eventually(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Peer:
+    """A peer.py child process with line-based stdout."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.kv_transfer.peer", *args], cwd=REPO,
+                                     stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put("<EOF>")
+
+    def expect_line(self, prefix: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+            if line == "<EOF>":
+                raise AssertionError(f"peer exited ({self.proc.wait()}) before printing {prefix!r}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()

@@ -1,0 +1,75 @@
+"""Peers in real processes (tests/kv_transfer/peer.py): exact data, and peers killed mid-transfer."""
+
+import time
+
+import pytest
+import torch
+
+from kv_transfer import TcpReceiver, TcpSender, TransferStatus as S
+from tests.kv_transfer.helpers import (Peer, check_written, dst_of, eventually, layout_of, make_caches, make_plan,
+                                       plan_to_json)
+
+
+@pytest.fixture
+def peers():
+    started = []
+    yield lambda *args: started.append(Peer(*args)) or started[-1]
+    for p in started:
+        p.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_receiver_process_gets_exact_data(peers, tmp_path, dtype):
+    src = make_caches(getattr(torch, dtype), seed=21)
+    plan = make_plan(seed=21, n=7)
+    rx = peers("receiver", dtype, plan_to_json(plan), str(tmp_path / "caches.pt"))
+    address = rx.expect_line("ADDRESS")
+    with TcpSender(layout_of(src), src) as tx:
+        for layer, (s, d) in plan.items():
+            tx.send_layer(address, "t", layer, s, d)
+        tx.finish(address, "t", len(plan))
+        assert tx.wait("t", 15) == S.DONE, tx.reason("t")
+    assert int(rx.expect_line("STATUS")) == S.DONE
+    got = torch.load(tmp_path / "caches.pt")
+    check_written(got, make_caches(getattr(torch, dtype), seed=None), src, [plan])
+
+
+def test_receiver_killed_mid_transfer_sender_fails(peers, tmp_path):
+    src = make_caches(torch.float32, seed=22)
+    plan = make_plan(seed=22)
+    rx = peers("receiver", "float32", plan_to_json(plan), str(tmp_path / "unused.pt"))
+    address = rx.expect_line("ADDRESS")
+    with TcpSender(layout_of(src), src) as tx:
+        for layer in (0, 1):
+            tx.send_layer(address, "t", layer, *plan[layer])
+        eventually(lambda: tx.stats()["layers_acked"] == 2, what="two acks")
+        rx.kill()
+        t0 = time.monotonic()
+        for layer in (2, 3):
+            tx.send_layer(address, "t", layer, *plan[layer])
+        if tx.poll("t") != S.FAILED:
+            tx.finish(address, "t", 4)
+        assert tx.wait("t", 10) == S.FAILED
+        assert time.monotonic() - t0 < 10
+        assert address in tx.reason("t")  # "connection to ADDR lost" or "cannot reach ... at ADDR"
+        # a later transfer to the dead address fails cleanly too, without hanging
+        tx.send_layer(address, "t2", 0, *plan[0])
+        assert tx.wait("t2", 10) == S.FAILED and address in tx.reason("t2")
+
+
+def test_sender_killed_mid_transfer_receiver_fails(peers):
+    dst = make_caches(torch.bfloat16, seed=None)
+    before = [c.clone() for c in dst]
+    plan = make_plan(seed=23)
+    with TcpReceiver(layout_of(dst), dst) as rx:
+        rx.expect("t", dst_of(plan))
+        tx = peers("sender", "bfloat16", "23", plan_to_json(plan), rx.address, "2")
+        tx.expect_line("SENT")
+        assert rx.poll("t") == S.TRANSFERRING
+        tx.kill()
+        assert rx.wait("t", 10) == S.FAILED
+        assert "disconnected" in rx.reason("t")
+        # the two layers that arrived are complete; the others were never touched
+        src = make_caches(torch.bfloat16, seed=23)
+        check_written(dst, before, src, [plan], layers_written={0, 1})
+        assert rx.stats()["transfers_failed"] == 1 and rx.stats()["connections"] == 0

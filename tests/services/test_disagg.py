@@ -1,0 +1,211 @@
+"""Prefill and decode as real processes talking gRPC over TCP, KV over the tcp
+transport: greedy output equals the offline engine; only what decode lacks moves;
+aborts, cancels and a dead prefill leave both block pools whole."""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.convert import sampling_to_pb
+from protos.grpc_server import wait_healthy
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE_FLAGS = ["--num-blocks", "96", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
+
+
+class Service:
+    def __init__(self, module: str, model, *extra: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--model", str(model), "--port", "0", "--log-level", "WARNING",
+             *ENGINE_FLAGS, *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        self.log = []
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{module} exited: {''.join(self.log)}")
+            self.log.append(line)
+            m = re.search(r"listening on (\S+?):(\d+)", line)
+            if m:
+                self.address = f"{m.group(1)}:{m.group(2)}"
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(module)
+        threading.Thread(target=self._drain, daemon=True).start()
+        wait_healthy(self.address)
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama4_dir):
+    p = Service("prefill_service", tiny_llama4_dir)
+    d = Service("decode_service", tiny_llama4_dir)
+    ch = grpc.insecure_channel(d.address)
+    yield p, d, decode_pb2_grpc.DecodeServiceStub(ch)
+    ch.close()
+    for s in (d, p):
+        s.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama4_dir):
+    return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512)
+
+
+def params(n=16):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def generate(stub, prompt, prefill_address, n=16, rid=""):
+    req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_pb(params(n)),
+                                     prefill_address=prefill_address)
+    tokens, last = [], None
+    for r in stub.Generate(req, timeout=300):
+        tokens.extend(r.token_ids)
+        last = r
+    assert last.finished
+    return tokens, last
+
+
+def pools_whole(stub, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stub.Info(common_pb2.InfoRequest())
+        if all(info.free_blocks[g] == info.total_blocks[g] for g in info.total_blocks) and not info.running \
+                and not info.waiting:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks not returned: {info}")
+        time.sleep(0.1)
+
+
+def test_16_concurrent_requests_match_offline(stack, offline):
+    p, d, stub = stack
+    rng = random.Random(11)
+    prompts = [[rng.randrange(202048) for _ in range(n)] for n in
+               [5, 20, 33, 40, 47, 64, 65, 70, 90, 100, 120, 130, 31, 150, 48, 81]]
+    ref = [o.token_ids for o in offline.generate(prompts, params())]
+    results = [None] * len(prompts)
+
+    def one(i):
+        results[i] = generate(stub, prompts[i], p.address)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == ref
+    moved = [r[1].num_transferred_tokens for r in results]
+    assert sum(1 for m in moved if m > 0) >= 10  # long uncached prompts went through prefill
+    pools_whole(stub)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+
+
+def test_decode_prefix_hit_transfers_only_the_rest(stack, offline):
+    p, d, stub = stack
+    rng = random.Random(12)
+    shared = [rng.randrange(202048) for _ in range(96)]
+    a, b = shared + [rng.randrange(202048) for _ in range(40)], shared + [rng.randrange(202048) for _ in range(50)]
+    generate(stub, a, p.address)
+    tokens, last = generate(stub, b, p.address)
+    assert tokens == offline.generate(b, params())[0].token_ids
+    assert last.num_cached_tokens == 96 and last.num_transferred_tokens == len(b) - 96
+
+
+def test_cancel_during_decode_and_abort_free_blocks(stack):
+    p, d, stub = stack
+    prompt = list(range(3000, 3100))
+    req = decode_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sampling_to_pb(params(300)),
+                                     prefill_address=p.address)
+    call = stub.Generate(req)
+    for i, _ in enumerate(call):
+        if i == 3:
+            call.cancel()
+            break
+    pools_whole(stub)
+    # Abort by id while the prompt is still being prefilled/transferred.
+    rid = "abort-me"
+    req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=list(range(4000, 4200)),
+                                     sampling=sampling_to_pb(params(300)), prefill_address=p.address)
+    call = stub.Generate(req)
+    time.sleep(0.05)
+    stub.Abort(common_pb2.AbortRequest(request_id=rid))
+    with pytest.raises(grpc.RpcError):
+        for r in call:
+            if r.finished:
+                assert r.finish_reason == "abort"
+                raise grpc.RpcError()
+    pools_whole(stub)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+
+
+def test_dead_prefill_means_recompute_not_hang(tiny_llama4_dir, stack, offline):
+    _, d, stub = stack
+    victim = Service("prefill_service", tiny_llama4_dir)
+    prompt = list(range(5000, 5150))
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=generate(stub, prompt, victim.address)))
+    t.start()
+    time.sleep(0.3)
+    victim.kill()
+    t.join(timeout=120)
+    assert not t.is_alive()
+    assert out["r"][0] == offline.generate(prompt, params())[0].token_ids
+    tokens, last = generate(stub, prompt[::-1], victim.address)  # dead from the start
+    assert tokens == offline.generate(prompt[::-1], params())[0].token_ids and last.num_transferred_tokens == 0
+    pools_whole(stub)
+
+
+def test_layout_mismatch_refused_at_handshake(tiny_maverick_dir, stack):
+    _, d, stub = stack
+    other = Service("prefill_service", tiny_maverick_dir)
+    try:
+        kv_address = stub.Info(common_pb2.InfoRequest()).kv_address
+        pstub = prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(other.address))
+        req = prefill_pb2.PrefillRequest(request_id="x", prompt_token_ids=list(range(40)),
+                                         sampling=sampling_to_pb(params()))
+        req.destination.address = kv_address
+        req.destination.transfer_id = "x/1"
+        req.destination.blocks["global"].ids.extend([0, 1, 2])
+        with pytest.raises(grpc.RpcError) as e:
+            pstub.Prefill(req, timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "layout" in e.value.details()
+    finally:
+        other.kill(signal.SIGTERM)
+
+
+def test_bad_requests_get_invalid_argument(stack):
+    p, d, stub = stack
+    bad_temperature = sampling_to_pb(params())
+    bad_temperature.temperature = -1.0
+    cases = [([], sampling_to_pb(params()), "prompt_token_ids"), ([1, 10**7], sampling_to_pb(params()), "prompt_token_ids"),
+             ([1, 2], bad_temperature, "temperature")]
+    for prompt, sp, field in cases:
+        for address in (p.address, ""):
+            req = decode_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sp, prefill_address=address)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(req, timeout=30))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+    pools_whole(stub)
