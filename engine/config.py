@@ -62,6 +62,19 @@ class ModelConfig:
     attn_scale: float = 0.1
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"config.json: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
+            raise ValueError(f"config.json: attention_chunk_size must be >= 1, got {self.attention_chunk_size}")
+        if any(not 0 <= i < self.num_layers for i in self.moe_layers):
+            raise ValueError(f"config.json: moe_layers {list(self.moe_layers)} outside [0, {self.num_layers})")
+        if self.family == "llama4":
+            if self.num_experts < 1:
+                raise ValueError(f"config.json: num_local_experts must be >= 1, got {self.num_experts}")
+            if len(self.moe_layers) < self.num_layers and self.intermediate_size_mlp < 1:
+                raise ValueError("config.json: intermediate_size_mlp is required when some layers are dense")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads {self.num_kv_heads} must divide num_attention_heads {self.num_heads}")
         if self.family == "llama4" and len(self.rope_layers) != self.num_layers:
@@ -150,6 +163,8 @@ class ModelConfig:
         if text.get("num_experts_per_tok", 1) != 1:
             raise ValueError(f"{source}: num_experts_per_tok must be 1 (Llama 4 routes top-1)")
         step = text.get("interleave_moe_layer_step", 1)
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"{source}: interleave_moe_layer_step must be a non-negative integer, got {step!r}")
         moe_layers = text.get("moe_layers")
         if moe_layers is None:
             moe_layers = list(range(step - 1, layers, step)) if step > 0 else []
@@ -182,6 +197,8 @@ def _rope(text: dict) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind != "llama3":
         raise ValueError(f"rope_scaling type {kind!r} not supported (llama3 or none)")
+    if "factor" not in scaling:
+        raise ValueError("rope_scaling: llama3 scaling needs 'factor'")
     return theta, RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),

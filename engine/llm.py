@@ -24,7 +24,7 @@ from engine.kv_cache import KVCacheManager
 from engine.ops import make_ops
 from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, min_local_blocks
 from engine.sampling import SamplingParams, make_generator
 from engine.scheduler import Scheduler
 
@@ -44,6 +44,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(sorted(eos))
+        if config.device.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device: {config.device.device} requested but CUDA is not available here")
         self.runner = ModelRunner(config, make_ops(ops))
         self.max_model_len = config.max_model_len
         cache_tokens = self.runner.num_blocks * config.cache.block_size
@@ -56,8 +58,7 @@ class LLMEngine:
             log.warning("max_model_len lowered to %d to fit the KV cache", cache_tokens)
         local = self.runner.num_local_blocks
         if local is not None:
-            bs, chunk = config.cache.block_size, config.model.attention_chunk_size
-            need = -(-chunk // bs) + -(-config.scheduler.max_num_batched_tokens // bs) + 1
+            need = min_local_blocks(config)
             if local < need:
                 raise ValueError(
                     f"num_local_blocks {local} cannot hold one chunk plus one step's tokens ({need} blocks)"
@@ -80,6 +81,8 @@ class LLMEngine:
                 raise ValueError("prompt: this model folder has no tokenizer; pass prompt_token_ids")
             ids = self.tokenizer.encode(prompt)
         else:
+            if not isinstance(prompt, Sequence):
+                raise ValueError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
             ids = list(prompt)
             if not ids:
                 raise ValueError("prompt_token_ids: must not be empty")
@@ -106,9 +109,17 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise ValueError(f"stop_token_ids: {bad} outside the vocabulary [0, {vocab})")
-        if request_id is not None and request_id in self.scheduler.requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
-        request_id = request_id if request_id is not None else str(next(self._ids))
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer (this model folder has none); use stop_token_ids")
+        if request_id is not None:
+            if not isinstance(request_id, str) or not request_id:
+                raise ValueError(f"request_id: must be a non-empty string, got {request_id!r}")
+            if request_id in self.scheduler.requests:
+                raise ValueError(f"request_id: {request_id!r} is already in use")
+        else:
+            request_id = str(next(self._ids))
+            while request_id in self.scheduler.requests:  # a caller chose this one
+                request_id = str(next(self._ids))
         gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         return Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, generator=gen)
 
@@ -117,7 +128,10 @@ class LLMEngine:
     ) -> str:
         """Validate and queue a request. Nothing is allocated until it is admitted, so a
         rejected request leaves no trace."""
-        req = self._make_request(prompt, params, request_id)
+        return self.enqueue(self._make_request(prompt, params, request_id))
+
+    def enqueue(self, req: Request) -> str:
+        """Queue a request built (and validated) by `_make_request`."""
         self.scheduler.add(req)
         self.outputs.add(req)
         return req.request_id
@@ -140,7 +154,9 @@ class LLMEngine:
     ) -> RequestOutput:
         """The KV arrived and prefill sampled `first_token`: the request joins the batch
         (or finishes at once if that token ends it)."""
-        req = self.scheduler.transferring[request_id]
+        req = self.scheduler.transferring.get(request_id)
+        if req is None:
+            raise KeyError(f"request {request_id!r} is not waiting for a transfer (aborted?)")
         self.scheduler.complete_transfer(req, first_token)
         if logprobs is not None and req.sampling_params.logprobs is not None:
             req.logprobs.append(logprobs)
@@ -240,6 +256,8 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt is text or a list of token ids."""
+        if not isinstance(prompts, (str, Sequence)):
+            raise ValueError(f"prompts: expected text, token ids or a list of them, got {type(prompts).__name__}")
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -250,9 +268,12 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
         # Validate everything before queueing anything: all or nothing.
-        for p in prompts:
-            self.engine.validate_prompt(p)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+        reqs = []
+        for p, sp in zip(prompts, sampling_params):
+            req = self.engine._make_request(p, sp, None)
+            req.request_id = f"{req.request_id}-{len(reqs)}"  # unique within this call too
+            reqs.append(req)
+        ids = [self.engine.enqueue(r) for r in reqs]
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -267,10 +288,11 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
         while len(done) < len(ids):
             for o in self.engine.step():
-                if o.finished:
+                if o.finished and o.request_id in wanted:
                     done[o.request_id] = o
                     bar.update(1)
         bar.close()

@@ -30,6 +30,13 @@ class RunnerOutput:
     all_logits: torch.Tensor | None = None  # [T, vocab] fp32, only for run(all_logits=True)
 
 
+def min_local_blocks(cfg: EngineConfig) -> int:
+    """The local pool must hold one request's window plus one step's new tokens."""
+    bs = cfg.cache.block_size
+    window = min(cfg.model.attention_chunk_size, cfg.max_model_len)
+    return cdiv(window, bs) + cdiv(cfg.scheduler.max_num_batched_tokens, bs) + 1
+
+
 def plan_cache_blocks(cfg: EngineConfig, available_bytes: int) -> tuple[int, int | None]:
     """Split a byte budget between the global and local pools. The local pool needs at
     most a chunk (plus one step's new tokens) per running request; the rest is global."""

@@ -258,8 +258,9 @@ class NcclSender(_NcclOptions, TcpSender):
 
     def _transmit(self, peer: _Peer, header: dict[str, Any], staged: _Staged) -> int:
         key = (header["tid"], header["layer"])
+        entry = [staged.tensor]
         with self._lock:  # keep the buffer alive until the receiver acks (or the pair dies)
-            peer.inflight[key] = [staged.tensor]
+            peer.inflight.setdefault(key, []).append(entry)  # a layer may take several messages
         with peer.write_lock:
             nbytes = wire.send_frame(peer.sock, header)
         with _on_device(self.device):
@@ -267,8 +268,7 @@ class NcclSender(_NcclOptions, TcpSender):
                 torch.cuda.current_stream().wait_event(staged.ready)
             work = peer.data.group.send([staged.tensor], RECEIVER_RANK, TAG)
         with self._lock:
-            if key in peer.inflight:
-                peer.inflight[key].append(work)
+            entry.append(work)
         return nbytes + staged.tensor.numel() * staged.tensor.element_size()
 
 

@@ -52,7 +52,7 @@ class _Peer:
     threads: list[threading.Thread] = field(default_factory=list)
     threads_running: int = 2  # writer and reader
     data: Any = None  # the data plane's per-connection state
-    inflight: dict[tuple[str, int], Any] = field(default_factory=dict)  # kept alive until acked
+    inflight: dict[tuple[str, int], list] = field(default_factory=dict)  # per (tid, layer), kept until acked
 
 
 @dataclass(eq=False)
@@ -305,7 +305,11 @@ class TcpSender(KVSender):
                 with self._lock:
                     rec = self._transfers.get(tid)
                     if op in ("ack", "nack"):
-                        peer.inflight.pop((tid, msg["layer"]), None)
+                        pending = peer.inflight.get((tid, msg["layer"]))
+                        if pending:  # acks come in sending order: the oldest message of that layer
+                            pending.pop(0)
+                            if not pending:
+                                del peer.inflight[(tid, msg["layer"])]
                     if op == "ack":
                         self._stats["layers_acked"] += 1
                         if rec is not None:

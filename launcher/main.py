@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return importlib.import_module(args._module).run(args)
-    except ValueError as e:  # bad input: say which field, no traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input: say which field, no traceback
         print(f"tandem {args.command}: error: {e}", file=sys.stderr)
         return 2
 

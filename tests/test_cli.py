@@ -50,3 +50,8 @@ def test_chat_with_smollm2_answers_sensibly(smollm2_dir):
     assert r.returncode == 0, r.stderr
     print(f"\nSmolLM2 chat: {r.stdout.strip()!r}")
     assert "Paris" in r.stdout
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    r = tandem("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1,2")
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr

@@ -72,3 +72,37 @@ def test_abort_frees_blocks(llm):
     assert not eng.abort(rid)
     eng.check_integrity()
     assert all(s.used == 0 for s in eng.kv.stats().values())
+
+
+def test_generate_is_all_or_nothing_across_params(llm):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate([[1, 2, 3], [4, 5, 6]], [SamplingParams(max_tokens=2), SamplingParams(stop_token_ids=[10**7])])
+    assert not llm.engine.has_unfinished
+    out = llm.generate([[7, 8, 9]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("prompt", [None, 1.5, [[1, 2], 5]])
+def test_prompts_that_are_not_text_or_ids(llm, prompt):
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate(prompt, SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished
+
+
+def test_request_ids(llm):
+    eng = llm.engine
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=1), request_id="7")
+    ids = {eng.add_request([1, 2, 3], SamplingParams(max_tokens=1)) for _ in range(10)}
+    assert "7" not in ids and len(ids) == 10
+    for bad in ("", 5):
+        with pytest.raises(ValueError, match="request_id"):
+            eng.add_request([1, 2, 3], SamplingParams(max_tokens=1), request_id=bad)
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request([1, 2, 3], SamplingParams(max_tokens=1), request_id="7")
+    while eng.has_unfinished:
+        eng.step()
+
+
+def test_small_max_model_len_with_default_pools(tiny_llama4_dir):
+    llm = LLM(tiny_llama4_dir, block_size=4, max_model_len=8, max_num_seqs=1, num_blocks=64)
+    assert len(llm.generate([1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids) == 5
