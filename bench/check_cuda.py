@@ -18,7 +18,6 @@ def main() -> int:
     import transformers
 
     from engine.llm import LLM
-    from engine.request import RequestStatus
     from engine.sampling import SamplingParams
     from launcher.make_model import make_model
 
@@ -32,18 +31,8 @@ def main() -> int:
             ref = hf(ids[None].cuda()).logits[0].float()
         for budget in (4096, 37, 1):
             llm = LLM(d, device="cuda", dtype="float32", num_blocks=64, max_num_batched_tokens=budget, max_model_len=1024)
-            eng = llm.engine
-            eng.add_request(ids.tolist(), SamplingParams(max_tokens=1, temperature=0))
-            rows = []
-            while eng.has_unfinished:
-                plan = eng.scheduler.schedule()
-                out = eng.runner.run(plan, all_logits=True)
-                eng.scheduler.update(plan, out.sampled)
-                rows.append(out.all_logits)
-                for c in plan.chunks:
-                    if c.samples:
-                        eng.scheduler.finish(c.request, RequestStatus.FINISHED_LENGTH)
-            rel = ((torch.cat(rows) - ref).abs().max() / ref.abs().max()).item()
+            got = llm.engine.prompt_logits(ids.tolist())
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
             ok &= rel <= 1e-4
             print(f"{preset} fp32 cuda budget {budget}: max|dlogit|/max|logit| = {rel:.2e}")
         prompts = [torch.randint(0, 200000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 45, 90)]

@@ -27,7 +27,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="share of free GPU memory the KV cache may take (default 0.85)")
-    g.add_argument("--seed", type=int, default=0, help="global sampling seed (default 0)")
+    g.add_argument("--global-seed", type=int, default=0,
+                   help="seed of the engine's RNG, used by requests that bring no seed of their own (default 0)")
 
 
 def engine_config(args) -> EngineConfig:
@@ -40,5 +41,5 @@ def engine_config(args) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
         device=DeviceConfig(device=args.device, dtype=args.dtype),
-        seed=args.seed,
+        seed=args.global_seed,
     )

@@ -211,6 +211,25 @@ class LLMEngine:
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 
+    def prompt_logits(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Every position's logits [len(prompt), vocab] (fp32) for one prompt, computed
+        through the scheduler as any request is (chunked under the token budget). For
+        parity checks and scoring; run it on an idle engine."""
+        rid = self.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
+        req = self.scheduler.requests[rid]
+        rows = []
+        while rid in self.scheduler.requests:
+            plan = self.scheduler.schedule()
+            out = self.runner.run(plan, all_logits=True)
+            self.scheduler.update(plan, out.sampled)
+            rows.append(out.all_logits)
+            if req.output_token_ids:
+                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+            if self.check_integrity_each_step:
+                self.check_integrity()
+        self.outputs.states.pop(rid, None)
+        return torch.cat(rows)
+
 
 class LLM:
     """Offline generation. Keyword arguments are the engine's settings (see `tandem

@@ -16,50 +16,45 @@ def _ids(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model folder (config.json + *.safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
+    from engine.args import add_engine_arguments
+
+    src = p.add_argument_group("prompt").add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text prompt (the tokenizer adds BOS as the model expects)")
     src.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids; needs no tokenizer")
     src.add_argument("--chat", help="one user message, wrapped in the model's chat template")
-    p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+    g = p.add_argument_group("sampling and output")
+    g.add_argument("--system", help="system message for --chat")
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                    "whose probability reaches P (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the top probability")
-    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed (reproducible sampling)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    p.add_argument("--json", action="store_true",
+    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the top probability")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed of this request (reproducible sampling)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--json", action="store_true",
                    help='print one JSON object {"token_ids", "text", "finish_reason"} instead of streaming text')
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest sequence, prompt plus output (default: the model's max_position_embeddings, "
-                        "lowered to what the KV cache holds)")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    add_engine_arguments(p)
 
 
 def run(args) -> int:
-    from engine.llm import LLM
+    from engine.args import engine_config
+    from engine.llm import LLMEngine
     from engine.sampling import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        min_p=args.min_p, seed=args.seed,
+        stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              num_blocks=args.num_blocks, block_size=args.block_size)
-    engine = llm.engine
+    engine = LLMEngine(engine_config(args))
     if args.chat is not None:
-        if llm.tokenizer is None:
+        if engine.tokenizer is None:
             raise ValueError("chat: this model folder has no tokenizer")
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.chat})
-        prompt = llm.tokenizer.encode_chat(messages)
+        prompt = engine.tokenizer.encode_chat(messages)
     elif args.prompt_ids is not None:
         prompt = args.prompt_ids
     else:

@@ -8,26 +8,15 @@ import torch
 import transformers
 
 from engine.llm import LLM
-from engine.request import RequestStatus
 from engine.sampling import SamplingParams
 
 
 def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """Every position's logits for one prompt, computed through the real scheduler."""
-    eng = llm.engine
-    rid = eng.add_request(ids, SamplingParams(max_tokens=1, temperature=0))
-    rows = []
-    while eng.has_unfinished:
-        plan = eng.scheduler.schedule()
-        out = eng.runner.run(plan, all_logits=True)
-        eng.scheduler.update(plan, out.sampled)
-        rows.append(out.all_logits)
-        for c in plan.chunks:
-            if c.samples:
-                eng.scheduler.finish(c.request, RequestStatus.FINISHED_LENGTH)
-        eng.check_integrity()
-    assert rid not in eng.scheduler.requests
-    return torch.cat(rows)
+    out = llm.engine.prompt_logits(ids)
+    llm.engine.check_integrity()
+    assert not llm.engine.has_unfinished
+    return out
 
 
 @pytest.fixture(scope="module", params=["tiny_llama4_dir", "tiny_maverick_dir"])

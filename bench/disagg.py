@@ -1,0 +1,134 @@
+"""Disaggregated vs colocated time-to-first-token on two GPUs, with the real services.
+
+    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8]
+
+Prefill service on cuda:0, decode service on cuda:1, KV over the nccl backend, model
+scout-slice --layers 4 (written to /tmp if --model is not given). For each prompt:
+  - disaggregated: Generate on decode with prefill_address = the prefill service;
+  - colocated: the same decode service prefills it itself (no prefill_address).
+TTFT is measured by the client (request sent -> first token received); the handoff is
+the gap between the first and the second token of a disaggregated request (prefill
+done -> first decode step), beside the steady decode step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def start(module: str, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{module} exited:\n{''.join(log[-40:])}")
+        log.append(line)
+        m = re.search(r"listening on (\S+?):(\d+)", line)
+        if m:
+            address = f"{m.group(1)}:{m.group(2)}"
+            break
+    threading.Thread(target=lambda: [log.append(x) for x in proc.stdout], daemon=True).start()
+    return proc, address, log
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: scout-slice --layers 4 in /tmp)")
+    ap.add_argument("--prompt-len", type=int, default=8000, help="prompt tokens (default 8000)")
+    ap.add_argument("--requests", type=int, default=8, help="timed requests per mode (default 8)")
+    ap.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request")
+    args = ap.parse_args()
+
+    import grpc
+
+    from protos import decode_pb2, decode_pb2_grpc
+    from protos.convert import sampling_to_pb
+    from protos.grpc_server import wait_healthy
+    from engine.sampling import SamplingParams
+
+    model = args.model or "/tmp/scout-slice-L4"
+    if not (Path(model) / "config.json").is_file():
+        from launcher.make_model import make_model
+
+        make_model("scout-slice", model, seed=0, layers=4)
+    common = ["--model", model, "--port", "0", "--kv-transport", "nccl", "--max-model-len", "16384",
+              "--max-num-batched-tokens", "8192", "--no-prefix-caching", "--log-level", "WARNING",
+              "--gpu-memory-utilization", "0.5"]
+    p, p_addr, p_log = start("prefill_service", *common, "--device", "cuda:0")
+    d, d_addr, d_log = start("decode_service", *common, "--device", "cuda:1", "--local-prefill-threshold", "0")
+    try:
+        wait_healthy(p_addr)
+        wait_healthy(d_addr)
+        stub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(d_addr))
+        sp = sampling_to_pb(SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True))
+        rng = random.Random(0)
+
+        def run(prompt, prefill_address):
+            req = decode_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sp, prefill_address=prefill_address)
+            t0 = time.perf_counter()
+            stamps, tokens, last = [], [], None
+            for r in stub.Generate(req, timeout=600):
+                stamps.append(time.perf_counter() - t0)
+                tokens.extend(r.token_ids)
+                last = r
+            return stamps, tokens, last
+
+        for mode in ("", p_addr):  # warm-up both paths (NCCL pair set-up, kernels)
+            run([rng.randrange(200000) for _ in range(args.prompt_len)], mode)
+        res = {"colocated": [], "disaggregated": []}
+        same = 0
+        for _ in range(args.requests):
+            prompt = [rng.randrange(200000) for _ in range(args.prompt_len)]
+            c = run(prompt, "")
+            g = run(prompt, p_addr)
+            res["colocated"].append(c)
+            res["disaggregated"].append(g)
+            same += c[1] == g[1]
+            assert g[2].num_transferred_tokens == args.prompt_len, g[2]
+        ttft = {k: [s[0] for s, _, _ in v] for k, v in res.items()}
+        handoff = [s[1] - s[0] for s, _, _ in res["disaggregated"]]
+        step = [statistics.median([b - a for a, b in zip(s[1:], s[2:])]) for s, _, _ in res["disaggregated"]]
+        c50, g50 = statistics.median(ttft["colocated"]), statistics.median(ttft["disaggregated"])
+        print(f"\nprompt {args.prompt_len} tokens, {args.requests} requests per mode; greedy outputs identical "
+              f"in {same}/{args.requests}")
+        print("| measure | p50 | p99 |\n|---|---|---|")
+        for k in ("colocated", "disaggregated"):
+            print(f"| TTFT {k} | {1e3 * statistics.median(ttft[k]):.1f} ms | {1e3 * pct(ttft[k], 0.99):.1f} ms |")
+        print(f"| TTFT disaggregated / colocated | {g50 / c50:.3f} | |")
+        print(f"| handoff (first -> second token, disaggregated) | {1e3 * statistics.median(handoff):.1f} ms | "
+              f"{1e3 * pct(handoff, 0.99):.1f} ms |")
+        print(f"| decode step (steady) | {1e3 * statistics.median(step):.1f} ms | |")
+    finally:
+        for proc in (d, p):
+            proc.terminate()
+        for proc in (d, p):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        tail = [x for x in (p_log + d_log) if "Traceback" in x or "ERROR" in x or "WARNING" in x]
+        if tail:
+            print("service log lines:", "".join(tail[-20:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
