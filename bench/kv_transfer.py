@@ -60,8 +60,11 @@ def raw_nccl(rank: int, blocks: dict[int, int], port: int, reps: int, out):
     dist.destroy_process_group()
 
 
-def receiver(blocks, reps, q_addr, q_out, q_done):
+def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True):
     from kv_transfer import CacheLayout, make_receiver
+    from kv_transfer.nccl import NcclReceiver
+
+    NcclReceiver.read_ahead = read_ahead
 
     kv = caches(blocks, "cuda:1")
     layout = CacheLayout.from_caches("bench", kv)
@@ -125,27 +128,33 @@ def main() -> int:
         p.join()
     print(f"raw NCCL send/recv: {raw_s * 1e3:.1f} ms, {nbytes / raw_s / 1e9:.1f} GB/s", flush=True)
 
-    q_addr, q_out, q_done = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    rx = ctx.Process(target=receiver, args=(blocks, args.reps, q_addr, q_out, q_done))
-    rx.start()
-    tx = ctx.Process(target=sender, args=(blocks, args.reps, q_addr, q_out, q_done))
-    tx.start()
-    rows = {}
-    for _ in range(2 * (args.reps + 1)):
-        m = q_out.get(timeout=600)
-        rows.setdefault(m[1], {})[m[0]] = m
-    tx.join()
-    rx.join()
-    times, states = [], []
-    for r in range(1, args.reps + 1):
-        t = rows[r]
-        states.append((t["tx"][2], t["rx"][2]))
-        times.append(max(t["tx"][4], t["rx"][3]) - t["tx"][3])
-    ours = statistics.median(times)
-    print(f"tandem kv_transfer (nccl): {ours * 1e3:.1f} ms, {nbytes / ours / 1e9:.1f} GB/s; states {set(states)}")
-    print(f"\n| what | time | GB/s | vs raw |\n|---|---|---|---|\n"
-          f"| raw NCCL send/recv | {raw_s * 1e3:.1f} ms | {nbytes / raw_s / 1e9:.1f} | 100% |\n"
-          f"| tandem nccl backend | {ours * 1e3:.1f} ms | {nbytes / ours / 1e9:.1f} | {100 * raw_s / ours:.0f}% |")
+    results = {}
+    for read_ahead in (True, False):
+        q_addr, q_out, q_done = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        rx = ctx.Process(target=receiver, args=(blocks, args.reps, q_addr, q_out, q_done, read_ahead))
+        rx.start()
+        tx = ctx.Process(target=sender, args=(blocks, args.reps, q_addr, q_out, q_done))
+        tx.start()
+        rows = {}
+        for _ in range(2 * (args.reps + 1)):
+            m = q_out.get(timeout=600)
+            rows.setdefault(m[1], {})[m[0]] = m
+        tx.join()
+        rx.join()
+        times, states = [], []
+        for r in range(1, args.reps + 1):
+            t = rows[r]
+            states.append((t["tx"][2], t["rx"][2]))
+            times.append(max(t["tx"][4], t["rx"][3]) - t["tx"][3])
+        results[read_ahead] = (statistics.median(times), states)
+        print(f"tandem kv_transfer (nccl, read_ahead={read_ahead}): {results[read_ahead][0] * 1e3:.1f} ms; "
+              f"states {set(states)}", flush=True)
+    print("\n| what | time | GB/s | vs raw |\n|---|---|---|---|")
+    print(f"| raw NCCL send/recv | {raw_s * 1e3:.1f} ms | {nbytes / raw_s / 1e9:.1f} | 100% |")
+    for ra, (t, _) in results.items():
+        print(f"| tandem nccl backend, read-ahead {'on' if ra else 'off'} | {t * 1e3:.1f} ms | {nbytes / t / 1e9:.1f} | "
+              f"{100 * raw_s / t:.0f}% |")
+    ours, states = results[True]
     if args.json:
         Path(args.json).write_text(json.dumps({"bytes": nbytes, "raw_s": raw_s, "ours_s": ours, "states": states}))
     return 0

@@ -22,7 +22,9 @@ receiver.py and sender.py). What changes is where a layer's bytes travel:
              stream; wait for it (polling, so a dead sender is noticed on the TCP socket
              instead of hanging); `index_copy_` into kv_caches[layer][:, dst]; sync; ack.
     Per connection, NCCL matches sends and recvs in posting order, and both sides post
-    in header order, so no tags or ids are needed on the data plane. Data for an unknown
+    in header order, so no tags or ids are needed on the data plane. Read-ahead: when the
+    next header is already on the socket, its recv is posted before the current layer is
+    copied and acknowledged (at most one message ahead, so two staging buffers at most). Data for an unknown
     or aborted transfer is still received (into scratch) to keep that order, then dropped.
 
 Staging copies: one device-side copy on each side (the sender's gather, the receiver's
@@ -117,6 +119,10 @@ class _Pair:
     store: Any  # TCPStore: the receiver hosts it, the sender is its client
     prefix: str  # unique per pair: store keys and the group's name
     group: Any = None  # the 2-rank process group (a c10d Backend)
+    # Receiver read-ahead: the next frame's header, read while the current layer is still
+    # being written, and (for a layer) its recv, already posted so the link stays busy.
+    ahead: tuple[dict[str, Any], int] | None = None
+    posted: tuple[dict[str, Any], torch.Tensor, Any] | None = None
 
     def abort(self) -> None:
         if self.group is not None:
@@ -138,6 +144,13 @@ def _socket_open(sock: socket.socket) -> bool:
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         return not readable or sock.recv(1, socket.MSG_PEEK) != b""
+    except (OSError, ValueError):
+        return False
+
+
+def _readable(sock: socket.socket) -> bool:
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return False
 
@@ -176,6 +189,7 @@ class _NcclOptions:
 
 class NcclReceiver(_NcclOptions, TcpReceiver):
     data_plane = "nccl"
+    read_ahead = True  # post the next layer's recv early (bench/kv_transfer.py --no-read-ahead compares)
 
     def _check_data_plane(self) -> None:
         _REQUIRE[self.pg_backend](self.device)
@@ -202,15 +216,51 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
         return None if payload_len == 0 else f"nccl layer message carries {payload_len} TCP bytes"
 
     def _recv(self, conn: _Conn, buf: torch.Tensor, what: str) -> None:
-        work = conn.data.group.recv([buf], SENDER_RANK, TAG)
+        self._wait(conn, conn.data.group.recv([buf], SENDER_RANK, TAG), what)
+
+    def _wait(self, conn: _Conn, work, what: str) -> None:
         _WAIT[self.pg_backend](work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
+
+    def _post(self, conn: _Conn, header: dict[str, Any]):
+        """Allocate the staging buffer and post its recv, on the receiver's stream."""
+        with _on_device(self.device), _on_stream(self._stream):
+            buf = torch.empty(header["shape"], dtype=dtype_from_name(header["dtype"]), device=self.device)
+            return buf, conn.data.group.recv([buf], SENDER_RANK, TAG)
+
+    def _next_header(self, conn: _Conn) -> tuple[dict[str, Any], int]:
+        pair = conn.data
+        if pair is not None and pair.ahead is not None:
+            header, pair.ahead = pair.ahead, None
+            return header
+        return wire.recv_header(conn.sock)
+
+    def _read_ahead(self, conn: _Conn) -> None:
+        """If the next frame is already here and is a layer, post its recv now: NCCL then
+        moves layer i+1 while layer i is copied into the cache and acknowledged."""
+        pair = conn.data
+        if not self.read_ahead or pair.ahead is not None or not _readable(conn.sock):
+            return
+        header, payload_len = wire.recv_header(conn.sock)
+        pair.ahead = (header, payload_len)
+        shape = header.get("shape")
+        if (header.get("op") == "layer" and payload_len == 0 and header.get("dtype") == self.layout.dtype
+                and isinstance(shape, list) and len(shape) == 5):
+            pair.posted = (header, *self._post(conn, header))
 
     def _receive_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> torch.Tensor:
         # Allocated and received on the receiver's stream; _write's index_copy_ runs on the
         # same stream, after the recv (work.wait() ordered the stream after the NCCL stream).
+        pair = conn.data
+        if pair.posted is not None and pair.posted[0] is header:
+            _, buf, work = pair.posted
+            pair.posted = None
+        else:
+            buf, work = self._post(conn, header)
+        what = f"recv of {header['tid']!r} layer {header['layer']}"
+        self._read_ahead(conn)  # the next layer's recv queues behind this one on the link
         with _on_device(self.device), _on_stream(self._stream):
-            buf = torch.empty(header["shape"], dtype=dtype_from_name(header["dtype"]), device=self.device)
-            self._recv(conn, buf, f"recv of {header['tid']!r} layer {header['layer']}")
+            self._wait(conn, work, what)
+        self._read_ahead(conn)
         return buf  # [2, n, bs, kvh, d] staging buffer
 
     def _discard_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> None:
@@ -248,8 +298,8 @@ class NcclSender(_NcclOptions, TcpSender):
         if peer.data is not None:
             peer.data.abort()
 
-    def _stage(self, layer: int, src_blocks: list[int]) -> _Staged:
-        buf = self._gather(layer, src_blocks)  # [2, n, bs, kvh, d] on the cache's device
+    def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
+        buf = self._gather(layer, src_ids)  # [2, n, bs, kvh, d] on the cache's device
         ready = None
         if buf.is_cuda:  # the writer thread's stream must wait for the gather on the caller's
             ready = torch.cuda.Event()

@@ -94,11 +94,12 @@ class TcpReceiver(KVReceiver):
     def expect(self, transfer_id: str, layers: dict[int, list[int]]) -> None:
         if not layers:
             raise ValueError("layers: empty; a transfer must name at least one layer")
+        dst = {}
         for layer, blocks in layers.items():
-            check_blocks(self.kv_caches, layer, blocks, "layers")
+            ids = check_blocks(self.kv_caches, layer, blocks, "layers")
             if len(set(blocks)) != len(blocks):
                 raise ValueError(f"layers: layer {layer} lists a destination block twice")
-        dst = {layer: torch.tensor(b, dtype=torch.long, device=self.device) for layer, b in layers.items()}
+            dst[layer] = ids.to(self.device)
         with self._lock:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer_id: {transfer_id!r} is already expected; release() it first")
@@ -190,7 +191,7 @@ class TcpReceiver(KVReceiver):
             if self._handshake(conn):
                 conn.sock.settimeout(None)
                 while True:
-                    header, payload_len = wire.recv_header(conn.sock)
+                    header, payload_len = self._next_header(conn)
                     handler = self._handlers.get(header.get("op"))
                     if handler is None:
                         raise ConnectionError(f"unknown message {header.get('op')!r}")
@@ -203,6 +204,10 @@ class TcpReceiver(KVReceiver):
                 log.info("KV sender %s disconnected: %s", conn.peer, reason)
         finally:
             self._drop(conn, reason)
+
+    def _next_header(self, conn: _Conn) -> tuple[dict[str, Any], int]:
+        """The next frame's header (a data plane may have read it ahead)."""
+        return wire.recv_header(conn.sock)
 
     def _handshake(self, conn: _Conn) -> bool:
         hello = wire.recv_frame(conn.sock)

@@ -102,7 +102,7 @@ class TcpSender(KVSender):
                    src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Returns at once; failures (unreachable peer included) show as FAILED in poll().
         Call connect() first to get them raised instead."""
-        check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
+        src_ids = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
         if len(dst_blocks) != len(src_blocks):
             raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
         with self._lock:
@@ -121,7 +121,7 @@ class TcpSender(KVSender):
                     self._fail(rec, str(e))
             log.warning("KV transfer %s failed: %s", transfer_id, e)
             return
-        staged = self._stage(layer, src_blocks)
+        staged = self._stage(layer, src_ids)
         header = {"op": "layer", "tid": transfer_id, "layer": layer, "dst": list(dst_blocks),
                   "shape": list(staged.tensor.shape), "dtype": self.layout.dtype}
         with self._lock:
@@ -356,13 +356,12 @@ class TcpSender(KVSender):
     def _teardown_data_plane(self, peer: _Peer) -> None:
         pass
 
-    def _gather(self, layer: int, src_blocks: list[int]) -> torch.Tensor:
+    def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
-        idx = torch.tensor(src_blocks, dtype=torch.long, device=cache.device)
-        return cache.index_select(1, idx)  # [2, n, bs, kvh, d], a new contiguous tensor
+        return cache.index_select(1, src_ids.to(cache.device, non_blocking=True))  # [2, n, bs, kvh, d], a new contiguous tensor
 
-    def _stage(self, layer: int, src_blocks: list[int]) -> _Staged:
-        buf = self._gather(layer, src_blocks)
+    def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
+        buf = self._gather(layer, src_ids)
         if not buf.is_cuda:
             return _Staged(buf)
         host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
