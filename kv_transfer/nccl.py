@@ -189,7 +189,10 @@ class _NcclOptions:
 
 class NcclReceiver(_NcclOptions, TcpReceiver):
     data_plane = "nccl"
-    read_ahead = True  # post the next layer's recv early (bench/kv_transfer.py --no-read-ahead compares)
+    # Post the next layer's recv early. Measured on 2x H100 (BENCHMARKS.md): no gain yet
+    # (38-43 ms either way for 2.67 GB), so off until the real per-message cost is found;
+    # bench/kv_transfer.py times both.
+    read_ahead = False
 
     def _check_data_plane(self) -> None:
         _REQUIRE[self.pg_backend](self.device)
