@@ -60,11 +60,30 @@ def raw_nccl(rank: int, blocks: dict[int, int], port: int, reps: int, out):
     dist.destroy_process_group()
 
 
+STAGES: dict[str, float] = {}
+
+
+def timed(cls, name: str) -> None:
+    """Wrap cls.name to add its wall time to STAGES (per process; --stages prints them)."""
+    fn = getattr(cls, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            STAGES[f"{cls.__name__}.{name}"] = STAGES.get(f"{cls.__name__}.{name}", 0.0) + time.perf_counter() - t0
+
+    setattr(cls, name, wrapper)
+
+
 def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True):
     from kv_transfer import CacheLayout, make_receiver
     from kv_transfer.nccl import NcclReceiver
 
     NcclReceiver.read_ahead = read_ahead
+    for name in ("_next_header", "_receive_payload", "_write", "_reply", "_layer_problem"):
+        timed(NcclReceiver, name)
 
     kv = caches(blocks, "cuda:1")
     layout = CacheLayout.from_caches("bench", kv)
@@ -78,12 +97,17 @@ def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True):
         q_out.put(("rx", r, st.name, time.time()))
         q_done.get()  # release only after the sender's finish was answered
         rx.release(tid)
+    q_out.put(("stages", "rx", {k: v / (reps + 1) for k, v in STAGES.items()}))
     time.sleep(1)
     rx.close()
 
 
 def sender(blocks, reps, q_addr, q_out, q_done):
     from kv_transfer import CacheLayout, make_sender
+    from kv_transfer.nccl import NcclSender
+
+    for name in ("send_layer", "_stage", "_transmit"):
+        timed(NcclSender, name)
 
     kv = caches(blocks, "cuda:0")
     layout = CacheLayout.from_caches("bench", kv)
@@ -102,6 +126,7 @@ def sender(blocks, reps, q_addr, q_out, q_done):
         q_out.put(("tx", r, st.name + (f" ({tx.reason(f't{r}')})" if st.name != "DONE" else ""), t0, time.time()))
         q_done.put(r)
         tx.release(f"t{r}")
+    q_out.put(("stages", "tx", {k: v / (reps + 1) for k, v in STAGES.items()}))
     tx.close()
 
 
@@ -136,8 +161,12 @@ def main() -> int:
         tx = ctx.Process(target=sender, args=(blocks, args.reps, q_addr, q_out, q_done))
         tx.start()
         rows = {}
-        for _ in range(2 * (args.reps + 1)):
+        for _ in range(2 * (args.reps + 1) + 2):
             m = q_out.get(timeout=600)
+            if m[0] == "stages":
+                print(f"  {m[1]} stage seconds per transfer: " +
+                      ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(m[2].items())), flush=True)
+                continue
             rows.setdefault(m[1], {})[m[0]] = m
         tx.join()
         rx.join()
