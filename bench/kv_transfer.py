@@ -77,7 +77,7 @@ def timed(cls, name: str) -> None:
     setattr(cls, name, wrapper)
 
 
-def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True):
+def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True, profile=False):
     from kv_transfer import CacheLayout, make_receiver
     from kv_transfer.nccl import NcclReceiver
 
@@ -89,11 +89,21 @@ def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True):
     layout = CacheLayout.from_caches("bench", kv)
     rx = make_receiver("nccl", layout, kv, host="127.0.0.1", port=0)
     q_addr.put(rx.address)
+    prof = None
     for r in range(reps + 1):
         tid = f"t{r}"
         rx.expect(tid, {i: list(range(n)) for i, n in blocks.items()})
+        if r == reps and profile:  # trace the last transfer (all threads)
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
         q_addr.put("ready")
         st = rx.wait(tid, 120)
+        if prof is not None:
+            torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
         q_out.put(("rx", r, st.name, time.time()))
         q_done.get()  # release only after the sender's finish was answered
         rx.release(tid)
@@ -136,6 +146,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=48, help="layers (default 48, Scout)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the receiver's last transfer")
     args = ap.parse_args()
     blocks = plan(args.tokens, args.layers)
     nbytes = sum(blocks.values()) * 2 * BS * KVH * HD * 2
@@ -156,7 +167,7 @@ def main() -> int:
     results = {}
     for read_ahead in (True, False):
         q_addr, q_out, q_done = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        rx = ctx.Process(target=receiver, args=(blocks, args.reps, q_addr, q_out, q_done, read_ahead))
+        rx = ctx.Process(target=receiver, args=(blocks, args.reps, q_addr, q_out, q_done, read_ahead, args.profile))
         rx.start()
         tx = ctx.Process(target=sender, args=(blocks, args.reps, q_addr, q_out, q_done))
         tx.start()
