@@ -25,7 +25,7 @@ from engine.ops import make_ops
 from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, min_local_blocks
-from engine.sampling import SamplingParams, make_generator
+from engine.sampling import SamplingParams, make_generator, skip_draw
 from engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ class LLMEngine:
         if req is None:
             raise KeyError(f"request {request_id!r} is not waiting for a transfer (aborted?)")
         self.scheduler.complete_transfer(req, first_token)
+        if req.generator is not None and not req.sampling_params.greedy:
+            skip_draw(req.generator, self.config.model.vocab_size)  # prefill drew the first token
         if logprobs is not None and req.sampling_params.logprobs is not None:
             req.logprobs.append(logprobs)
         status = self.outputs.check_stop(req)

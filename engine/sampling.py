@@ -160,6 +160,13 @@ def _normalize_stop_token_ids(ids: object) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def skip_draw(generator: torch.Generator, vocab: int) -> None:
+    """Advance a request's generator past one sampled step, exactly as the sampler would
+    have consumed it. Decode calls it for the first token, which prefill sampled with its
+    own copy of the generator, so seeded output equals colocated output."""
+    torch.empty(vocab, dtype=torch.float32, device=generator.device).exponential_(generator=generator)
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """The per-request generator for a seeded request; it must live on the logits' device."""
     generator = torch.Generator(device=device)

@@ -112,7 +112,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("role", "model", "layout", "max_model_len", "vocab_size", "total_blocks", "free_blocks", "running", "waiting", "kv_transport", "kv_address")
+    __slots__ = ("role", "model", "layout", "max_model_len", "vocab_size", "total_blocks", "free_blocks", "running", "waiting", "kv_transport", "kv_address", "integrity_error")
     class TotalBlocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class InfoResponse(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     layout: CacheLayout
@@ -149,4 +150,5 @@ class InfoResponse(_message.Message):
     waiting: int
     kv_transport: str
     kv_address: str
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[CacheLayout, _Mapping]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_blocks: _Optional[_Mapping[str, int]] = ..., free_blocks: _Optional[_Mapping[str, int]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_address: _Optional[str] = ...) -> None: ...
+    integrity_error: str
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[CacheLayout, _Mapping]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_blocks: _Optional[_Mapping[str, int]] = ..., free_blocks: _Optional[_Mapping[str, int]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_address: _Optional[str] = ..., integrity_error: _Optional[str] = ...) -> None: ...

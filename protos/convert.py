@@ -67,6 +67,10 @@ def fill_info(base: common_pb2.InfoResponse, engine) -> common_pb2.InfoResponse:
     for g, s in engine.kv.stats().items():
         info.total_blocks[g] = s.total
         info.free_blocks[g] = s.cached + s.free
+    try:
+        engine.check_integrity()
+    except AssertionError as e:  # reported, not raised: Info must answer even then
+        info.integrity_error = str(e) or "integrity check failed"
     info.running = len(engine.scheduler.running)
     info.waiting = len(engine.scheduler.waiting) + len(engine.scheduler.transferring)
     return info

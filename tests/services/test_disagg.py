@@ -92,6 +92,7 @@ def pools_whole(stub, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
         info = stub.Info(common_pb2.InfoRequest())
+        assert info.integrity_error == "", info.integrity_error
         if all(info.free_blocks[g] == info.total_blocks[g] for g in info.total_blocks) and not info.running \
                 and not info.waiting:
             return info

@@ -4,6 +4,7 @@ output. The transport here copies tensors between the two engines in one process
 fake sender: this tests the block bookkeeping, not a transport)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -25,13 +26,13 @@ class CopySender:
         self.sent.append((layer, len(src)))
 
 
-def disaggregated(p_llm, d_llm, prompt, budget_steps=False):
+def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
     P, D = p_llm.engine, d_llm.engine
-    req = D.reserve(prompt, PARAMS)
+    req = D.reserve(prompt, params)
     assert req is not None
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
     pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size)
-    rid = P.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    rid = P.add_request(prompt, replace(params, max_tokens=1))
     pusher.add(rid, Destination("local", "t", req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()}),
                len(prompt))
     first = None
@@ -90,3 +91,14 @@ def test_decode_prefix_hit_sends_only_the_rest(tiny_llama4_dir):
     out, sent, cached = disaggregated(p_llm, d_llm, b)
     assert cached == 64 and out.token_ids == colo.token_ids
     assert {k for _, k in sent} == {1}  # one block (positions 64..68) per layer
+
+
+def test_seeded_sampling_disaggregated_equals_colocated(tiny_llama4_dir):
+    """Prefill samples the first token with the request's seed; decode skips that draw."""
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    prompt = list(range(7000, 7050))
+    colo = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).generate(prompt, params)[0]
+    p_llm = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512)
+    d_llm = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512)
+    out, _, _ = disaggregated(p_llm, d_llm, prompt, params)
+    assert out.token_ids == colo.token_ids
