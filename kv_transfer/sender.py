@@ -358,7 +358,12 @@ class TcpSender(KVSender):
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
-        return cache.index_select(1, src_ids.to(cache.device, non_blocking=True))  # [2, n, bs, kvh, d], a new contiguous tensor
+        if cache.is_cuda:
+            # From pinned memory the index copy is truly asynchronous. From pageable memory
+            # it would block this thread until the stream drained -- in a prefill that is
+            # until the layer just enqueued has finished computing.
+            src_ids = src_ids.pin_memory()
+        return cache.index_select(1, src_ids.to(cache.device, non_blocking=True))  # [2, n, bs, kvh, d], contiguous
 
     def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
         buf = self._gather(layer, src_ids)
