@@ -37,7 +37,7 @@ def run(args) -> int:
     from protos.grpc_server import make_server, serve_until_signal
 
     cfg = engine_config(args)
-    engine = LLMEngine(cfg)
+    engine = LLMEngine(cfg, ops=args.ops)
     m = cfg.model
     layout = CacheLayout.from_caches(m.fingerprint, engine.runner.kv_caches)
     receiver = make_receiver(args.kv_transport, layout, engine.runner.kv_caches, host=args.host, port=args.kv_port)

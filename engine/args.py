@@ -27,6 +27,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="share of free GPU memory the KV cache may take (default 0.85)")
+    g.add_argument("--ops", default="torch", choices=["torch", "triton"],
+                   help="math backend: plain torch, or Triton kernels where they exist (CUDA only)")
     g.add_argument("--global-seed", type=int, default=0,
                    help="seed of the engine's RNG, used by requests that bring no seed of their own (default 0)")
 

@@ -138,7 +138,24 @@ class TorchOps:
         return out
 
 
-OPS = {"torch": TorchOps}
+class TritonOps(TorchOps):
+    """TorchOps with Triton kernels (kernels/) where one exists, on CUDA tensors; CPU
+    tensors keep the torch versions. Issue 3 adds kernels here one op at a time."""
+
+    name = "triton"
+
+    def __init__(self):
+        from kernels.rms_norm import rms_norm  # needs triton installed
+
+        self._rms_norm = rms_norm
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not x.is_cuda:
+            return super().rms_norm(x, weight, eps)
+        return self._rms_norm(x, weight, eps)
+
+
+OPS = {"torch": TorchOps, "triton": TritonOps}
 
 
 def make_ops(name: str) -> TorchOps:

@@ -48,7 +48,7 @@ def run(args) -> int:
         min_p=args.min_p, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(engine_config(args), ops=args.ops)
     if args.chat is not None:
         if engine.tokenizer is None:
             raise ValueError("chat: this model folder has no tokenizer")

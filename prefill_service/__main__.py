@@ -33,7 +33,7 @@ def run(args) -> int:
     from protos.grpc_server import make_server, serve_until_signal
 
     cfg = engine_config(args)
-    engine = LLMEngine(cfg)
+    engine = LLMEngine(cfg, ops=args.ops)
     runner = engine.runner
     layout = CacheLayout.from_caches(cfg.model.fingerprint, runner.kv_caches)
     sender = make_sender(args.kv_transport, layout, runner.kv_caches)

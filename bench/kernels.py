@@ -1,0 +1,44 @@
+"""Kernel benchmark (one GPU, one device call): each Triton kernel against its torch
+reference, correctness on fresh random inputs first, then time and bandwidth with the
+copy ceiling measured in the same call.
+
+    python bench/kernels.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import ceilings, cuda_time  # noqa: E402
+from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+
+
+def main() -> int:
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    ceil = ceilings()
+    bw = ceil["copy_GBps"]
+    print(f"copy ceiling {bw:.0f} GB/s")
+    rows = [("kernel", "shape", "max rel err", "triton", "torch ref", "triton GB/s", "% of copy")]
+    for t in (1, 64, 2048, 8192):
+        x = torch.randn(t, 5120, device="cuda", dtype=torch.bfloat16) * 3
+        w = (1 + 0.1 * torch.randn(5120, device="cuda")).to(torch.bfloat16)
+        got, ref = rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        tt = cuda_time(lambda: rms_norm(x, w, 1e-5), reps=50)
+        tr = cuda_time(lambda: rms_norm_reference(x, w, 1e-5), reps=50)
+        nbytes = 2 * x.numel() * 2 + w.numel() * 2
+        rows.append(("rms_norm", f"[{t}, 5120] bf16", f"{err:.1e}", f"{tt * 1e6:.1f} us", f"{tr * 1e6:.1f} us",
+                     f"{nbytes / tt / 1e9:.0f}", f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
