@@ -8,11 +8,18 @@ All three carry a real tokenizer (Llama 4's or SmolLM2's). Tests must not modify
 copy what you want to change into tmp_path.
 """
 
-from pathlib import Path
+import os
 
-import pytest
+# Kernels run in Triton's interpreter on these CPU machines. Triton >= 3.9 reads this when
+# it is first imported, and torch or transformers may import it before any kernel test
+# module loads, so it is set here, before anything else is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from launcher.make_model import make_model
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from launcher.make_model import make_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
