@@ -15,7 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
+    import argparse
+
     import transformers
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ops", default="torch", help="engine ops backend to check (torch | triton)")
+    ops = ap.parse_args().ops
 
     from engine.llm import LLM
     from engine.sampling import SamplingParams
@@ -30,15 +36,16 @@ def main() -> int:
         with torch.no_grad():
             ref = hf(ids[None].cuda()).logits[0].float()
         for budget in (4096, 37, 1):
-            llm = LLM(d, device="cuda", dtype="float32", num_blocks=64, max_num_batched_tokens=budget, max_model_len=1024)
+            llm = LLM(d, device="cuda", dtype="float32", num_blocks=64, max_num_batched_tokens=budget, max_model_len=1024,
+                      ops=ops)
             got = llm.engine.prompt_logits(ids.tolist())
             rel = ((got - ref).abs().max() / ref.abs().max()).item()
             ok &= rel <= 1e-4
-            print(f"{preset} fp32 cuda budget {budget}: max|dlogit|/max|logit| = {rel:.2e}")
+            print(f"{preset} fp32 cuda ops={ops} budget {budget}: max|dlogit|/max|logit| = {rel:.2e}")
         prompts = [torch.randint(0, 200000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 45, 90)]
         for dtype in ("float32", "bfloat16"):
             hf = hf.to(getattr(torch, dtype))
-            llm = LLM(d, device="cuda", dtype=dtype, num_blocks=64, max_model_len=1024)
+            llm = LLM(d, device="cuda", dtype=dtype, num_blocks=64, max_model_len=1024, ops=ops)
             outs = llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
             for p, o in zip(prompts, outs):
                 with torch.no_grad():

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import ceilings, cuda_time  # noqa: E402
 from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from kernels.rope import rope, rope_reference  # noqa: E402
 
 
 def main() -> int:
@@ -34,6 +35,18 @@ def main() -> int:
         nbytes = 2 * x.numel() * 2 + w.numel() * 2
         rows.append(("rms_norm", f"[{t}, 5120] bf16", f"{err:.1e}", f"{tt * 1e6:.1f} us", f"{tr * 1e6:.1f} us",
                      f"{nbytes / tt / 1e9:.0f}", f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    for t in (1, 64, 8192):
+        q = torch.randn(t, 40, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(t, 8, 128, device="cuda", dtype=torch.bfloat16)
+        pos = torch.randint(0, 8192, (t,), device="cuda")
+        got, ref = rope(q, k, pos, inv_freq, True, 1e-5), rope_reference(q, k, pos, inv_freq, True, 1e-5)
+        err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref))
+        tt = cuda_time(lambda: rope(q, k, pos, inv_freq, True, 1e-5), reps=50)
+        tr = cuda_time(lambda: rope_reference(q, k, pos, inv_freq, True, 1e-5), reps=50)
+        nbytes = 2 * (q.numel() + k.numel()) * 2
+        rows.append(("rope+qk_norm", f"q[{t}, 40, 128] k[{t}, 8, 128]", f"{err:.1e}", f"{tt * 1e6:.1f} us",
+                     f"{tr * 1e6:.1f} us", f"{nbytes / tt / 1e9:.0f}", f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))

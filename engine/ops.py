@@ -38,10 +38,14 @@ class TorchOps:
 
     # -- rotary embeddings -------------------------------------------------------------
     def rope_interleaved(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+        norm_eps: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Llama 4 RoPE: adjacent pairs (x[2i], x[2i+1]) are one complex number.
-        q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+        q: [T, H, D], k: [T, KVH, D], positions: [T]. norm_eps: then the QK L2 norm."""
+        if norm_eps is not None:
+            q, k = self.rope_interleaved(q, k, positions, inv_freq)
+            return self.l2_norm(q, norm_eps), self.l2_norm(k, norm_eps)
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
         cis = torch.polar(torch.ones_like(freqs), freqs)[:, None, :]  # [T, 1, D/2]
 
@@ -146,8 +150,20 @@ class TritonOps(TorchOps):
 
     def __init__(self):
         from kernels.rms_norm import rms_norm  # needs triton installed
+        from kernels.rope import rope
 
         self._rms_norm = rms_norm
+        self._rope = rope
+
+    def rope_interleaved(self, q, k, positions, inv_freq, norm_eps=None):
+        if not q.is_cuda:
+            return super().rope_interleaved(q, k, positions, inv_freq, norm_eps)
+        return self._rope(q, k, positions, inv_freq, True, norm_eps)
+
+    def rope_half(self, q, k, positions, inv_freq):
+        if not q.is_cuda:
+            return super().rope_half(q, k, positions, inv_freq)
+        return self._rope(q, k, positions, inv_freq, False)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if not x.is_cuda:

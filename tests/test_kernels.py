@@ -37,3 +37,37 @@ def test_rms_norm_rejects_bad_inputs():
         rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(ValueError, match="contiguous"):
         rms_norm(torch.randn(8, 2).t(), torch.ones(8), 1e-5)
+
+
+from kernels.rope import rope, rope_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved,norm", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("t,h,kvh,d", [(5, 4, 2, 16), (3, 6, 1, 64)])
+def test_rope_matches_reference(dtype, interleaved, norm, t, h, kvh, d):
+    g = torch.Generator().manual_seed(t * 100 + h * 10 + d)
+    q = torch.randn(t, h, d, generator=g).to(dtype)
+    k = torch.randn(t, kvh, d, generator=g).to(dtype)
+    pos = torch.randint(0, 5000, (t,), generator=g)
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, d, 2).float() / d))
+    eps = 1e-5 if norm else None
+    got = rope(q, k, pos, inv_freq, interleaved, eps)
+    ref = rope_reference(q, k, pos, inv_freq, interleaved, eps)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:  # cos/sin may differ in the last fp32 bit, which can flip a bf16 rounding
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 * 2**-7, atol=2e-2)
+
+
+def test_rope_strided_q_from_a_projection_view():
+    """q and k are views of one [T, (H + 2 KVH) D] projection in fused layouts."""
+    t, h, kvh, d = 4, 4, 2, 16
+    qkv = torch.randn(t, (h + 2 * kvh) * d)
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+    pos, inv_freq = torch.arange(t), 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    for a, b in zip(rope(q, k, pos, inv_freq, True, 1e-5), rope_reference(q, k, pos, inv_freq, True, 1e-5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

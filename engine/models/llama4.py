@@ -45,10 +45,8 @@ class Llama4Attention(nn.Module):
         q = F.linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
         k = F.linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
         v = F.linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
-        if self.use_rope:
-            q, k = self.ops.rope_interleaved(q, k, positions, self.inv_freq)
-        if self.qk_norm:
-            q, k = self.ops.l2_norm(q, self.eps), self.ops.l2_norm(k, self.eps)
+        if self.use_rope:  # QK L2 norm (RoPE layers only) fused in when the model uses it
+            q, k = self.ops.rope_interleaved(q, k, positions, self.inv_freq, self.eps if self.qk_norm else None)
         if self.temperature_tuning:
             # Long-context NoPE layers sharpen attention with the absolute position.
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
