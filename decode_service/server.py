@@ -25,8 +25,7 @@ import uuid
 
 import grpc
 
-from engine.config import cdiv
-from engine.kv_cache import GLOBAL, LOCAL
+from engine.kv_cache import pushed_blocks
 from engine.loop import EngineLoop
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.convert import blocks_to_pb, fill_info, sampling_from_pb, sampling_to_pb
@@ -50,7 +49,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._channels: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
         self._channels_lock = threading.Lock()
         self.transfers: dict[str, str] = {}  # request id -> transfer id, while transferring
-        self.counters = {"transferred_tokens": 0, "local_prefills": 0, "recomputes": 0}
 
     # -- the RPCs ------------------------------------------------------------------------
     def Generate(self, request, context):
@@ -82,7 +80,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             stream = self.loop.add_request(ids, params, rid)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        self.counters["local_prefills"] += 1
         return stream
 
     def _disaggregated(self, rid, ids, params, prefill_address, context):
@@ -99,7 +96,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if len(ids) - cached <= self.threshold:
                 eng.fail_transfer(rid)  # give the reservation back; prefilled here
                 loop.wake.notify_all()
-                self.counters["local_prefills"] += 1
                 return stream, (cached, 0)
             tid = f"{rid}/{uuid.uuid4().hex[:8]}"
             self.receiver.expect(tid, self._expected_layers(req))
@@ -140,14 +136,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 loop.publish(eng.complete_transfer(rid, resp.first_token_id, lp))
                 loop.wake.notify_all()
                 sent = len(ids) - cached
-                self.counters["transferred_tokens"] += sent
                 return stream, (cached, sent)
             msg = error.details() if isinstance(error, grpc.RpcError) else error
             if self.recompute:
                 log.warning("request %s: prefill at %s failed (%s); recomputing here", rid, prefill_address, msg)
                 eng.fail_transfer(rid)
                 loop.wake.notify_all()
-                self.counters["recomputes"] += 1
                 return stream, (cached, 0)
             loop.abort(rid)
         context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill at {prefill_address} failed: {msg}")
@@ -159,15 +153,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self.receiver.release(tid)
 
     def _expected_layers(self, req) -> dict[int, list[int]]:
-        """The blocks prefill will push, per layer (see prefill_service/push.py)."""
-        bs, n = self.block_size, req.num_tokens
-        need = cdiv(n, bs)
-        first = {GLOBAL: req.num_cached_tokens // bs}
-        if self.chunk:
-            first[LOCAL] = max(first[GLOBAL], min((n // self.chunk) * self.chunk // bs, need))
+        """The blocks prefill will push, per layer (the same `pushed_blocks` prefill uses)."""
+        ranges = pushed_blocks(req.num_tokens, req.num_cached_tokens, self.block_size, self.chunk,
+                               set(self.layer_group))
         out = {}
         for layer, g in enumerate(self.layer_group):
-            blocks = req.block_tables[g][first[g] : need]
+            blocks = req.block_tables[g][ranges[g].start : ranges[g].stop]
             if blocks:
                 out[layer] = blocks
         return out

@@ -41,6 +41,22 @@ def hash_block(parent: bytes, tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def pushed_blocks(num_tokens: int, num_cached: int, block_size: int, chunk: int | None,
+                  groups) -> dict[str, range]:
+    """Disaggregation: the block indices of a prompt of `num_tokens` that prefill pushes to
+    a decode instance already holding its first `num_cached` (block-aligned) tokens, per
+    layer group. Global layers: every block decode lacks. Chunked-local layers: only the
+    window of the next position, [C * (n // C), n) -- decode never reads older local KV.
+    Prefill (what it sends) and decode (what it expects) both ask this one function."""
+    end = cdiv(num_tokens, block_size)
+    first = num_cached // block_size
+    out = {GLOBAL: range(first, end)}
+    if LOCAL in groups:
+        window = (num_tokens // chunk) * chunk // block_size if chunk else 0
+        out[LOCAL] = range(max(first, min(window, end)), end)
+    return out
+
+
 @dataclass(frozen=True)
 class PoolStats:
     total: int

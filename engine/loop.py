@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
 
 from engine.llm import LLMEngine
 from engine.output import RequestOutput
@@ -28,7 +27,6 @@ class EngineLoop:
         self.streams: dict[str, queue.Queue[RequestOutput]] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self.error: BaseException | None = None
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -39,13 +37,6 @@ class EngineLoop:
             self._stop = True
             self.wake.notify_all()
         self._thread.join(timeout=30)
-
-    def call(self, fn: Callable[[LLMEngine], object]):
-        """Run fn(engine) between steps; wakes the loop afterwards (fn may add work)."""
-        with self.lock:
-            result = fn(self.engine)
-            self.wake.notify_all()
-            return result
 
     def open_stream(self, request_id: str) -> queue.Queue:
         with self.lock:
@@ -90,9 +81,8 @@ class EngineLoop:
                     outs = self.engine.step(self.hook)
                     for o in outs:
                         self.publish(o)
-        except BaseException as e:  # a broken engine must not leave handlers waiting forever
+        except BaseException:  # a broken engine must not leave handlers waiting forever
             log.exception("engine loop died")
-            self.error = e
             with self.lock:
                 for rid, q in list(self.streams.items()):
                     q.put(RequestOutput(rid, [], [], "", finished=True, finish_reason="abort"))

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 from engine.config import cdiv
-from engine.kv_cache import GLOBAL, LOCAL
+from engine.kv_cache import pushed_blocks
 from engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,11 @@ class KVPusher:
         bs = self.block_size
         if dest.num_cached_tokens % bs:
             raise ValueError(f"num_cached_tokens {dest.num_cached_tokens} is not a multiple of block_size {bs}")
-        need = cdiv(prompt_len, bs)
-        first = dest.num_cached_tokens // bs
-        dest.sent_upto = {GLOBAL: first}
-        if LOCAL in self.layer_group:
-            window = (prompt_len // self.chunk) * self.chunk // bs if self.chunk else 0
-            dest.sent_upto[LOCAL] = max(first, min(window, need))
-        for g, start in dest.sent_upto.items():
+        ranges = pushed_blocks(prompt_len, dest.num_cached_tokens, bs, self.chunk, set(self.layer_group))
+        dest.sent_upto = {g: r.start for g, r in ranges.items()}
+        for g, r in ranges.items():
             table = dest.blocks.get(g, [])
-            if len(table) < need or any(b is None for b in table[start:need]):
+            if len(table) < r.stop or any(table[j] is None for j in r):
                 raise ValueError(f"destination blocks for {g!r} do not cover positions up to {prompt_len}")
         self.dest[request_id] = dest
 

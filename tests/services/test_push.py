@@ -36,16 +36,10 @@ def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
     pusher.add(rid, Destination("local", "t", req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()}),
                len(prompt))
     first = None
-    while P.has_unfinished:
-        plan = P.scheduler.schedule()
-        ranges = pusher.plan_ranges(plan)
-        out = P.runner.run(plan, on_layer=lambda i: pusher.on_layer(i, plan, ranges))
-        pusher.after_step(ranges)
-        P.scheduler.update(plan, out.sampled)
-        for c in plan.chunks:
-            if c.samples:
-                first = out.sampled[c.request.request_id]
-                P.scheduler.finish(c.request, c.request.status.__class__.FINISHED_LENGTH)
+    while P.has_unfinished:  # the engine's own step, with the pusher as its layer hook
+        for o in P.step(pusher):
+            if o.finished:
+                first = o.token_ids[0]
         P.check_integrity()
     o = D.complete_transfer(req.request_id, first)
     final = o if o.finished else None
