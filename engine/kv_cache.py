@@ -196,15 +196,17 @@ class KVCacheManager:
                 req.block_tables[LOCAL].append(b)
         return n * bs
 
-    def cache_full_blocks(self, req: Request) -> None:
-        """Publish the hashes of blocks that the last step filled."""
+    def cache_full_blocks(self, req: Request, from_token: int) -> None:
+        """Publish the hashes of the blocks that computing tokens [from_token,
+        num_computed_tokens) filled (earlier blocks were published when they filled, so a
+        step costs what it computed, not the whole context)."""
         if not self.enable_prefix_caching:
             return
         self.update_hashes(req)
         full = min(req.num_computed_tokens // self.block_size, len(req.block_hashes))
         for g, pool in self.pools.items():
             table = req.block_tables[g]
-            for j in range(min(full, len(table))):
+            for j in range(from_token // self.block_size, min(full, len(table))):
                 if table[j] is not None:
                     pool.cache(table[j], req.block_hashes[j])
 
@@ -217,11 +219,15 @@ class KVCacheManager:
         if LOCAL not in self.pools:
             return
         table = req.block_tables[LOCAL]
-        first = min(self._window_start(req.num_computed_tokens) // self.block_size, len(table))
-        gone = [table[j] for j in range(first) if table[j] is not None]
-        for j in range(first):
+        # Released entries are always a prefix of the table, so walk back from the window
+        # start only until the first one already released.
+        j = min(self._window_start(req.num_computed_tokens) // self.block_size, len(table)) - 1
+        gone = []
+        while j >= 0 and table[j] is not None:
+            gone.append(table[j])
             table[j] = None
-        self.pools[LOCAL].release(gone[::-1])
+            j -= 1
+        self.pools[LOCAL].release(gone)  # tail first, as free() does
 
     def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
         """Make the tables cover num_computed + num_new tokens. False (and nothing taken)

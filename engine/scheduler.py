@@ -84,8 +84,8 @@ class Scheduler:
     def complete_transfer(self, req: Request, first_token: int) -> None:
         """The prompt's KV arrived and prefill sampled the first token: decode from here."""
         del self.transferring[req.request_id]
-        req.num_computed_tokens = req.num_tokens
-        self.kv.cache_full_blocks(req)
+        start, req.num_computed_tokens = req.num_computed_tokens, req.num_tokens
+        self.kv.cache_full_blocks(req, from_token=start)
         req.output_token_ids.append(first_token)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
@@ -165,7 +165,7 @@ class Scheduler:
             if req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens = c.start + c.num_tokens
-            self.kv.cache_full_blocks(req)
+            self.kv.cache_full_blocks(req, from_token=c.start)
             self.kv.release_out_of_window(req)
             if c.samples:
                 req.output_token_ids.append(sampled[req.request_id])

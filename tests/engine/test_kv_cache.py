@@ -59,7 +59,7 @@ def test_prefix_hit_is_block_aligned_and_leaves_a_token():
     assert kv.acquire_prefix(r1) == 0
     assert kv.allocate_slots(r1, 12)
     r1.num_computed_tokens = 12
-    kv.cache_full_blocks(r1)
+    kv.cache_full_blocks(r1, from_token=0)
     r2 = _req(range(12))  # identical prompt: 3 full blocks cached, but one token must be computed
     assert kv.acquire_prefix(r2) == 8
     assert r2.block_tables[GLOBAL] == r1.block_tables[GLOBAL][:2]
@@ -78,7 +78,7 @@ def test_local_window_releases_blocks_behind_the_chunk():
     kv.acquire_prefix(r)
     assert kv.allocate_slots(r, 30)
     r.num_computed_tokens = 30
-    kv.cache_full_blocks(r)
+    kv.cache_full_blocks(r, from_token=0)
     kv.release_out_of_window(r)
     # positions 24..29 are in chunk 3 = blocks 6, 7; blocks 0..5 are released (but stay cached)
     assert r.block_tables[LOCAL][:6] == [None] * 6 and None not in r.block_tables[LOCAL][6:]
