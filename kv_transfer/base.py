@@ -162,15 +162,37 @@ def check_blocks(kv_caches: Sequence[torch.Tensor], layer: int, blocks: Sequence
     return ids
 
 
-def wait_status(cond: threading.Condition, records: dict, transfer_id: str, timeout: float) -> TransferStatus:
-    with cond:
-        def current() -> TransferStatus:
-            rec = records.get(transfer_id)
-            if rec is None:
-                raise KeyError(f"transfer_id: unknown {transfer_id!r}")
-            return rec.status
-        cond.wait_for(lambda: current().terminal, timeout=max(0.0, timeout))
-        return current()
+class TransferRecords:
+    """poll / reason / wait over `self._transfers` (transfer id -> a record with `status`
+    and `reason`), guarded by `self._lock` and its condition `self._cond`: the part of
+    the bookkeeping the sender and the receiver share."""
+
+    _lock: threading.Lock
+    _cond: threading.Condition
+    _transfers: dict
+
+    def _record(self, transfer_id: str):
+        """Caller holds the lock."""
+        rec = self._transfers.get(transfer_id)
+        if rec is None:
+            raise KeyError(f"transfer_id: unknown {transfer_id!r}")
+        return rec
+
+    def poll(self, transfer_id: str) -> TransferStatus:
+        with self._lock:
+            return self._record(transfer_id).status
+
+    def reason(self, transfer_id: str) -> str:
+        """Why a transfer FAILED ('' otherwise, or when unknown)."""
+        with self._lock:
+            rec = self._transfers.get(transfer_id)
+            return "" if rec is None else rec.reason
+
+    def wait(self, transfer_id: str, timeout: float) -> TransferStatus:
+        """Block until DONE or FAILED, or `timeout` seconds; the status then."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._record(transfer_id).status.terminal, timeout=max(0.0, timeout))
+            return self._record(transfer_id).status
 
 
 

@@ -31,7 +31,7 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import (CacheLayout, KVReceiver, TransferStatus, check_blocks, dtype_from_name,
-                              wait_status)
+                              TransferRecords)
 
 log = logging.getLogger(__name__)
 S = TransferStatus
@@ -59,7 +59,7 @@ class _Incoming:
     reason: str = ""
 
 
-class TcpReceiver(KVReceiver):
+class TcpReceiver(TransferRecords, KVReceiver):
     data_plane = "tcp"
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
@@ -105,22 +105,6 @@ class TcpReceiver(KVReceiver):
                 raise ValueError(f"transfer_id: {transfer_id!r} is already expected; release() it first")
             self._transfers[transfer_id] = _Incoming({l: list(b) for l, b in layers.items()}, dst,
                                                      pending={l: set(b) for l, b in layers.items()})
-
-    def poll(self, transfer_id: str) -> S:
-        with self._lock:
-            rec = self._transfers.get(transfer_id)
-            if rec is None:
-                raise KeyError(f"transfer_id: unknown {transfer_id!r}")
-            return rec.status
-
-    def reason(self, transfer_id: str) -> str:
-        """Why a transfer FAILED ('' otherwise)."""
-        with self._lock:
-            rec = self._transfers.get(transfer_id)
-            return "" if rec is None else rec.reason
-
-    def wait(self, transfer_id: str, timeout: float) -> S:
-        return wait_status(self._cond, self._transfers, transfer_id, timeout)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; unknown ids are ignored. Holding the lock that every

@@ -35,7 +35,7 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import (CacheLayout, KVSender, LayoutMismatch, TransferError, TransferStatus,
-                              check_blocks, wait_status)
+                              check_blocks, TransferRecords)
 
 log = logging.getLogger(__name__)
 S = TransferStatus
@@ -74,7 +74,7 @@ class _Staged:
     ready: Any = None  # torch.cuda.Event recorded after the gather/copy; None on CPU
 
 
-class TcpSender(KVSender):
+class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
@@ -151,21 +151,6 @@ class TcpSender(KVSender):
             rec.finished = True
             rec.peer.queue.put(("finish", transfer_id,
                                 {"op": "finish", "tid": transfer_id, "num_layers": num_layers}, None))
-
-    def poll(self, transfer_id: str) -> S:
-        with self._lock:
-            rec = self._transfers.get(transfer_id)
-            if rec is None:
-                raise KeyError(f"transfer_id: unknown {transfer_id!r}")
-            return rec.status
-
-    def reason(self, transfer_id: str) -> str:
-        with self._lock:
-            rec = self._transfers.get(transfer_id)
-            return "" if rec is None else rec.reason
-
-    def wait(self, transfer_id: str, timeout: float) -> S:
-        return wait_status(self._cond, self._transfers, transfer_id, timeout)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; queued layers are dropped and the receiver is told."""
