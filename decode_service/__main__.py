@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -33,19 +32,16 @@ def run(args) -> int:
     from engine.llm import LLMEngine
     from engine.loop import EngineLoop
     from kv_transfer import CacheLayout, make_receiver
-    from protos import common_pb2, decode_pb2_grpc
+    from protos import decode_pb2_grpc
+    from protos.convert import static_info
     from protos.grpc_server import make_server, serve_until_signal
 
     cfg = engine_config(args)
     engine = LLMEngine(cfg, ops=args.ops)
-    m = cfg.model
-    layout = CacheLayout.from_caches(m.fingerprint, engine.runner.kv_caches)
+    layout = CacheLayout.from_caches(cfg.model.fingerprint, engine.runner.kv_caches)
     receiver = make_receiver(args.kv_transport, layout, engine.runner.kv_caches, host=args.host, port=args.kv_port)
     loop = EngineLoop(engine).start()
-    info = common_pb2.InfoResponse(role="decode", model=cfg.model_dir, max_model_len=engine.max_model_len,
-                                   vocab_size=m.vocab_size, kv_transport=args.kv_transport,
-                                   kv_address=receiver.address)
-    info.layout.CopyFrom(common_pb2.CacheLayout(**layout.to_dict()))
+    info = static_info("decode", engine, layout, args.kv_transport, receiver.address)
     servicer = DecodeServicer(loop, receiver, info, local_prefill_threshold=args.local_prefill_threshold,
                               on_transfer_failure=args.on_transfer_failure, prefill_timeout=args.prefill_timeout)
     server, port, hs = make_server(args.host, args.port,
@@ -62,12 +58,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="decode_service", description="tandem decode service (gRPC)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    from protos.grpc_server import service_main
+
+    return service_main("decode_service", "tandem decode service (gRPC)", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-
-log = logging.getLogger("prefill_service")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +26,8 @@ def run(args) -> int:
     from kv_transfer import CacheLayout, make_sender
     from prefill_service.push import KVPusher
     from prefill_service.server import PrefillServicer
-    from protos import common_pb2, prefill_pb2_grpc
+    from protos import prefill_pb2_grpc
+    from protos.convert import static_info
     from protos.grpc_server import make_server, serve_until_signal
 
     cfg = engine_config(args)
@@ -39,9 +37,7 @@ def run(args) -> int:
     sender = make_sender(args.kv_transport, layout, runner.kv_caches)
     pusher = KVPusher(sender, runner.layer_group, cfg.cache.block_size, cfg.model.attention_chunk_size)
     loop = EngineLoop(engine, hook=pusher).start()
-    info = common_pb2.InfoResponse(role="prefill", model=cfg.model_dir, max_model_len=engine.max_model_len,
-                                   vocab_size=cfg.model.vocab_size, kv_transport=args.kv_transport)
-    info.layout.CopyFrom(common_pb2.CacheLayout(**layout.to_dict()))
+    info = static_info("prefill", engine, layout, args.kv_transport)
     servicer = PrefillServicer(loop, sender, pusher, info, args.transfer_timeout)
     server, port, hs = make_server(args.host, args.port,
                                    lambda s: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, s),
@@ -57,12 +53,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="prefill_service", description="tandem prefill service (gRPC)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    from protos.grpc_server import service_main
+
+    return service_main("prefill_service", "tandem prefill service (gRPC)", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,15 @@ def blocks_from_pb(blocks) -> dict[str, list[int | None]]:
     return {g: [None if b == NO_BLOCK else b for b in v.ids] for g, v in blocks.items()}
 
 
+def static_info(role: str, engine, layout, kv_transport: str, kv_address: str = "") -> common_pb2.InfoResponse:
+    """The InfoResponse fields fixed at start-up; `fill_info` adds the live counters."""
+    cfg = engine.config
+    info = common_pb2.InfoResponse(role=role, model=cfg.model_dir, max_model_len=engine.max_model_len,
+                                   vocab_size=cfg.model.vocab_size, kv_transport=kv_transport, kv_address=kv_address)
+    info.layout.CopyFrom(common_pb2.CacheLayout(**layout.to_dict()))
+    return info
+
+
 def fill_info(base: common_pb2.InfoResponse, engine) -> common_pb2.InfoResponse:
     """`base` (static fields) plus the engine's live counters; call under the loop lock."""
     info = common_pb2.InfoResponse()

@@ -49,6 +49,19 @@ def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: 
     log.info("stopped")
 
 
+def service_main(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """`python -m prefill_service` / `decode_service`: the service's flags plus --log-level."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity on stderr (default: INFO)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
 def wait_healthy(address: str, timeout: float = 120.0, service: str = "") -> None:
     """Block until `address` reports SERVING (used by tests and the launcher)."""
     import time
