@@ -24,9 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "end the request with UNAVAILABLE")
     g.add_argument("--prefill-timeout", type=float, default=120.0,
                    help="seconds a Prefill call (compute + transfer) may take before it counts as failed")
+    import registry
+
+    registry.add_arguments(p)
 
 
 def run(args) -> int:
+    import registry
+
     from decode_service.server import DecodeServicer
     from engine.args import engine_config
     from engine.llm import LLMEngine
@@ -39,7 +44,8 @@ def run(args) -> int:
     cfg = engine_config(args)
     engine = LLMEngine(cfg, ops=args.ops)
     layout = CacheLayout.from_caches(cfg.model.fingerprint, engine.runner.kv_caches)
-    receiver = make_receiver(args.kv_transport, layout, engine.runner.kv_caches, host=args.host, port=args.kv_port)
+    receiver = make_receiver(args.kv_transport, layout, engine.runner.kv_caches, host=args.host, port=args.kv_port,
+                             advertise_host=args.advertise_host)
     loop = EngineLoop(engine).start()
     info = static_info("decode", engine, layout, args.kv_transport, receiver.address)
     servicer = DecodeServicer(loop, receiver, info, local_prefill_threshold=args.local_prefill_threshold,
@@ -48,12 +54,14 @@ def run(args) -> int:
                                    lambda s: decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, s),
                                    "tandem.v1.DecodeService")
     print(f"decode_service listening on {args.host}:{port}, KV receiver at {receiver.address}", flush=True)
+    registration = registry.Registration(args, "decode", port,
+                                         lambda: {**loop.load(), "kv_transport": args.kv_transport})
 
     def stop():
         loop.stop()
         receiver.close()
 
-    serve_until_signal(server, hs, stop)
+    serve_until_signal(server, hs, stop, on_start=registration.start, on_drain=registration.stop)
     return 0
 
 

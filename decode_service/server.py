@@ -21,16 +21,28 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 
 from engine.kv_cache import pushed_blocks
 from engine.loop import EngineLoop
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from protos.convert import blocks_to_pb, fill_info, sampling_from_pb, sampling_to_pb
+from protos.convert import blocks_to_pb, fill_info, logprobs_to_pb, sampling_from_pb, sampling_to_pb
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """How a request's prompt reached decode's cache (reported on every response)."""
+
+    cached: int = 0  # prompt tokens decode already held
+    sent: int = 0  # prompt tokens prefill pushed
+    bytes: int = 0
+    seconds: float = 0.0  # remote prefill + transfer, as decode waited for it
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -61,7 +73,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if request.prefill_address:
             stream, meta = self._disaggregated(rid, ids, params, request.prefill_address, context)
         else:
-            stream, meta = self._local(rid, ids, params, context), (0, 0)
+            stream, meta = self._local(rid, ids, params, context), PrefillStats()
         yield from self._stream(rid, stream, context, len(ids), meta)
 
     def Abort(self, request, context):
@@ -90,13 +102,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             if req is None:  # no room to reserve now: queue it here; it prefills when admitted
-                return self._local(rid, ids, params, context), (0, 0)
+                return self._local(rid, ids, params, context), PrefillStats()
             cached = req.num_cached_tokens
             stream = loop.open_stream(rid)
             if len(ids) - cached <= self.threshold:
                 eng.fail_transfer(rid)  # give the reservation back; prefilled here
                 loop.wake.notify_all()
-                return stream, (cached, 0)
+                return stream, PrefillStats(cached)
             tid = f"{rid}/{uuid.uuid4().hex[:8]}"
             self.receiver.expect(tid, self._expected_layers(req))
             self.transfers[rid] = tid
@@ -106,6 +118,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             preq.destination.transfer_id = tid
             preq.destination.num_cached_tokens = cached
             blocks_to_pb(req.block_tables, preq.destination.blocks)
+        t0 = time.perf_counter()
         future = self._stub(prefill_address).Prefill.future(preq, timeout=self.prefill_timeout)
         error = None
         while True:
@@ -118,7 +131,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     self._drop_transfer(rid)
                     with loop.lock:
                         loop.abort(rid)
-                    return stream, (cached, 0)
+                    return stream, PrefillStats(cached)
             except grpc.RpcError as e:
                 error = e
                 break
@@ -128,21 +141,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._drop_transfer(rid)
         with loop.lock:
             if rid not in eng.scheduler.transferring:  # aborted meanwhile
-                return stream, (cached, 0)
+                return stream, PrefillStats(cached)
             if error is None:
                 lp = None
                 if resp.HasField("first_logprobs"):
                     lp = (resp.first_logprobs.chosen, [(t.token_id, t.logprob) for t in resp.first_logprobs.top])
                 loop.publish(eng.complete_transfer(rid, resp.first_token_id, lp))
                 loop.wake.notify_all()
-                sent = len(ids) - cached
-                return stream, (cached, sent)
+                return stream, PrefillStats(cached, len(ids) - cached, resp.bytes_sent, time.perf_counter() - t0)
             msg = error.details() if isinstance(error, grpc.RpcError) else error
             if self.recompute:
                 log.warning("request %s: prefill at %s failed (%s); recomputing here", rid, prefill_address, msg)
                 eng.fail_transfer(rid)
                 loop.wake.notify_all()
-                return stream, (cached, 0)
+                return stream, PrefillStats(cached)
             loop.abort(rid)
         context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill at {prefill_address} failed: {msg}")
 
@@ -170,8 +182,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             return self._channels[address]
 
     # -- streaming -----------------------------------------------------------------------
-    def _stream(self, rid, stream: queue.Queue, context, num_prompt, meta):
-        cached, sent = meta
+    def _stream(self, rid, stream: queue.Queue, context, num_prompt, meta: PrefillStats):
         finished = False
         try:
             while True:
@@ -184,7 +195,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 resp = decode_pb2.GenerateResponse(
                     request_id=rid, token_ids=out.new_token_ids, text=out.new_text, finished=out.finished,
                     finish_reason=out.finish_reason or "", num_prompt_tokens=num_prompt,
-                    num_cached_tokens=max(cached, out.num_cached_tokens), num_transferred_tokens=sent)
+                    num_cached_tokens=max(meta.cached, out.num_cached_tokens), num_transferred_tokens=meta.sent,
+                    bytes_transferred=meta.bytes, prefill_seconds=meta.seconds)
+                if out.logprobs is not None and out.new_token_ids:
+                    logprobs_to_pb(out.logprobs[len(out.token_ids) - len(out.new_token_ids):], resp.logprobs)
                 finished = out.finished
                 yield resp
                 if finished:

@@ -70,6 +70,19 @@ class EngineLoop:
                 q.put(RequestOutput(request_id, [], [], "", finished=True, finish_reason="abort"))
             return found
 
+    def load(self) -> dict:
+        """What a router needs to know about this engine now (the registry heartbeat)."""
+        with self.lock:
+            eng = self.engine
+            pool = eng.kv.pools["global"]
+            sched = eng.scheduler
+            queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+            queued += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in sched.running)
+            return dict(block_size=eng.config.cache.block_size, max_model_len=eng.max_model_len,
+                        total_blocks=pool.num_blocks, free_blocks=pool.num_free,
+                        running=len(sched.running), waiting=len(sched.waiting) + len(sched.transferring),
+                        queued_prefill_tokens=queued)
+
     def _run(self) -> None:
         try:
             while True:

@@ -63,7 +63,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
     data_plane = "tcp"
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
@@ -79,7 +79,8 @@ class TcpReceiver(TransferRecords, KVReceiver):
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._listener = socket.create_server((host, port))
         self._listener.settimeout(0.2)  # so the accept loop sees close()
-        self._address = f"{host}:{self._listener.getsockname()[1]}"
+        # What senders dial: the listening host, or the name peers know us by (0.0.0.0 is no address)
+        self._address = f"{advertise_host or host}:{self._listener.getsockname()[1]}"
         self._handlers = {"layer": self._on_layer, "finish": self._on_finish, "abort": self._on_abort}
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
                                                name=f"kv-recv-accept-{self._address}")

@@ -17,9 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how KV blocks reach decode: tcp (CPU, cross-host) or nccl (GPU)")
     g.add_argument("--transfer-timeout", type=float, default=60.0,
                    help="seconds to wait for decode to acknowledge a request's KV (default 60)")
+    import registry
+
+    registry.add_arguments(p)
 
 
 def run(args) -> int:
+    import registry
+
     from engine.args import engine_config
     from engine.llm import LLMEngine
     from engine.loop import EngineLoop
@@ -43,12 +48,14 @@ def run(args) -> int:
                                    lambda s: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, s),
                                    "tandem.v1.PrefillService")
     print(f"prefill_service listening on {args.host}:{port}", flush=True)
+    registration = registry.Registration(args, "prefill", port,
+                                         lambda: {**loop.load(), "kv_transport": args.kv_transport})
 
     def stop():
         loop.stop()
         sender.close()
 
-    serve_until_signal(server, hs, stop)
+    serve_until_signal(server, hs, stop, on_start=registration.start, on_drain=registration.stop)
     return 0
 
 

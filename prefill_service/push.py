@@ -33,6 +33,7 @@ class Destination:
     blocks: dict[str, list[int | None]]  # decode's block table per layer group
     sent_upto: dict[str, int] = field(default_factory=dict)  # next block index to send
     layers_sent: int = 0  # layer messages handed to the sender
+    bytes_sent: int = 0  # KV bytes in those messages
     error: str | None = None  # the push failed; the Prefill RPC reports it
 
 
@@ -104,6 +105,8 @@ class KVPusher:
                 d.error = str(e)
                 continue
             d.layers_sent += 1
+            kv = self.sender.kv_caches[layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
+            d.bytes_sent += len(src) * kv[:, 0].nbytes
 
     def after_step(self, ranges) -> None:
         for rid, groups in ranges.items():

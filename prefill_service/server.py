@@ -94,7 +94,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         resp = prefill_pb2.PrefillResponse(
             request_id=rid, first_token_id=out.token_ids[0],
             num_prefilled_tokens=len(ids) - out.num_cached_tokens,
-            num_sent_tokens=len(ids) - dest.num_cached_tokens,
+            num_sent_tokens=len(ids) - dest.num_cached_tokens, bytes_sent=d.bytes_sent,
         )
         if out.logprobs:
             chosen, top = out.logprobs[0]

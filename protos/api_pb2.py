@@ -22,13 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/api.proto\x12\ttandem.v1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/api.proto\x12\rtandem.api.v1\x1a\x13protos/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.tandem.api.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x08\n\x06prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9f\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.tandem.api.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.tandem.api.v1.Usage\x12%\n\x08logprobs\x18\x07 \x03(\x0b\x32\x13.tandem.v1.Logprobs\"\x13\n\x11ListModelsRequest\"M\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x04\x12\x10\n\x08owned_by\x18\x04 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.api.v1.Model2\xad\x02\n\x06Tandem\x12M\n\x08Generate\x12\x1e.tandem.api.v1.GenerateRequest\x1a\x1f.tandem.api.v1.GenerateResponse0\x01\x12\x45\n\x04\x43hat\x12\x1a.tandem.api.v1.ChatRequest\x1a\x1f.tandem.api.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12Q\n\nListModels\x12 .tandem.api.v1.ListModelsRequest\x1a!.tandem.api.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TOKENIDS']._serialized_start=56
+  _globals['_TOKENIDS']._serialized_end=79
+  _globals['_GENERATEREQUEST']._serialized_start=82
+  _globals['_GENERATEREQUEST']._serialized_end=271
+  _globals['_CHATMESSAGE']._serialized_start=273
+  _globals['_CHATMESSAGE']._serialized_end=317
+  _globals['_CHATREQUEST']._serialized_start=320
+  _globals['_CHATREQUEST']._serialized_end=479
+  _globals['_USAGE']._serialized_start=481
+  _globals['_USAGE']._serialized_end=561
+  _globals['_GENERATERESPONSE']._serialized_start=564
+  _globals['_GENERATERESPONSE']._serialized_end=752
+  _globals['_LISTMODELSREQUEST']._serialized_start=754
+  _globals['_LISTMODELSREQUEST']._serialized_end=773
+  _globals['_MODEL']._serialized_start=775
+  _globals['_MODEL']._serialized_end=852
+  _globals['_LISTMODELSRESPONSE']._serialized_start=854
+  _globals['_LISTMODELSRESPONSE']._serialized_end=912
+  _globals['_TANDEM']._serialized_start=915
+  _globals['_TANDEM']._serialized_end=1216
 # @@protoc_insertion_point(module_scope)

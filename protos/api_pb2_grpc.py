@@ -3,6 +3,8 @@
 import grpc
 import warnings
 
+from protos import api_pb2 as protos_dot_api__pb2
+from protos import common_pb2 as protos_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +24,207 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class TandemStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/tandem.api.v1.Tandem/Generate',
+                request_serializer=protos_dot_api__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_api__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/tandem.api.v1.Tandem/Chat',
+                request_serializer=protos_dot_api__pb2.ChatRequest.SerializeToString,
+                response_deserializer=protos_dot_api__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/tandem.api.v1.Tandem/Abort',
+                request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
+                response_deserializer=protos_dot_common__pb2.AbortResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/tandem.api.v1.Tandem/ListModels',
+                request_serializer=protos_dot_api__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_api__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+
+
+class TandemServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Generate(self, request, context):
+        """A completion of a text prompt (or of token ids), streamed as it is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """A chat turn: the model's chat template is applied to the messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Aborts a request by id, whichever gateway replica is serving it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TandemServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_api__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_api__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=protos_dot_api__pb2.ChatRequest.FromString,
+                    response_serializer=protos_dot_api__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=protos_dot_common__pb2.AbortRequest.FromString,
+                    response_serializer=protos_dot_common__pb2.AbortResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_api__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_api__pb2.ListModelsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.api.v1.Tandem', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.api.v1.Tandem', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Tandem:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.api.v1.Tandem/Generate',
+            protos_dot_api__pb2.GenerateRequest.SerializeToString,
+            protos_dot_api__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.api.v1.Tandem/Chat',
+            protos_dot_api__pb2.ChatRequest.SerializeToString,
+            protos_dot_api__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.api.v1.Tandem/Abort',
+            protos_dot_common__pb2.AbortRequest.SerializeToString,
+            protos_dot_common__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.api.v1.Tandem/ListModels',
+            protos_dot_api__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_api__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -45,6 +45,13 @@ def sampling_from_pb(msg: common_pb2.SamplingParams):
     )
 
 
+def logprobs_to_pb(entries, out) -> None:
+    """Fill a `repeated Logprobs` field from the engine's (chosen, [(id, logprob), ...]) pairs."""
+    for chosen, top in entries:
+        lp = out.add(chosen=chosen)
+        lp.top.extend(common_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in top)
+
+
 # Decode's block tables can hold released blocks (the chunked-local layers' blocks behind
 # the current chunk); on the wire they are this id, which no pool ever hands out.
 NO_BLOCK = 0xFFFFFFFF

@@ -32,7 +32,11 @@ def make_server(host: str, port: int, add_servicers: Callable[[grpc.Server], Non
 
 
 def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: Callable[[], None],
-                       grace: float = 30.0) -> None:
+                       grace: float = 30.0, on_start: Callable[[], None] | None = None,
+                       on_drain: Callable[[], None] | None = None) -> None:
+    """Start, then `on_start` (register); serve until SIGTERM/SIGINT; then `on_drain`
+    (deregister: no new work is routed here), NOT_SERVING, `grace` seconds for in-flight
+    RPCs, and `on_stop`."""
     stop = threading.Event()
 
     def handle(signum, frame):
@@ -42,7 +46,11 @@ def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     server.start()
+    if on_start is not None:
+        on_start()
     stop.wait()
+    if on_drain is not None:
+        on_drain()
     hs.enter_graceful_shutdown()
     server.stop(grace).wait()
     on_stop()
