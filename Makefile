@@ -27,9 +27,10 @@ $(MODELS)/smollm2-135m/config.json: | setup
 
 models: $(MODELS)/smollm2-135m/config.json
 
+# Redis, one prefill, one decode and the gateway on this machine (CPU); Ctrl-C stops them all.
+# SERVE_ARGS adds flags, e.g. make serve SERVE_ARGS="--port 8080 --decode 2".
 serve: setup models
-	@echo "tandem serve: not yet — the gateway lands with the gateway issue."
-	@echo "Meanwhile: $(VENV)/bin/tandem generate --model $(MODELS)/smollm2-135m --chat 'What is the capital of France?'"
+	$(VENV)/bin/tandem serve --model $(MODELS)/smollm2-135m $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache

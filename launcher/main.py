@@ -14,7 +14,9 @@ SUBCOMMANDS = {
     "make-model": ("launcher.make_model", "write a model folder (tiny test models, scout-slice, SmolLM2)"),
     "prefill": ("prefill_service.__main__", "run a prefill service (gRPC): computes KV, pushes it to decode"),
     "decode": ("decode_service.__main__", "run a decode service (gRPC): continuous batching, streams tokens"),
+    "gateway": ("gateway.__main__", "run a gateway: OpenAI REST shim + public gRPC API, routing over Redis"),
     "serve": ("launcher.serve", "start the whole stack (gateway, prefill, decode, Redis)"),
+    "bench": ("loadtest.cli", "load-test a server: one run (bench serve) or rates x configurations (bench sweep)"),
 }
 
 

@@ -1,0 +1,104 @@
+"""`python -m gateway --model DIR --redis-url URL [--port 8000] [--grpc-port 50051] ...`
+(also `tandem gateway`): the REST shim and the gRPC API in one asyncio process. On
+SIGTERM/SIGINT it stops taking requests, lets in-flight ones finish (30 s), and exits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+log = logging.getLogger("gateway")
+
+
+def add_arguments(p) -> None:
+    from gateway.config import add_arguments as add
+
+    add(p)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, minus re-raising the signal after its shutdown (which would
+        kill the process before the gRPC server drains and Redis closes)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return Server
+
+
+async def serve(cfg) -> None:
+    import redis.asyncio as aioredis
+    import uvicorn
+
+    from engine.tokenizer import Tokenizer
+    from gateway.core import Gateway
+    from gateway.grpc_api import start_server
+    from gateway.metrics import Metrics
+    from gateway.openai_api import make_app
+    from gateway.router import Router, make_policy
+    from gateway.state import StateStore
+
+    tok = Tokenizer.from_dir(cfg.model_dir)
+    client = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5)
+    await client.ping()  # a wrong URL is an error now, not at the first request
+    router = Router(client, cfg.served_model_name, make_policy(cfg.routing, cfg.affinity_slack), cfg.registry_refresh)
+    await router.refresh_now()
+    await router.start()
+    state = StateStore(client, cfg.served_model_name, cfg.session_ttl, cfg.record_ttl)
+    gw = Gateway(cfg, tok, router, state, Metrics())
+    grpc_server = None
+    if cfg.grpc_port:
+        grpc_server, gport, hs = await start_server(gw, cfg.host, cfg.grpc_port)
+    config = uvicorn.Config(make_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
+                            timeout_graceful_shutdown=30, access_log=False)
+    server = _server_class()(config)
+    decodes, prefills = len(router.live("decode")), len(router.live("prefill"))
+    print(f"gateway serving model {cfg.served_model_name!r}: REST http://{cfg.host}:{cfg.port}/v1"
+          + (f", gRPC {cfg.host}:{gport}" if grpc_server else "")
+          + f"; {decodes} decode and {prefills} prefill instance(s) registered", flush=True)
+    try:
+        await server.serve()  # returns on SIGTERM/SIGINT, after in-flight requests finish
+    finally:
+        log.info("stopping")
+        if grpc_server is not None:
+            await hs.enter_graceful_shutdown()
+            await grpc_server.stop(30)
+        await router.stop()
+        await gw.close()
+        await client.aclose()
+
+
+def run(args) -> int:
+    from gateway.config import from_args
+
+    cfg = from_args(args)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gateway", description="tandem gateway: OpenAI REST shim + gRPC API")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity on stderr (default: INFO)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""The request pipeline both front ends share (REST shim and gRPC API):
+
+    prepare_*  validate and tokenize (chat template, session history) -> Job, or GatewayError 4xx
+    run(job)   admit -> route -> stream from decode -> record, metrics, session; yields Chunks
+
+One request's record in Redis goes queued -> running -> finished | aborted | failed.
+A decode instance that cannot be reached before it sent anything is marked suspect and
+the request goes to another one (--retries); once tokens have streamed, a failure ends
+the request with an error (resuming it from its record is later work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError, bad_request, from_value_error
+from gateway.metrics import Metrics
+from gateway.router import Route, Router, RouteRequest
+from gateway.state import Session, StateStore, RECORD_EVERY
+from protos import common_pb2, decode_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A validated request, ready to route."""
+
+    request_id: str
+    kind: str  # "completion" | "chat"
+    prompt_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    session_id: str | None = None
+    session: Session | None = None
+    new_messages: list[dict] = field(default_factory=list)  # chat: what this turn adds to the session
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+    logprobs: list = field(default_factory=list)  # common_pb2.Logprobs, one per token
+    finished: bool = False
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class Local:
+    """A request this replica runs: where it was routed, and whether it was aborted
+    while it waited for a slot."""
+
+    route: Route | None = None
+    aborted: bool = False
+
+
+class Admission:
+    """At most `max_active` requests stream; up to `max_queue` more wait (FIFO) for up to
+    `timeout` seconds; anything beyond is refused at once with a 429."""
+
+    def __init__(self, max_active: int, max_queue: int, timeout: float, metrics: Metrics):
+        self.sem = asyncio.Semaphore(max_active)
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.waiting = 0
+        self.metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        t0 = time.perf_counter()
+        if self.sem.locked() and self.waiting >= self.max_queue:
+            raise GatewayError(429, f"too many requests: {self.waiting} already waiting; retry later",
+                               code="rate_limit_exceeded", retry_after=1.0)
+        self.waiting += 1
+        self.metrics.queued.set(self.waiting)
+        try:
+            await asyncio.wait_for(self.sem.acquire(), self.timeout)
+        except TimeoutError:
+            raise GatewayError(429, f"no slot freed within {self.timeout:.0f} s; retry later",
+                               code="rate_limit_exceeded", retry_after=2.0) from None
+        finally:
+            self.waiting -= 1
+            self.metrics.queued.set(self.waiting)
+        self.metrics.queue_time.observe(time.perf_counter() - t0)
+        self.metrics.active.inc()
+        try:
+            yield
+        finally:
+            self.metrics.active.dec()
+            self.sem.release()
+
+
+def _model_limits(model_dir: str) -> tuple[int, int]:
+    """(max_model_len, vocab_size) from config.json (text_config for multimodal Llama 4)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("max_position_embeddings", 2048)), int(cfg["vocab_size"])
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, tokenizer, router: Router, state: StateStore, metrics: Metrics):
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.router = router
+        self.state = state
+        self.metrics = metrics
+        self.admission = Admission(cfg.max_concurrent, cfg.max_queue, cfg.queue_timeout, metrics)
+        self.config_max_len, self.vocab_size = _model_limits(cfg.model_dir)
+        self.created = int(time.time())
+        self._channels: dict[str, tuple[grpc.aio.Channel, decode_pb2_grpc.DecodeServiceStub]] = {}
+        self.local: dict[str, Local] = {}  # request id -> its state, for requests this replica runs
+
+    # -- limits --------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        lens = [i.max_model_len for i in self.router.live("decode") if i.max_model_len]
+        return min(lens) if lens else self.config_max_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.cfg.served_model_name:
+            raise GatewayError(404, f"The model `{model}` does not exist; this server serves "
+                                    f"`{self.cfg.served_model_name}`", param="model", code="model_not_found")
+
+    def _check_prompt(self, ids: list[int], sampling: common_pb2.SamplingParams, default_max: int | None) -> None:
+        if not ids:
+            raise bad_request("prompt: must not be empty", "prompt")
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        limit = self.max_model_len
+        max_prompt = min(self.cfg.max_prompt_tokens or limit, limit - 1)
+        if len(ids) > max_prompt:
+            raise GatewayError(400, f"prompt: {len(ids)} tokens is more than the {max_prompt} allowed",
+                               param="prompt", code="context_length_exceeded")
+        if not sampling.max_tokens:
+            sampling.max_tokens = default_max if default_max is not None else limit - len(ids)
+            if self.cfg.max_tokens_limit:
+                sampling.max_tokens = min(sampling.max_tokens, self.cfg.max_tokens_limit)
+        if self.cfg.max_tokens_limit and sampling.max_tokens > self.cfg.max_tokens_limit:
+            raise bad_request(f"max_tokens: {sampling.max_tokens} is more than the {self.cfg.max_tokens_limit} "
+                              f"allowed", "max_tokens")
+        if len(ids) + sampling.max_tokens > limit:
+            raise GatewayError(400, f"max_tokens: the prompt ({len(ids)} tokens) plus max_tokens "
+                                    f"({sampling.max_tokens}) is more than the model's {limit}-token context",
+                               param="max_tokens", code="context_length_exceeded")
+
+    # -- preparing -----------------------------------------------------------------------
+    async def _session(self, sid: str | None, kind: str) -> Session | None:
+        if not sid:
+            return None
+        s = await self.state.load_session(sid)
+        if s is not None and s.kind != kind:
+            raise bad_request(f"session_id: session {sid!r} holds a {s.kind}, not a {kind}", "session_id")
+        return s
+
+    async def prepare_completion(self, prompt: str | list[int], sampling: common_pb2.SamplingParams, *,
+                                 request_id: str | None = None, session_id: str | None = None) -> Job:
+        session = await self._session(session_id, "completion")
+        history = session.token_ids if session else []
+        try:
+            if isinstance(prompt, str):
+                ids = self.tok.encode(prompt, add_special_tokens=not history)
+            else:
+                ids = list(prompt)
+        except ValueError as e:
+            raise from_value_error(e) from None
+        ids = history + ids
+        self._check_prompt(ids, sampling, 16)
+        return Job(request_id or f"cmpl-{uuid.uuid4().hex}", "completion", ids, sampling, session_id, session)
+
+    async def prepare_chat(self, messages: list[dict], sampling: common_pb2.SamplingParams, *,
+                           request_id: str | None = None, session_id: str | None = None) -> Job:
+        session = await self._session(session_id, "chat")
+        history = session.messages if session else []
+        try:
+            ids = self.tok.encode_chat(history + messages)
+        except ValueError as e:
+            raise from_value_error(e) from None
+        self._check_prompt(ids, sampling, None)
+        return Job(request_id or f"chatcmpl-{uuid.uuid4().hex}", "chat", ids, sampling, session_id, session,
+                   new_messages=messages)
+
+    # -- running -------------------------------------------------------------------------
+    def _stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
+        if address not in self._channels:
+            ch = grpc.aio.insecure_channel(address)
+            self._channels[address] = (ch, decode_pb2_grpc.DecodeServiceStub(ch))
+        return self._channels[address][1]
+
+    async def close(self) -> None:
+        for ch, _ in self._channels.values():
+            await ch.close()
+
+    async def run(self, job: Job) -> AsyncIterator[Chunk]:
+        """Stream a job's output. The caller must close the generator (`aclose`) when its
+        client goes away: that cancels the decode call, which aborts the request there."""
+        rid, m = job.request_id, self.metrics
+        if rid in self.local:
+            raise bad_request(f"request_id: {rid!r} is already running", "request_id")
+        self.local[rid] = Local()
+        outcome = "failed"
+        await self.state.record(rid, status="queued", kind=job.kind, model=self.cfg.served_model_name,
+                                prompt_tokens=len(job.prompt_ids), session_id=job.session_id or "",
+                                max_tokens=job.sampling.max_tokens, created_at=time.time())
+        try:
+            async with self.admission.slot():
+                if self.local[rid].aborted:  # aborted while it waited for a slot
+                    outcome = "aborted"
+                    yield Chunk([], "", finished=True, finish_reason="abort",
+                                usage=Usage(len(job.prompt_ids), 0, 0))
+                    return
+                async for chunk in self._stream(job):
+                    if chunk.finished:
+                        outcome = "aborted" if chunk.finish_reason == "abort" else "finished"
+                    yield chunk
+        except GatewayError as e:
+            outcome = "rejected" if e.status < 500 else "failed"
+            await self.state.record(rid, status=outcome, error=e.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            self.local.pop(rid, None)
+            m.requests.labels(outcome).inc()
+            if outcome in ("cancelled", "failed"):
+                await asyncio.shield(self.state.record(rid, status=outcome))
+
+    async def _stream(self, job: Job) -> AsyncIterator[Chunk]:
+        rid, m = job.request_id, self.metrics
+        rreq = RouteRequest(len(job.prompt_ids), job.sampling.max_tokens,
+                            session_decode=job.session.decode if job.session else None,
+                            prefix_holders=tuple(await self.state.prefix_holders(job.prompt_ids, self._block_size())))
+        tried: set[str] = set()
+        for attempt in range(self.cfg.retries + 1):
+            route = self.router.route(rreq, exclude=tried)
+            self.local[rid].route = route
+            m.routed.labels(route.reason).inc()
+            try:
+                async for chunk in self._on_decode(job, route):
+                    yield chunk
+                return
+            except _Unreachable as e:
+                tried.add(route.decode.id)
+                self.router.mark_failed(route.decode)
+                log.warning("request %s: decode %s unreachable (%s); attempt %d of %d", rid, route.decode.id, e,
+                            attempt + 1, self.cfg.retries + 1)
+        raise GatewayError(503, f"no decode instance could take the request after {len(tried)} tries",
+                           code="no_instance", retry_after=1.0)
+
+    def _block_size(self) -> int:
+        decodes = self.router.live("decode")
+        return decodes[0].block_size if decodes else 16
+
+    async def _on_decode(self, job: Job, route: Route) -> AsyncIterator[Chunk]:
+        rid, m, r = job.request_id, self.metrics, self.router
+        req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=job.prompt_ids, sampling=job.sampling,
+                                         prefill_address=route.prefill.address if route.prefill else "")
+        await self.state.record(rid, status="running", decode=route.decode.id, route_reason=route.reason,
+                                prefill=route.prefill.id if route.prefill else "")
+        r.inflight[route.decode.id] += 1
+        prefill_tokens = len(job.prompt_ids)
+        if route.prefill:
+            r.queued_prefill[route.prefill.id] += prefill_tokens
+        call = self._stub(route.decode.address).Generate(req, timeout=self.cfg.request_timeout)
+        out_ids: list[int] = []
+        text: list[str] = []
+        first = last = None
+        last_record = 0.0
+        finished = False
+        try:
+            try:
+                async for resp in call:
+                    now = time.perf_counter()
+                    if resp.token_ids and first is None:
+                        first = now
+                        m.ttft.observe(now - job.arrival)
+                        if route.prefill:
+                            r.queued_prefill[route.prefill.id] -= prefill_tokens
+                            prefill_tokens = 0
+                        m.prompt_tokens.inc(len(job.prompt_ids))
+                        m.cached_tokens.inc(resp.num_cached_tokens)
+                        if resp.num_transferred_tokens:
+                            m.transfer_tokens.inc(resp.num_transferred_tokens)
+                            m.transfer_bytes.inc(resp.bytes_transferred)
+                            m.transfer_seconds.observe(resp.prefill_seconds)
+                        await self.state.record(rid, ttft=now - job.arrival, cached_tokens=resp.num_cached_tokens,
+                                                transferred_tokens=resp.num_transferred_tokens)
+                    elif resp.token_ids:
+                        m.itl.observe(now - last)
+                    if resp.token_ids:
+                        last = now
+                    out_ids.extend(resp.token_ids)
+                    text.append(resp.text)
+                    m.generation_tokens.inc(len(resp.token_ids))
+                    usage = None
+                    if resp.finished:
+                        finished = True
+                        usage = Usage(len(job.prompt_ids), len(out_ids), resp.num_cached_tokens)
+                        await self._finish(job, route, out_ids, "".join(text), resp.finish_reason, first, now)
+                    elif now - last_record > RECORD_EVERY:
+                        last_record = now
+                        await self.state.record(rid, output_tokens=len(out_ids), output_ids=out_ids)
+                    yield Chunk(list(resp.token_ids), resp.text, list(resp.logprobs), resp.finished,
+                                resp.finish_reason or None, usage)
+                    if finished:
+                        return
+            except grpc.aio.AioRpcError as e:
+                raise _translate(e, nothing_sent=first is None and not out_ids) from None
+            if not finished:
+                raise GatewayError(503, f"decode {route.decode.id} ended the stream without finishing")
+        finally:
+            r.inflight[route.decode.id] -= 1
+            if prefill_tokens and route.prefill:
+                r.queued_prefill[route.prefill.id] -= prefill_tokens
+            if not finished:
+                call.cancel()  # decode sees the cancellation and aborts the request, freeing its blocks
+
+    async def _finish(self, job: Job, route: Route, out_ids: list[int], text: str, reason: str,
+                      first: float | None, now: float) -> None:
+        m = self.metrics
+        e2e = now - job.arrival
+        m.e2e.observe(e2e)
+        if first is not None and len(out_ids) > 1:
+            m.tpot.observe((now - first) / (len(out_ids) - 1))
+        await self.state.record(job.request_id, status="aborted" if reason == "abort" else "finished",
+                                finish_reason=reason, output_tokens=len(out_ids), output_ids=out_ids, e2e=e2e,
+                                finished_at=time.time())
+        if reason == "abort":
+            return
+        full = job.prompt_ids + out_ids
+        await self.state.remember_prefix(full, route.decode.block_size, route.decode.id)
+        if job.session_id:
+            s = job.session or Session(kind=job.kind)
+            if job.kind == "chat":
+                s.messages = s.messages + job.new_messages + [{"role": "assistant", "content": text}]
+            else:
+                s.token_ids = full
+            s.decode, s.turns = route.decode.id, s.turns + 1
+            await self.state.save_session(job.session_id, s)
+
+    # -- aborting ------------------------------------------------------------------------
+    async def abort(self, rid: str) -> bool:
+        """Abort a request wherever it runs: this replica's queue, or the decode instance
+        its record names (so any replica can abort any request)."""
+        mine = self.local.get(rid)
+        if mine is not None and mine.route is None:  # waiting for a slot here, not routed yet
+            mine.aborted = True
+            return True
+        address = mine.route.decode.address if mine is not None else None
+        if address is None:
+            rec = await self.state.read_record(rid)
+            if rec.get("status") not in ("queued", "running"):
+                return False
+            inst = self.router.by_id(rec.get("decode", ""))
+            address = inst.address if inst else None
+        if address is None:
+            return False
+        try:
+            resp = await self._stub(address).Abort(common_pb2.AbortRequest(request_id=rid), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            raise GatewayError(503, f"abort: decode at {address} did not answer: {e.details()}") from None
+        return resp.found
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _translate(e: grpc.aio.AioRpcError, nothing_sent: bool) -> Exception:
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE and nothing_sent and "prefill" not in (e.details() or ""):
+        return _Unreachable(e.details())
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return from_value_error(ValueError(e.details()))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return GatewayError(429, e.details() or "decode is full", code="rate_limit_exceeded", retry_after=1.0)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GatewayError(504, "the request ran past --request-timeout")
+    return GatewayError(503, f"decode failed: {code.name}: {e.details()}")
