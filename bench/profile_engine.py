@@ -1,7 +1,11 @@
 """Where does a decode step's time go? cProfile (Python side) and torch.profiler
 (kernels) over a few steady-state decode steps of the engine, on one GPU.
 
-    python bench/profile_engine.py [--model DIR] [--layers 4] [--batch 1] [--steps 8]
+    python bench/profile_engine.py [--model DIR] [--layers 4] [--batch 1] [--steps 8] [--prompt-len 128]
+
+With --mixed, it then adds one more prompt of --prompt-len tokens and times each step
+while that prompt is prefilled in --max-num-batched-tokens chunks beside the decodes
+(what a colocated instance does under load).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
     ap.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     ap.add_argument("--ops", default="torch", help="engine ops backend")
+    ap.add_argument("--prompt-len", type=int, default=128, help="context of each decoding request")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk per step")
+    ap.add_argument("--mixed", action="store_true", help="also time steps that prefill a chunk beside the decodes")
     args = ap.parse_args()
     from engine.llm import LLM
     from engine.sampling import SamplingParams
@@ -34,13 +41,26 @@ def main() -> int:
         from launcher.make_model import make_model
 
         make_model("scout-slice", model_dir, seed=0, layers=args.layers)
-    llm = LLM(model_dir, device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=max(args.batch, 8),
-              enable_prefix_caching=False, ops=args.ops)
+    import time
+
+    n = args.prompt_len
+    llm = LLM(model_dir, device="cuda", dtype="bfloat16", max_model_len=max(4096, n + 1100),
+              max_num_seqs=max(args.batch + 1, 8), enable_prefix_caching=False, ops=args.ops,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     eng = llm.engine
     for i in range(args.batch):
-        eng.add_request(list(range(1000 + i, 1128 + i)), SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
+        eng.add_request(list(range(1000 + i, 1000 + n + i)), SamplingParams(max_tokens=1000, temperature=0,
+                                                                            ignore_eos=True))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
     for _ in range(4):
         eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        eng.step()
+    torch.cuda.synchronize()
+    print(f"decode step, batch {args.batch} x context {n}: {1e3 * (time.perf_counter() - t) / args.steps:.1f} ms")
     torch.cuda.synchronize()
     prof = cProfile.Profile()
     prof.enable()
@@ -58,6 +78,17 @@ def main() -> int:
         torch.cuda.synchronize()
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20))
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if args.mixed:
+        eng.add_request(list(range(50000, 50000 + n)), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        times = []
+        while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t))
+        print(f"steps prefilling a {n}-token prompt in {args.max_num_batched_tokens}-token chunks beside "
+              f"{args.batch} decodes (ms): {', '.join(f'{x:.1f}' for x in times)}")
     return 0
 
 

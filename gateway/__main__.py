@@ -24,7 +24,15 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn's server, minus re-raising the signal after its shutdown (which would
-        kill the process before the gRPC server drains and Redis closes)."""
+        kill the process before the gRPC server drains and Redis closes), plus an
+        `on_exit` hook so the gRPC API starts draining at the same moment REST does."""
+
+        on_exit = None
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit and self.on_exit is not None:
+                asyncio.get_running_loop().call_soon(self.on_exit)
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -36,6 +44,14 @@ def _server_class():
                     signal.signal(s, h)
 
     return Server
+
+
+DRAIN_SECONDS = 25  # below the launcher's 30 s before it kills a part
+
+
+async def _stop_grpc(server, hs) -> None:
+    await hs.enter_graceful_shutdown()
+    await server.stop(DRAIN_SECONDS)
 
 
 async def serve(cfg) -> None:
@@ -62,8 +78,17 @@ async def serve(cfg) -> None:
     if cfg.grpc_port:
         grpc_server, gport, hs = await start_server(gw, cfg.host, cfg.grpc_port)
     config = uvicorn.Config(make_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
-                            timeout_graceful_shutdown=30, access_log=False)
+                            timeout_graceful_shutdown=DRAIN_SECONDS, access_log=False)
     server = _server_class()(config)
+    grpc_stopped = None
+
+    def drain():  # REST and gRPC stop taking requests together; in-flight ones get DRAIN_SECONDS
+        nonlocal grpc_stopped
+        log.info("draining: no new requests; in-flight ones get %d s", DRAIN_SECONDS)
+        if grpc_server is not None:
+            grpc_stopped = asyncio.ensure_future(_stop_grpc(grpc_server, hs))
+
+    server.on_exit = drain
     decodes, prefills = len(router.live("decode")), len(router.live("prefill"))
     print(f"gateway serving model {cfg.served_model_name!r}: REST http://{cfg.host}:{cfg.port}/v1"
           + (f", gRPC {cfg.host}:{gport}" if grpc_server else "")
@@ -73,8 +98,8 @@ async def serve(cfg) -> None:
     finally:
         log.info("stopping")
         if grpc_server is not None:
-            await hs.enter_graceful_shutdown()
-            await grpc_server.stop(30)
+            await (grpc_stopped or _stop_grpc(grpc_server, hs))
+        await state.flush()
         await router.stop()
         await gw.close()
         await client.aclose()

@@ -65,9 +65,11 @@ class Chunk:
 
 
 @dataclass
-class Local:
-    """A request this replica runs: where it was routed, and whether it was aborted
-    while it waited for a slot."""
+class LocalRequest:
+    """A request this replica runs: where it was routed, and whether someone aborted
+    it. The flag is read before routing and after every response from decode, so an
+    abort that lands in any gap (queued, routing, before decode has the request) still
+    ends the request."""
 
     route: Route | None = None
     aborted: bool = False
@@ -127,7 +129,7 @@ class Gateway:
         self.config_max_len, self.vocab_size = _model_limits(cfg.model_dir)
         self.created = int(time.time())
         self._channels: dict[str, tuple[grpc.aio.Channel, decode_pb2_grpc.DecodeServiceStub]] = {}
-        self.local: dict[str, Local] = {}  # request id -> its state, for requests this replica runs
+        self.local: dict[str, LocalRequest] = {}  # request id -> its state, for requests this replica runs
 
     # -- limits --------------------------------------------------------------------------
     @property
@@ -165,39 +167,59 @@ class Gateway:
 
     # -- preparing -----------------------------------------------------------------------
     async def _session(self, sid: str | None, kind: str) -> Session | None:
+        """The session's state, with its turn lock held (released when the job ends:
+        two turns at once would each append to the history the other did not see)."""
         if not sid:
             return None
-        s = await self.state.load_session(sid)
-        if s is not None and s.kind != kind:
-            raise bad_request(f"session_id: session {sid!r} holds a {s.kind}, not a {kind}", "session_id")
+        if not await self.state.lock_session(sid, self.cfg.request_timeout):
+            raise GatewayError(409, f"session_id: another turn of session {sid!r} is still running",
+                               param="session_id", code="session_busy")
+        try:
+            s = await self.state.load_session(sid)
+            if s is not None and s.kind != kind:
+                raise bad_request(f"session_id: session {sid!r} holds a {s.kind}, not a {kind}", "session_id")
+        except BaseException:
+            await self.state.unlock_session(sid)
+            raise
         return s
+
+    @contextlib.asynccontextmanager
+    async def _unlock_on_error(self, sid: str | None):
+        try:
+            yield
+        except BaseException:
+            if sid:
+                await self.state.unlock_session(sid)
+            raise
 
     async def prepare_completion(self, prompt: str | list[int], sampling: common_pb2.SamplingParams, *,
                                  request_id: str | None = None, session_id: str | None = None) -> Job:
         session = await self._session(session_id, "completion")
-        history = session.token_ids if session else []
-        try:
-            if isinstance(prompt, str):
-                ids = self.tok.encode(prompt, add_special_tokens=not history)
-            else:
-                ids = list(prompt)
-        except ValueError as e:
-            raise from_value_error(e) from None
-        ids = history + ids
-        self._check_prompt(ids, sampling, 16)
-        return Job(request_id or f"cmpl-{uuid.uuid4().hex}", "completion", ids, sampling, session_id, session)
+        async with self._unlock_on_error(session_id):
+            history = session.token_ids if session else []
+            try:
+                if isinstance(prompt, str):
+                    ids = self.tok.encode(prompt, add_special_tokens=not history)
+                else:
+                    ids = list(prompt)
+            except ValueError as e:
+                raise from_value_error(e) from None
+            ids = history + ids
+            self._check_prompt(ids, sampling, 16)
+            return Job(request_id or f"cmpl-{uuid.uuid4().hex}", "completion", ids, sampling, session_id, session)
 
     async def prepare_chat(self, messages: list[dict], sampling: common_pb2.SamplingParams, *,
                            request_id: str | None = None, session_id: str | None = None) -> Job:
         session = await self._session(session_id, "chat")
-        history = session.messages if session else []
-        try:
-            ids = self.tok.encode_chat(history + messages)
-        except ValueError as e:
-            raise from_value_error(e) from None
-        self._check_prompt(ids, sampling, None)
-        return Job(request_id or f"chatcmpl-{uuid.uuid4().hex}", "chat", ids, sampling, session_id, session,
-                   new_messages=messages)
+        async with self._unlock_on_error(session_id):
+            history = session.messages if session else []
+            try:
+                ids = self.tok.encode_chat(history + messages)
+            except ValueError as e:
+                raise from_value_error(e) from None
+            self._check_prompt(ids, sampling, None)
+            return Job(request_id or f"chatcmpl-{uuid.uuid4().hex}", "chat", ids, sampling, session_id, session,
+                       new_messages=messages)
 
     # -- running -------------------------------------------------------------------------
     def _stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
@@ -216,14 +238,14 @@ class Gateway:
         rid, m = job.request_id, self.metrics
         if rid in self.local:
             raise bad_request(f"request_id: {rid!r} is already running", "request_id")
-        self.local[rid] = Local()
+        self.local[rid] = mine = LocalRequest()
         outcome = "failed"
-        await self.state.record(rid, status="queued", kind=job.kind, model=self.cfg.served_model_name,
-                                prompt_tokens=len(job.prompt_ids), session_id=job.session_id or "",
-                                max_tokens=job.sampling.max_tokens, created_at=time.time())
         try:
+            self.state.record(rid, status="queued", kind=job.kind, model=self.cfg.served_model_name,
+                              prompt_tokens=len(job.prompt_ids), session_id=job.session_id or "",
+                              max_tokens=job.sampling.max_tokens, created_at=time.time())
             async with self.admission.slot():
-                if self.local[rid].aborted:  # aborted while it waited for a slot
+                if mine.aborted:  # aborted while it waited for a slot
                     outcome = "aborted"
                     yield Chunk([], "", finished=True, finish_reason="abort",
                                 usage=Usage(len(job.prompt_ids), 0, 0))
@@ -234,7 +256,7 @@ class Gateway:
                     yield chunk
         except GatewayError as e:
             outcome = "rejected" if e.status < 500 else "failed"
-            await self.state.record(rid, status=outcome, error=e.message)
+            self.state.record(rid, status=outcome, error=e.message)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
@@ -243,7 +265,9 @@ class Gateway:
             self.local.pop(rid, None)
             m.requests.labels(outcome).inc()
             if outcome in ("cancelled", "failed"):
-                await asyncio.shield(self.state.record(rid, status=outcome))
+                self.state.record(rid, status=outcome)
+            if job.session_id:  # after the session was saved: the next turn sees this one
+                await self.state.unlock_session(job.session_id)
 
     async def _stream(self, job: Job) -> AsyncIterator[Chunk]:
         rid, m = job.request_id, self.metrics
@@ -254,6 +278,9 @@ class Gateway:
         for attempt in range(self.cfg.retries + 1):
             route = self.router.route(rreq, exclude=tried)
             self.local[rid].route = route
+            if self.local[rid].aborted:
+                yield Chunk([], "", finished=True, finish_reason="abort", usage=Usage(len(job.prompt_ids), 0, 0))
+                return
             m.routed.labels(route.reason).inc()
             try:
                 async for chunk in self._on_decode(job, route):
@@ -275,8 +302,9 @@ class Gateway:
         rid, m, r = job.request_id, self.metrics, self.router
         req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=job.prompt_ids, sampling=job.sampling,
                                          prefill_address=route.prefill.address if route.prefill else "")
-        await self.state.record(rid, status="running", decode=route.decode.id, route_reason=route.reason,
-                                prefill=route.prefill.id if route.prefill else "")
+        self.state.record(rid, status="running", decode=route.decode.id, route_reason=route.reason,
+                          prefill=route.prefill.id if route.prefill else "")
+        mine = self.local[rid]
         r.inflight[route.decode.id] += 1
         prefill_tokens = len(job.prompt_ids)
         if route.prefill:
@@ -303,12 +331,13 @@ class Gateway:
                             m.transfer_tokens.inc(resp.num_transferred_tokens)
                             m.transfer_bytes.inc(resp.bytes_transferred)
                             m.transfer_seconds.observe(resp.prefill_seconds)
-                        await self.state.record(rid, ttft=now - job.arrival, cached_tokens=resp.num_cached_tokens,
-                                                transferred_tokens=resp.num_transferred_tokens)
+                        self.state.record(rid, ttft=now - job.arrival, cached_tokens=resp.num_cached_tokens,
+                                          transferred_tokens=resp.num_transferred_tokens)
                     elif resp.token_ids:
                         m.itl.observe(now - last)
                     if resp.token_ids:
                         last = now
+                    self.state.append_tokens(rid, resp.token_ids)
                     out_ids.extend(resp.token_ids)
                     text.append(resp.text)
                     m.generation_tokens.inc(len(resp.token_ids))
@@ -319,10 +348,17 @@ class Gateway:
                         await self._finish(job, route, out_ids, "".join(text), resp.finish_reason, first, now)
                     elif now - last_record > RECORD_EVERY:
                         last_record = now
-                        await self.state.record(rid, output_tokens=len(out_ids), output_ids=out_ids)
+                        self.state.record(rid, output_tokens=len(out_ids))
                     yield Chunk(list(resp.token_ids), resp.text, list(resp.logprobs), resp.finished,
                                 resp.finish_reason or None, usage)
                     if finished:
+                        return
+                    if mine.aborted:  # aborted here or by another replica: decode was told; stop now
+                        finished = True
+                        call.cancel()
+                        await self._finish(job, route, out_ids, "".join(text), "abort", first, now)
+                        yield Chunk([], "", finished=True, finish_reason="abort",
+                                    usage=Usage(len(job.prompt_ids), len(out_ids), resp.num_cached_tokens))
                         return
             except grpc.aio.AioRpcError as e:
                 raise _translate(e, nothing_sent=first is None and not out_ids) from None
@@ -342,13 +378,12 @@ class Gateway:
         m.e2e.observe(e2e)
         if first is not None and len(out_ids) > 1:
             m.tpot.observe((now - first) / (len(out_ids) - 1))
-        await self.state.record(job.request_id, status="aborted" if reason == "abort" else "finished",
-                                finish_reason=reason, output_tokens=len(out_ids), output_ids=out_ids, e2e=e2e,
-                                finished_at=time.time())
+        self.state.record(job.request_id, status="aborted" if reason == "abort" else "finished",
+                          finish_reason=reason, output_tokens=len(out_ids), e2e=e2e, finished_at=time.time())
         if reason == "abort":
             return
         full = job.prompt_ids + out_ids
-        await self.state.remember_prefix(full, route.decode.block_size, route.decode.id)
+        self.state.remember_prefix(full, route.decode.block_size, route.decode.id)
         if job.session_id:
             s = job.session or Session(kind=job.kind)
             if job.kind == "chat":
@@ -363,9 +398,10 @@ class Gateway:
         """Abort a request wherever it runs: this replica's queue, or the decode instance
         its record names (so any replica can abort any request)."""
         mine = self.local.get(rid)
-        if mine is not None and mine.route is None:  # waiting for a slot here, not routed yet
+        if mine is not None:
             mine.aborted = True
-            return True
+            if mine.route is None:  # waiting for a slot here, not routed yet
+                return True
         address = mine.route.decode.address if mine is not None else None
         if address is None:
             rec = await self.state.read_record(rid)
@@ -378,8 +414,10 @@ class Gateway:
         try:
             resp = await self._stub(address).Abort(common_pb2.AbortRequest(request_id=rid), timeout=5)
         except grpc.aio.AioRpcError as e:
+            if mine is not None:
+                return True  # the flag ends it here whatever decode says
             raise GatewayError(503, f"abort: decode at {address} did not answer: {e.details()}") from None
-        return resp.found
+        return resp.found or mine is not None
 
 
 class _Unreachable(Exception):

@@ -10,6 +10,7 @@ _GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ABORTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
     500: grpc.StatusCode.INTERNAL,
@@ -18,7 +19,7 @@ _GRPC = {
 }
 
 _TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         429: "rate_limit_error", 499: "invalid_request_error", 500: "server_error", 503: "server_error",
+         409: "invalid_request_error", 429: "rate_limit_error", 499: "invalid_request_error", 500: "server_error", 503: "server_error",
          504: "server_error"}
 
 

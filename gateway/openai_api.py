@@ -183,13 +183,18 @@ async def _respond(request: Request, gw: Gateway, jobs: list[Job], fmt, stream: 
     gen = _merged(gw, jobs)
     if not stream:
         return await _collect(request, gen, fmt, len(jobs))
+    # The response starts with the first output: admission, routing and decode errors
+    # get their real status. A client that leaves meanwhile (say, queued) aborts it.
+    task = asyncio.ensure_future(gen.__anext__())
     try:
-        first = await gen.__anext__()  # admission, routing and decode errors get their real status
+        if not await _done_unless_client_left(request, task):
+            return _client_left()
+        first = task.result()
     except StopAsyncIteration:
         first = None
-    except BaseException:
-        await gen.aclose()
-        raise
+    finally:
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            await gen.aclose()
 
     async def sse():
         usage: list[Usage] = []
@@ -232,18 +237,28 @@ async def _collect(request: Request, gen, fmt, n: int):
 
     task = asyncio.create_task(drain())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                return JSONResponse(GatewayError(499, "client closed the request").to_openai(), status_code=499)
+        if not await _done_unless_client_left(request, task):
+            return _client_left()
         task.result()
     finally:
-        if not task.done():
-            task.cancel()
         await gen.aclose()
-    return fmt.whole(choices)
+    return JSONResponse(fmt.whole(choices), headers={"X-Request-ID": fmt.id})
+
+
+async def _done_unless_client_left(request: Request, task: asyncio.Future) -> bool:
+    """Wait for `task`; if the client disconnects first, cancel it (which aborts the
+    request everywhere) and return False."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
+    return True
+
+
+def _client_left() -> JSONResponse:
+    return JSONResponse(GatewayError(499, "client closed the request").to_openai(), status_code=499)
 
 
 def _sse(obj: dict) -> str:
@@ -282,9 +297,14 @@ class _Format:
 class _CompletionFormat(_Format):
     object = "text_completion"
 
-    def _logprobs(self, chunks: list[Chunk], offset: int = 0) -> dict | None:
+    def __init__(self, gw: Gateway, rid: str, logprobs: bool):
+        super().__init__(gw, rid, logprobs)
+        self.offsets: dict[int, int] = {}  # streaming: where each choice's next token starts
+
+    def _logprobs(self, chunks: list[Chunk], i: int | None = None) -> dict | None:
         if not self.logprobs:
             return None
+        offset = self.offsets.get(i, 0) if i is not None else 0
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for c in chunks:
             for tid, lp in zip(c.token_ids, c.logprobs):
@@ -294,10 +314,12 @@ class _CompletionFormat(_Format):
                 out["tokens"].append(tok)
                 out["token_logprobs"].append(lp.chosen)
                 out["top_logprobs"].append({self.token(t.token_id): t.logprob for t in lp.top})
+        if i is not None:
+            self.offsets[i] = offset
         return out
 
     def chunk(self, i: int, c: Chunk) -> dict:
-        return self.envelope([{"index": i, "text": c.text, "logprobs": self._logprobs([c]),
+        return self.envelope([{"index": i, "text": c.text, "logprobs": self._logprobs([c], i),
                                "finish_reason": c.finish_reason}])
 
     def whole(self, choices: dict[int, list[Chunk]]) -> dict:

@@ -8,13 +8,15 @@ ignore_eos, stop_token_ids, ...) are accepted too, and `session_id` is ours.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protos import common_pb2
 
 MAX_LOGPROBS = 20  # the engine's bound (engine.sampling.MAX_LOGPROBS)
+U32 = 2**32 - 1  # counts and ids travel as uint32: a larger value must be a 400, not an overflow
+TokenId = Annotated[int, Field(ge=0, le=U32)]
 
 
 class StreamOptions(BaseModel):
@@ -30,11 +32,11 @@ class _Sampling(BaseModel):
     model: str | None = Field(None, description="the served model id (see /v1/models); default: the only one")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or null: off")
+    top_k: int | None = Field(None, ge=-1, le=U32, description="vLLM extension; -1 or null: off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -70,13 +72,15 @@ class _Sampling(BaseModel):
             raise ValueError("stop: a stop string must not be empty")
         if self.top_k == 0:
             raise ValueError("top_k: must be >= 1, or -1 / null for off")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
         return self
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]] = Field(
         ..., description="text, token ids, or a batch of either")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=U32)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = Field(False, description="not supported: only false")
     best_of: int | None = Field(None, ge=1, le=1, description="not supported: only 1")
@@ -126,8 +130,8 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="default: until a stop or the context is full")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=U32, description="default: until a stop or the context is full")
+    max_completion_tokens: int | None = Field(None, ge=1, le=U32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = Field(None, max_length=0, description="not supported")

@@ -90,13 +90,14 @@ class RoundRobin(RoutingPolicy):
 
     def __init__(self, affinity_slack: int = 4):
         super().__init__(affinity_slack)
-        self._turn = itertools.count()
+        self._decode_turn = itertools.count()  # one counter per role: a shared one would skip
+        self._prefill_turn = itertools.count()
 
     def pick_decode(self, cands, req, load):
-        return cands[next(self._turn) % len(cands)], "turn"
+        return cands[next(self._decode_turn) % len(cands)], "turn"
 
     def pick_prefill(self, cands, req, queued):
-        return cands[next(self._turn) % len(cands)]
+        return cands[next(self._prefill_turn) % len(cands)]
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (KVAware, LeastLoaded, RoundRobin)}

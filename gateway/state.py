@@ -6,27 +6,36 @@
     tandem:prefix:{model}:{hash} decode instance id that last served a prompt with this
                                  block-aligned prefix, EX session_ttl
 
+    tandem:request:{id}:tokens   list: the request's output token ids so far (RPUSH), EX record_ttl
+    tandem:session:{id}:busy     a turn of this session is running (SET NX), PX request_timeout
+
 A request record is written as the request moves (queued -> running -> finished |
 aborted | failed), and while it streams at most every RECORD_EVERY seconds, so a later
 issue can resume a request whose decode instance died from its record alone.
 
-Redis trouble never fails a request: records, sessions and the prefix index are
-written best-effort (a warning in the log), and reads fall back to "nothing known".
+Writes (records, tokens, prefix index) are fire-and-forget background tasks, so a slow
+Redis never slows a stream; when more than MAX_PENDING_WRITES are pending, new ones are
+dropped with a warning. Reads the request depends on are not best-effort: if a session
+cannot be read, the request fails with 503 rather than silently answering without its
+history. The prefix index read falls back to "nothing known".
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
+from gateway.errors import GatewayError
 from registry import PREFIX
 
 log = logging.getLogger(__name__)
 
 RECORD_EVERY = 0.25  # seconds between record updates while a request streams
+MAX_PENDING_WRITES = 10_000
 PREFIX_STRIDE = 16  # prefix hashes are indexed every this many blocks (and at the prompt's last full block)
 
 
@@ -67,6 +76,8 @@ class StateStore:
         self.model = model
         self.session_ttl = int(session_ttl * 1000)
         self.record_ttl = int(record_ttl * 1000)
+        self._pending: set[asyncio.Task] = set()
+        self._dropped = 0
 
     async def _try(self, what: str, coro):
         try:
@@ -75,9 +86,38 @@ class StateStore:
             log.warning("redis: %s failed: %s", what, e)
             return None
 
+    def _background(self, what: str, make_coro) -> None:
+        if len(self._pending) >= MAX_PENDING_WRITES:
+            self._dropped += 1
+            if self._dropped % 1000 == 1:
+                log.warning("redis: %d writes pending; dropped %d (%s)", len(self._pending), self._dropped, what)
+            return
+        task = asyncio.create_task(self._try(what, make_coro()))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Wait for the pending writes (shutdown, tests)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
     # -- sessions ------------------------------------------------------------------------
+    async def lock_session(self, sid: str, ttl: float) -> bool:
+        try:
+            return bool(await self.r.set(session_key(sid) + ":busy", "1", nx=True, px=int(ttl * 1000)))
+        except Exception as e:
+            raise GatewayError(503, f"session store unavailable: {e}", code="redis_unavailable",
+                               retry_after=1.0) from None
+
+    async def unlock_session(self, sid: str) -> None:
+        await self._try("session unlock", self.r.delete(session_key(sid) + ":busy"))
+
     async def load_session(self, sid: str) -> Session | None:
-        raw = await self._try("session read", self.r.get(session_key(sid)))
+        try:
+            raw = await self.r.get(session_key(sid))
+        except Exception as e:
+            raise GatewayError(503, f"session store unavailable: {e}", code="redis_unavailable",
+                               retry_after=1.0) from None
         if raw is None:
             return None
         try:
@@ -87,18 +127,38 @@ class StateStore:
             return None
 
     async def save_session(self, sid: str, s: Session) -> None:
+        # Awaited (not background): the next turn must see this one.
         await self._try("session write", self.r.set(session_key(sid), json.dumps(s.__dict__), px=self.session_ttl))
 
     # -- request records -----------------------------------------------------------------
-    async def record(self, rid: str, **fields) -> None:
-        """Set some fields of a request's record (values: str/int/float; lists go as JSON)."""
+    def record(self, rid: str, **fields) -> None:
+        """Set some fields of a request's record (values: str/int/float; lists go as JSON), in
+        the background."""
         mapping = {k: json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v)
                    for k, v in fields.items()}
         mapping["updated_at"] = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(request_key(rid), mapping=mapping)
-        pipe.pexpire(request_key(rid), self.record_ttl)
-        await self._try("record write", pipe.execute())
+
+        def write():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(request_key(rid), mapping=mapping)
+            pipe.pexpire(request_key(rid), self.record_ttl)
+            return pipe.execute()
+
+        self._background("record write", write)
+
+    def append_tokens(self, rid: str, token_ids) -> None:
+        """Add output token ids to the request's token list (deltas: O(n) bytes in all)."""
+        if not token_ids:
+            return
+        ids = list(token_ids)
+
+        def write():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(request_key(rid) + ":tokens", *ids)
+            pipe.pexpire(request_key(rid) + ":tokens", self.record_ttl)
+            return pipe.execute()
+
+        self._background("token append", write)
 
     async def read_record(self, rid: str) -> dict[str, str]:
         raw = await self._try("record read", self.r.hgetall(request_key(rid)))
@@ -117,14 +177,18 @@ class StateStore:
         found = [(n, _s(v)) for (n, _), v in zip(hashes, raws or []) if v is not None]
         return sorted(found, reverse=True)
 
-    async def remember_prefix(self, token_ids: list[int], block_size: int, decode_id: str) -> None:
+    def remember_prefix(self, token_ids: list[int], block_size: int, decode_id: str) -> None:
         hashes = prefix_hashes(token_ids, block_size)
         if not hashes:
             return
-        pipe = self.r.pipeline(transaction=False)
-        for _, h in hashes:
-            pipe.set(self._prefix_key(h), decode_id, px=self.session_ttl)
-        await self._try("prefix write", pipe.execute())
+
+        def write():
+            pipe = self.r.pipeline(transaction=False)
+            for _, h in hashes:
+                pipe.set(self._prefix_key(h), decode_id, px=self.session_ttl)
+            return pipe.execute()
+
+        self._background("prefix write", write)
 
 
 def _s(v) -> str:

@@ -270,6 +270,9 @@ def run(args) -> int:
     stopping = []
 
     def on_term(signum, frame):
+        # Once: a second Ctrl-C must not interrupt the ordered stop and orphan the parts.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopping.append(signum)
         raise KeyboardInterrupt
 

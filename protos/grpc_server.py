@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def make_server(host: str, port: int, add_servicers: Callable[[grpc.Server], None], service_name: str,
-                max_workers: int = 64) -> tuple[grpc.Server, int, health.HealthServicer]:
+                max_workers: int = 1024) -> tuple[grpc.Server, int, health.HealthServicer]:
+    # A streaming RPC holds a worker thread for its whole life (decode: one per running
+    # request); Abort and Info must still find a free one.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=[("grpc.max_receive_message_length", 64 << 20)])
     add_servicers(server)

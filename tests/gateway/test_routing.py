@@ -46,7 +46,11 @@ def test_policies():
     assert kv.pick_prefill([p1, p2], req, {}) == p2
     assert kv.pick_prefill([p1, p2], req, {"p2": 1000}) == p1  # what this gateway just sent counts too
     rr = RoundRobin()
-    assert [rr.pick_decode([a, b], req, load)[0].id for _ in range(4)] == ["a", "b", "a", "b"]
+    picks = []
+    for _ in range(4):  # with a prefill pick in between, as every request makes
+        picks.append(rr.pick_decode([a, b], req, load)[0].id)
+        rr.pick_prefill([p1, p2], req, {})
+    assert picks == ["a", "b", "a", "b"]
     with pytest.raises(ValueError, match="routing"):
         make_policy("random", 1)
 

@@ -18,6 +18,7 @@ PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 class CopySender:
     def __init__(self, src_caches, dst_caches):
         self.src, self.dst = src_caches, dst_caches
+        self.kv_caches = src_caches  # what a KVSender exposes (the pusher sizes messages from it)
         self.sent = []  # (layer, n_blocks)
 
     def send_layer(self, address, transfer_id, layer, src, dst):
