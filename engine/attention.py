@@ -25,10 +25,15 @@ class DecodeBatch:
 
 @dataclass
 class PrefillSegment:
-    start: int  # this request's queries are tokens [start, end) of the step's batch
+    """Queries [start, end) of the step's batch (n of them, consecutive positions of one
+    request) and the L >= n keys they see: the last n keys are the queries' own, and
+    query j sees keys up to L - n + j ("lower-right" causal; square causal when n == L).
+    A request's new tokens are cut at local-chunk boundaries so every piece has this
+    shape, which flash attention runs without a mask."""
+
+    start: int
     end: int
-    kv_slots: torch.Tensor  # [L] cache slots of keys [kv_start, q_end)
-    mask: torch.Tensor | None  # [n, L] bool; None when it is exactly causal (square, no prefix)
+    kv_slots: torch.Tensor  # [L] cache slots of the visible keys, in position order
 
 
 @dataclass
@@ -98,16 +103,11 @@ def build_metadata(
     for i, sp in enumerate(spans):
         if sp.num_tokens == 1:
             continue
-        q_end_i = sp.q_start + sp.num_tokens
-        kv_start = int(kv_first[i])
-        kpos = torch.arange(kv_start, q_end_i, device=device)
-        kv = slots(torch.full_like(kpos, i), kpos)
-        if kv_start == sp.q_start and (chunk is None or (q_end_i - 1) // chunk == sp.q_start // chunk):
-            mask = None  # exactly causal over these tokens
-        else:
-            qpos = torch.arange(sp.q_start, q_end_i, device=device)[:, None]
-            mask = kpos[None, :] <= qpos
-            if chunk is not None:
-                mask &= (kpos[None, :] // chunk) == (qpos // chunk)
-        prefills.append(PrefillSegment(sp.batch_start, sp.batch_start + sp.num_tokens, kv, mask))
+        lo, hi = sp.q_start, sp.q_start + sp.num_tokens
+        cuts = [lo, *(range((lo // chunk + 1) * chunk, hi, chunk) if chunk is not None else ()), hi]
+        for a, b in zip(cuts, cuts[1:]):  # each piece lies in one local chunk
+            kv_start = (a // chunk) * chunk if chunk is not None else 0
+            kpos = torch.arange(kv_start, b, device=device)
+            row = sp.batch_start + a - lo
+            prefills.append(PrefillSegment(row, row + b - a, slots(torch.full_like(kpos, i), kpos)))
     return AttentionMetadata(slot_mapping.to(device), decode, prefills)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention import AttentionMetadata
 
@@ -140,10 +141,14 @@ class TorchOps:
             qs = q[seg.start : seg.end].transpose(0, 1)[None]  # [1, H, n, D]
             k = k_flat[seg.kv_slots].transpose(0, 1)[None]  # [1, KVH, L, D]
             v = v_flat[seg.kv_slots].transpose(0, 1)[None]
-            if seg.mask is None:  # plain causal over exactly these tokens
+            n, length = qs.shape[2], k.shape[2]
+            if n == length:  # causal over exactly these tokens
                 o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-            else:
-                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=seg.mask[None, None], scale=scale, enable_gqa=gqa)
+            else:  # a chunk after a prefix: lower-right causal, which flash runs without a mask
+                if gqa:  # the lower-right path has no GQA; expanding K/V costs far less than a mask
+                    k = k.repeat_interleave(q.shape[1] // kvh, dim=1)
+                    v = v.repeat_interleave(q.shape[1] // kvh, dim=1)
+                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=causal_lower_right(n, length), scale=scale)
             out[seg.start : seg.end] = o[0].transpose(0, 1)
         return out
 
