@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service-args", default="",
                    help="extra flags for every prefill and decode service, e.g. \"--max-model-len 4096 "
                         "--dtype bfloat16\" (see `tandem decode --help`)")
+    p.add_argument("--prefill-args", default="",
+                   help="extra flags for the prefill services only (after --service-args), e.g. "
+                        "\"--max-num-batched-tokens 8192\": prefill-only GPUs can take whole prompts per step")
+    p.add_argument("--decode-args", default="", help="extra flags for the decode services only")
     p.add_argument("--gateway-args", default="",
                    help="extra flags for the gateway, e.g. \"--max-concurrent 64\" (see `tandem gateway --help`)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
@@ -138,6 +142,8 @@ class Stack:
     api_keys: tuple[str, ...] = ()
     heartbeat_ttl: float = 5.0
     service_args: list[str] = field(default_factory=list)
+    prefill_args: list[str] = field(default_factory=list)  # after service_args: these win
+    decode_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     procs: list[Proc] = field(default_factory=list)
@@ -169,7 +175,8 @@ class Stack:
         port = free_port()
         cmd = [sys.executable, "-m", f"{role}_service", "--model", self.model, "--port", str(port),
                "--device", device, "--kv-transport", self.kv_transport, "--redis-url", self.redis_url,
-               "--instance-id", f"{role}-{i}", "--heartbeat-ttl", str(self.heartbeat_ttl), *self.service_args]
+               "--instance-id", f"{role}-{i}", "--heartbeat-ttl", str(self.heartbeat_ttl), *self.service_args,
+               *(self.prefill_args if role == "prefill" else self.decode_args)]
         p = Proc(f"{role}-{i}", cmd, self.log_dir / f"{role}-{i}.log", address=f"127.0.0.1:{port}")
         return p
 
@@ -264,6 +271,7 @@ def run(args) -> int:
                   redis_url=args.redis_url, host=args.host, port=args.port, grpc_port=args.grpc_port,
                   kv_transport=args.kv_transport or ("nccl" if on_gpu else "tcp"), api_keys=tuple(args.api_key),
                   heartbeat_ttl=args.heartbeat_ttl, service_args=shlex.split(args.service_args),
+                  prefill_args=shlex.split(args.prefill_args), decode_args=shlex.split(args.decode_args),
                   gateway_args=shlex.split(args.gateway_args), log_dir=args.log_dir)
     print(f"tandem serve: starting redis, {args.prefill} prefill and {args.decode} decode instance(s) and the "
           f"gateway; logs in {stack.log_dir}", flush=True)
