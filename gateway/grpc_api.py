@@ -71,7 +71,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
         await self._check(context, request.model)
         if not request.messages:
             await _abort(context, bad_request("messages: must not be empty", "messages"))
-        roles = {"system", "user", "assistant", "tool"}
+        roles = {"system", "developer", "user", "assistant", "tool"}
         for i, m in enumerate(request.messages):
             if m.role not in roles:
                 await _abort(context, bad_request(f"messages[{i}].role: must be one of {sorted(roles)}, "
@@ -79,7 +79,9 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         try:
-            job = await self.gw.prepare_chat([{"role": m.role, "content": m.content} for m in request.messages],
+            msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in request.messages]
+            job = await self.gw.prepare_chat(msgs,
                                              sampling, request_id=request.request_id or None,
                                              session_id=request.session_id or None)
         except GatewayError as e:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\ttandem.v1\"\xb0\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x0c \x01(\x08\x42\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x9d\x01\n\x0b\x43\x61\x63heLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0f\n\x07tp_rank\x18\x07 \x01(\r\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\"\x17\n\x08\x42lockIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xca\x01\n\rKVDestination\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x34\n\x06\x62locks\x18\x04 \x03(\x0b\x32$.tandem.v1.KVDestination.BlocksEntry\x1a\x42\n\x0b\x42locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.tandem.v1.BlockIds:\x02\x38\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"@\n\x08Logprobs\x12\x0e\n\x06\x63hosen\x18\x01 \x01(\x02\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xc8\x03\n\x0cInfoResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.v1.CacheLayout\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12>\n\x0ctotal_blocks\x18\x06 \x03(\x0b\x32(.tandem.v1.InfoResponse.TotalBlocksEntry\x12<\n\x0b\x66ree_blocks\x18\x07 \x03(\x0b\x32\'.tandem.v1.InfoResponse.FreeBlocksEntry\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x14\n\x0ckv_transport\x18\n \x01(\t\x12\x12\n\nkv_address\x18\x0b \x01(\t\x12\x17\n\x0fintegrity_error\x18\x0c \x01(\t\x1a\x32\n\x10TotalBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x31\n\x0f\x46reeBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\ttandem.v1\"\xcd\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x02\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x03\x88\x01\x01\x42\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x9d\x01\n\x0b\x43\x61\x63heLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0f\n\x07tp_rank\x18\x07 \x01(\r\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\"\x17\n\x08\x42lockIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xca\x01\n\rKVDestination\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x34\n\x06\x62locks\x18\x04 \x03(\x0b\x32$.tandem.v1.KVDestination.BlocksEntry\x1a\x42\n\x0b\x42locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.tandem.v1.BlockIds:\x02\x38\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"@\n\x08Logprobs\x12\x0e\n\x06\x63hosen\x18\x01 \x01(\x02\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xc8\x03\n\x0cInfoResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.v1.CacheLayout\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12>\n\x0ctotal_blocks\x18\x06 \x03(\x0b\x32(.tandem.v1.InfoResponse.TotalBlocksEntry\x12<\n\x0b\x66ree_blocks\x18\x07 \x03(\x0b\x32\'.tandem.v1.InfoResponse.FreeBlocksEntry\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x14\n\x0ckv_transport\x18\n \x01(\t\x12\x12\n\nkv_address\x18\x0b \x01(\t\x12\x17\n\x0fintegrity_error\x18\x0c \x01(\t\x1a\x32\n\x10TotalBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x31\n\x0f\x46reeBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE_FREEBLOCKSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_FREEBLOCKSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=35
-  _globals['_SAMPLINGPARAMS']._serialized_end=339
-  _globals['_CACHELAYOUT']._serialized_start=342
-  _globals['_CACHELAYOUT']._serialized_end=499
-  _globals['_BLOCKIDS']._serialized_start=501
-  _globals['_BLOCKIDS']._serialized_end=524
-  _globals['_KVDESTINATION']._serialized_start=527
-  _globals['_KVDESTINATION']._serialized_end=729
-  _globals['_KVDESTINATION_BLOCKSENTRY']._serialized_start=663
-  _globals['_KVDESTINATION_BLOCKSENTRY']._serialized_end=729
-  _globals['_TOKENLOGPROB']._serialized_start=731
-  _globals['_TOKENLOGPROB']._serialized_end=780
-  _globals['_LOGPROBS']._serialized_start=782
-  _globals['_LOGPROBS']._serialized_end=846
-  _globals['_ABORTREQUEST']._serialized_start=848
-  _globals['_ABORTREQUEST']._serialized_end=882
-  _globals['_ABORTRESPONSE']._serialized_start=884
-  _globals['_ABORTRESPONSE']._serialized_end=914
-  _globals['_INFOREQUEST']._serialized_start=916
-  _globals['_INFOREQUEST']._serialized_end=929
-  _globals['_INFORESPONSE']._serialized_start=932
-  _globals['_INFORESPONSE']._serialized_end=1388
-  _globals['_INFORESPONSE_TOTALBLOCKSENTRY']._serialized_start=1287
-  _globals['_INFORESPONSE_TOTALBLOCKSENTRY']._serialized_end=1337
-  _globals['_INFORESPONSE_FREEBLOCKSENTRY']._serialized_start=1339
-  _globals['_INFORESPONSE_FREEBLOCKSENTRY']._serialized_end=1388
+  _globals['_SAMPLINGPARAMS']._serialized_end=368
+  _globals['_CACHELAYOUT']._serialized_start=371
+  _globals['_CACHELAYOUT']._serialized_end=528
+  _globals['_BLOCKIDS']._serialized_start=530
+  _globals['_BLOCKIDS']._serialized_end=553
+  _globals['_KVDESTINATION']._serialized_start=556
+  _globals['_KVDESTINATION']._serialized_end=758
+  _globals['_KVDESTINATION_BLOCKSENTRY']._serialized_start=692
+  _globals['_KVDESTINATION_BLOCKSENTRY']._serialized_end=758
+  _globals['_TOKENLOGPROB']._serialized_start=760
+  _globals['_TOKENLOGPROB']._serialized_end=809
+  _globals['_LOGPROBS']._serialized_start=811
+  _globals['_LOGPROBS']._serialized_end=875
+  _globals['_ABORTREQUEST']._serialized_start=877
+  _globals['_ABORTREQUEST']._serialized_end=911
+  _globals['_ABORTRESPONSE']._serialized_start=913
+  _globals['_ABORTRESPONSE']._serialized_end=943
+  _globals['_INFOREQUEST']._serialized_start=945
+  _globals['_INFOREQUEST']._serialized_end=958
+  _globals['_INFORESPONSE']._serialized_start=961
+  _globals['_INFORESPONSE']._serialized_end=1417
+  _globals['_INFORESPONSE_TOTALBLOCKSENTRY']._serialized_start=1316
+  _globals['_INFORESPONSE_TOTALBLOCKSENTRY']._serialized_end=1366
+  _globals['_INFORESPONSE_FREEBLOCKSENTRY']._serialized_start=1368
+  _globals['_INFORESPONSE_FREEBLOCKSENTRY']._serialized_end=1417
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams):
         ignore_eos=msg.ignore_eos,
         include_stop_str_in_output=msg.include_stop_str_in_output,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-        skip_special_tokens=msg.skip_special_tokens,
+        skip_special_tokens=msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True,
     )
 
 
