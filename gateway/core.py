@@ -137,6 +137,15 @@ class Gateway:
         lens = [i.max_model_len for i in self.router.live("decode") if i.max_model_len]
         return min(lens) if lens else self.config_max_len
 
+    def check_api_key(self, authorization: str) -> None:
+        """`authorization`: the 'Authorization' header (REST) or metadata (gRPC) value."""
+        if not self.cfg.api_keys:
+            return
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.cfg.api_keys:
+            raise GatewayError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.cfg.served_model_name:
             raise GatewayError(404, f"The model `{model}` does not exist; this server serves "

@@ -22,14 +22,8 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
         self.gw = gw
 
     async def _check(self, context, model: str | None) -> None:
-        keys = self.gw.cfg.api_keys
-        if keys:
-            md = dict(context.invocation_metadata() or ())
-            scheme, _, key = md.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or key.strip() not in keys:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata "
-                                                                     "'authorization: Bearer KEY'")
         try:
+            self.gw.check_api_key(dict(context.invocation_metadata() or ()).get("authorization", ""))
             self.gw.check_model(model or None)
         except GatewayError as e:
             await _abort(context, e)

@@ -79,13 +79,7 @@ def make_app(gw: Gateway) -> FastAPI:
         return error_response(GatewayError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     async def authorized(request: Request) -> None:
-        if not gw.cfg.api_keys:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in gw.cfg.api_keys:
-            raise GatewayError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
+        gw.check_api_key(request.headers.get("authorization", ""))
 
     @app.get("/health")
     async def health():
