@@ -114,15 +114,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from protos.grpc_server import service_main
 
-    p = argparse.ArgumentParser(prog="gateway", description="tandem gateway: OpenAI REST shim + gRPC API")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="logging verbosity on stderr (default: INFO)")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return service_main("gateway", "tandem gateway: OpenAI REST shim + gRPC API", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

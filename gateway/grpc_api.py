@@ -51,14 +51,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
         if which is None:
             await _abort(context, bad_request("prompt: set text or token_ids", "prompt"))
         prompt = request.text if which == "text" else list(request.token_ids.ids)
-        sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(request.sampling)
-        try:
-            job = await self.gw.prepare_completion(prompt, sampling, request_id=request.request_id or None,
-                                                   session_id=request.session_id or None)
-        except GatewayError as e:
-            await _abort(context, e)
-        async for r in self._stream(job, context):
+        async for r in self._run(self.gw.prepare_completion, prompt, request, context):
             yield r
 
     async def Chat(self, request, context):
@@ -70,14 +63,18 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
             if m.role not in roles:
                 await _abort(context, bad_request(f"messages[{i}].role: must be one of {sorted(roles)}, "
                                                   f"got {m.role!r}", f"messages[{i}].role"))
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                for m in request.messages]
+        async for r in self._run(self.gw.prepare_chat, msgs, request, context):
+            yield r
+
+    async def _run(self, prepare, prompt, request, context):
+        """prepare_completion / prepare_chat with the request's common fields, then stream."""
         sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(request.sampling)
+        sampling.CopyFrom(request.sampling)  # the gateway fills in defaults: not the caller's message
         try:
-            msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                    for m in request.messages]
-            job = await self.gw.prepare_chat(msgs,
-                                             sampling, request_id=request.request_id or None,
-                                             session_id=request.session_id or None)
+            job = await prepare(prompt, sampling, request_id=request.request_id or None,
+                                session_id=request.session_id or None)
         except GatewayError as e:
             await _abort(context, e)
         async for r in self._stream(job, context):
