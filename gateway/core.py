@@ -111,6 +111,63 @@ class Admission:
             self.sem.release()
 
 
+class _Progress:
+    """What one request has streamed so far, and the bookkeeping every decode response
+    brings: TTFT / ITL / TPOT / E2E metrics, token counters, and the record in Redis
+    (tokens appended as they come, counts at most every RECORD_EVERY seconds)."""
+
+    def __init__(self, job: Job, metrics: Metrics, state: StateStore):
+        self.job, self.m, self.state = job, metrics, state
+        self.out_ids: list[int] = []
+        self._text: list[str] = []
+        self.first: float | None = None  # perf_counter of the first token
+        self.last: float | None = None
+        self.cached = 0
+        self._recorded = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def add(self, resp, now: float) -> None:
+        rid, m = self.job.request_id, self.m
+        if resp.token_ids:
+            if self.first is None:
+                self.first = now
+                self.cached = resp.num_cached_tokens
+                m.ttft.observe(now - self.job.arrival)
+                m.prompt_tokens.inc(len(self.job.prompt_ids))
+                m.cached_tokens.inc(resp.num_cached_tokens)
+                if resp.num_transferred_tokens:
+                    m.transfer_tokens.inc(resp.num_transferred_tokens)
+                    m.transfer_bytes.inc(resp.bytes_transferred)
+                    m.transfer_seconds.observe(resp.prefill_seconds)
+                self.state.record(rid, ttft=now - self.job.arrival, cached_tokens=resp.num_cached_tokens,
+                                  transferred_tokens=resp.num_transferred_tokens)
+            else:
+                m.itl.observe(now - self.last)
+            self.last = now
+            m.generation_tokens.inc(len(resp.token_ids))
+            self.state.append_tokens(rid, resp.token_ids)
+            self.out_ids.extend(resp.token_ids)
+        self._text.append(resp.text)
+        if not resp.finished and now - self._recorded > RECORD_EVERY:
+            self._recorded = now
+            self.state.record(rid, output_tokens=len(self.out_ids))
+
+    def usage(self) -> Usage:
+        return Usage(len(self.job.prompt_ids), len(self.out_ids), self.cached)
+
+    def done(self, reason: str) -> None:
+        now = time.perf_counter()
+        e2e = now - self.job.arrival
+        self.m.e2e.observe(e2e)
+        if self.first is not None and len(self.out_ids) > 1:
+            self.m.tpot.observe((self.last - self.first) / (len(self.out_ids) - 1))
+        self.state.record(self.job.request_id, status="aborted" if reason == "abort" else "finished",
+                          finish_reason=reason, output_tokens=len(self.out_ids), e2e=e2e, finished_at=time.time())
+
+
 def _model_limits(model_dir: str) -> tuple[int, int]:
     """(max_model_len, vocab_size) from config.json (text_config for multimodal Llama 4)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -308,95 +365,60 @@ class Gateway:
         return decodes[0].block_size if decodes else 16
 
     async def _on_decode(self, job: Job, route: Route) -> AsyncIterator[Chunk]:
-        rid, m, r = job.request_id, self.metrics, self.router
+        """Stream one attempt on `route.decode`. The router's load counters count the
+        request while it runs (and its prompt on the prefill until the first token)."""
+        rid, r = job.request_id, self.router
         req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=job.prompt_ids, sampling=job.sampling,
                                          prefill_address=route.prefill.address if route.prefill else "")
         self.state.record(rid, status="running", decode=route.decode.id, route_reason=route.reason,
                           prefill=route.prefill.id if route.prefill else "")
-        mine = self.local[rid]
+        mine, progress = self.local[rid], _Progress(job, self.metrics, self.state)
         r.inflight[route.decode.id] += 1
-        prefill_tokens = len(job.prompt_ids)
-        if route.prefill:
+        prefill_tokens = len(job.prompt_ids) if route.prefill else 0
+        if prefill_tokens:
             r.queued_prefill[route.prefill.id] += prefill_tokens
         call = self._stub(route.decode.address).Generate(req, timeout=self.cfg.request_timeout)
-        out_ids: list[int] = []
-        text: list[str] = []
-        first = last = None
-        last_record = 0.0
         finished = False
         try:
             try:
                 async for resp in call:
-                    now = time.perf_counter()
-                    if resp.token_ids and first is None:
-                        first = now
-                        m.ttft.observe(now - job.arrival)
-                        if route.prefill:
-                            r.queued_prefill[route.prefill.id] -= prefill_tokens
-                            prefill_tokens = 0
-                        m.prompt_tokens.inc(len(job.prompt_ids))
-                        m.cached_tokens.inc(resp.num_cached_tokens)
-                        if resp.num_transferred_tokens:
-                            m.transfer_tokens.inc(resp.num_transferred_tokens)
-                            m.transfer_bytes.inc(resp.bytes_transferred)
-                            m.transfer_seconds.observe(resp.prefill_seconds)
-                        self.state.record(rid, ttft=now - job.arrival, cached_tokens=resp.num_cached_tokens,
-                                          transferred_tokens=resp.num_transferred_tokens)
-                    elif resp.token_ids:
-                        m.itl.observe(now - last)
-                    if resp.token_ids:
-                        last = now
-                    self.state.append_tokens(rid, resp.token_ids)
-                    out_ids.extend(resp.token_ids)
-                    text.append(resp.text)
-                    m.generation_tokens.inc(len(resp.token_ids))
-                    usage = None
-                    if resp.finished:
-                        finished = True
-                        usage = Usage(len(job.prompt_ids), len(out_ids), resp.num_cached_tokens)
-                        await self._finish(job, route, out_ids, "".join(text), resp.finish_reason, first, now)
-                    elif now - last_record > RECORD_EVERY:
-                        last_record = now
-                        self.state.record(rid, output_tokens=len(out_ids))
-                    yield Chunk(list(resp.token_ids), resp.text, list(resp.logprobs), resp.finished,
-                                resp.finish_reason or None, usage)
+                    progress.add(resp, time.perf_counter())
+                    if progress.first is not None and prefill_tokens:  # prefill's part is done
+                        r.queued_prefill[route.prefill.id] -= prefill_tokens
+                        prefill_tokens = 0
+                    finished = resp.finished or mine.aborted
+                    if mine.aborted and not resp.finished:  # aborted here or via another replica
+                        call.cancel()
+                        yield Chunk(list(resp.token_ids), resp.text, list(resp.logprobs))
+                        resp = decode_pb2.GenerateResponse(finished=True, finish_reason="abort")
+                    if finished:
+                        await self._finish(job, route, progress, resp.finish_reason)
+                    yield Chunk(list(resp.token_ids), resp.text, list(resp.logprobs), finished,
+                                resp.finish_reason or None, progress.usage() if finished else None)
                     if finished:
                         return
-                    if mine.aborted:  # aborted here or by another replica: decode was told; stop now
-                        finished = True
-                        call.cancel()
-                        await self._finish(job, route, out_ids, "".join(text), "abort", first, now)
-                        yield Chunk([], "", finished=True, finish_reason="abort",
-                                    usage=Usage(len(job.prompt_ids), len(out_ids), resp.num_cached_tokens))
-                        return
             except grpc.aio.AioRpcError as e:
-                raise _translate(e, nothing_sent=first is None and not out_ids) from None
-            if not finished:
-                raise GatewayError(503, f"decode {route.decode.id} ended the stream without finishing")
+                raise _translate(e, nothing_sent=not progress.out_ids) from None
+            raise GatewayError(503, f"decode {route.decode.id} ended the stream without finishing")
         finally:
             r.inflight[route.decode.id] -= 1
-            if prefill_tokens and route.prefill:
+            if prefill_tokens:
                 r.queued_prefill[route.prefill.id] -= prefill_tokens
             if not finished:
                 call.cancel()  # decode sees the cancellation and aborts the request, freeing its blocks
 
-    async def _finish(self, job: Job, route: Route, out_ids: list[int], text: str, reason: str,
-                      first: float | None, now: float) -> None:
-        m = self.metrics
-        e2e = now - job.arrival
-        m.e2e.observe(e2e)
-        if first is not None and len(out_ids) > 1:
-            m.tpot.observe((now - first) / (len(out_ids) - 1))
-        self.state.record(job.request_id, status="aborted" if reason == "abort" else "finished",
-                          finish_reason=reason, output_tokens=len(out_ids), e2e=e2e, finished_at=time.time())
+    async def _finish(self, job: Job, route: Route, progress: _Progress, reason: str) -> None:
+        """The request's last response: final metrics and record; then, unless aborted,
+        the prefix index and the session learn what decode now holds."""
+        progress.done(reason)
         if reason == "abort":
             return
-        full = job.prompt_ids + out_ids
+        full = job.prompt_ids + progress.out_ids
         self.state.remember_prefix(full, route.decode.block_size, route.decode.id)
         if job.session_id:
             s = job.session or Session(kind=job.kind)
             if job.kind == "chat":
-                s.messages = s.messages + job.new_messages + [{"role": "assistant", "content": text}]
+                s.messages = s.messages + job.new_messages + [{"role": "assistant", "content": progress.text}]
             else:
                 s.token_ids = full
             s.decode, s.turns = route.decode.id, s.turns + 1
