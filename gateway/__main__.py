@@ -54,6 +54,20 @@ async def _stop_grpc(server, hs) -> None:
     await server.stop(DRAIN_SECONDS)
 
 
+async def _track_health(router, hs, every: float) -> None:
+    """gRPC health says what REST /health says: SERVING while a decode instance is live."""
+    from grpc_health.v1 import health_pb2
+
+    from gateway.grpc_api import SERVICE
+
+    while True:
+        ok = bool(router.live("decode"))
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await hs.set(name, status)
+        await asyncio.sleep(every)
+
+
 async def serve(cfg) -> None:
     import redis.asyncio as aioredis
     import uvicorn
@@ -89,6 +103,7 @@ async def serve(cfg) -> None:
             grpc_stopped = asyncio.ensure_future(_stop_grpc(grpc_server, hs))
 
     server.on_exit = drain
+    health_task = asyncio.create_task(_track_health(router, hs, cfg.registry_refresh)) if grpc_server else None
     decodes, prefills = len(router.live("decode")), len(router.live("prefill"))
     print(f"gateway serving model {cfg.served_model_name!r}: REST http://{cfg.host}:{cfg.port}/v1"
           + (f", gRPC {cfg.host}:{gport}" if grpc_server else "")
@@ -97,6 +112,8 @@ async def serve(cfg) -> None:
         await server.serve()  # returns on SIGTERM/SIGINT, after in-flight requests finish
     finally:
         log.info("stopping")
+        if health_task is not None:
+            health_task.cancel()
         if grpc_server is not None:
             await (grpc_stopped or _stop_grpc(grpc_server, hs))
         await state.flush()

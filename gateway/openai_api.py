@@ -307,7 +307,9 @@ class _CompletionFormat(_Format):
                 offset += len(tok)
                 out["tokens"].append(tok)
                 out["token_logprobs"].append(lp.chosen)
-                out["top_logprobs"].append({self.token(t.token_id): t.logprob for t in lp.top})
+                top = {self.token(t.token_id): t.logprob for t in lp.top}
+                top.setdefault(tok, lp.chosen)  # the sampled token is always listed, as vLLM does
+                out["top_logprobs"].append(top)
         if i is not None:
             self.offsets[i] = offset
         return out

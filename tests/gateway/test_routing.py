@@ -163,3 +163,33 @@ def test_second_gateway_replica(stack, model_name, tmp_path):
     finally:
         p.stop()
     assert p.popen.returncode == 0, p.tail()  # SIGTERM: a clean drain, not a kill
+
+
+def test_gateway_without_decode_says_so(stack, tmp_path):
+    """No decode instance for its model: REST /health 503 and gRPC health NOT_SERVING,
+    and a request gets 503 with Retry-After, not a hang."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port, gport = free_port(), free_port()
+    p = Proc("gateway-x", [sys.executable, "-m", "gateway", "--model", stack.model, "--served-model-name", "nobody",
+                           "--redis-url", stack.redis_url, "--port", str(port), "--grpc-port", str(gport)],
+             tmp_path / "gwx.log")
+    p.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            except httpx.HTTPError:
+                assert p.alive() and time.monotonic() < deadline, p.tail()
+                time.sleep(0.2)
+        assert r.status_code == 503 and r.json()["decode"] == 0
+        with grpc.insecure_channel(f"127.0.0.1:{gport}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "no_instance"
+    finally:
+        p.stop()
