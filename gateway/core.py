@@ -303,6 +303,8 @@ class Gateway:
         client goes away: that cancels the decode call, which aborts the request there."""
         rid, m = job.request_id, self.metrics
         if rid in self.local:
+            if job.session_id:  # its prepare took the session's turn lock
+                await self.state.unlock_session(job.session_id)
             raise bad_request(f"request_id: {rid!r} is already running", "request_id")
         self.local[rid] = mine = LocalRequest()
         outcome = "failed"
