@@ -71,3 +71,57 @@ def test_rope_strided_q_from_a_projection_view():
     pos, inv_freq = torch.arange(t), 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     for a, b in zip(rope(q, k, pos, inv_freq, True, 1e-5), rope_reference(q, k, pos, inv_freq, True, 1e-5)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -- paged decode attention --------------------------------------------------------------
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
+
+
+def _paged_case(seed, dtype, kvh, g, d=32, bs=16, lens=(1, 37, 70), chunk=None):
+    """Fresh random caches and block tables with shuffled physical blocks; for a chunked
+    layer (chunk), keys start at the query's chunk and earlier table entries are -1."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max((n - 1) // bs + 1 for n in lens) + 1
+    nb = len(lens) * width + 3
+    k = torch.randn(nb, bs, kvh, d, generator=gen).to(dtype)
+    v = torch.randn(nb, bs, kvh, d, generator=gen).to(dtype)
+    q = torch.randn(len(lens), kvh * g, d, generator=gen).to(dtype)
+    perm = torch.randperm(nb, generator=gen)
+    table = torch.full((len(lens), width), -1, dtype=torch.int32)
+    starts = []
+    for i, n in enumerate(lens):
+        start = ((n - 1) // chunk) * chunk if chunk else 0  # the query sits at position n - 1
+        first = start // bs
+        table[i, first:(n - 1) // bs + 1] = perm[i * width + first: i * width + (n - 1) // bs + 1].int()
+        starts.append(start)
+    start_t = torch.tensor(starts, dtype=torch.int32)
+    len_t = torch.tensor(lens, dtype=torch.int32) - start_t
+    return q, k, v, table, start_t, len_t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kvh, g", [(2, 1), (1, 5), (2, 3)])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_paged_decode_attention_matches_reference(dtype, kvh, g, splits, chunk):
+    seed = 100 * kvh + 10 * g + splits + (chunk or 0) + (dtype == torch.bfloat16)
+    q, k, v, table, start, length = _paged_case(seed, dtype, kvh, g, chunk=chunk)
+    out = paged_decode_attention(q, k, v, table, start, length, 0.2, num_splits=splits)
+    ref = paged_decode_attention_reference(q, k, v, table, start, length, 0.2)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+def test_paged_decode_attention_rejects_bad_inputs():
+    q, k, v, table, start, length = _paged_case(0, torch.float32, 2, 2)
+    with pytest.raises(ValueError, match="int32"):
+        paged_decode_attention(q, k, v, table.long(), start, length, 1.0)
+    with pytest.raises(ValueError, match="kv_len"):
+        paged_decode_attention(q, k, v, table, start, torch.zeros_like(length), 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, k, v, table[:, :1], start, length, 1.0)
+    with pytest.raises(ValueError, match="heads"):
+        paged_decode_attention(q[:, :3], k, v, table, start, length, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_decode_attention(q.double(), k, v, table, start, length, 1.0)
