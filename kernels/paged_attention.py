@@ -31,8 +31,10 @@ def _attend_block(q, k_ptr, v_ptr, table_ptr, b, kvh, blk, hi, start, length, m_
     d = tl.arange(0, D)
     inside = blk < hi
     phys = tl.load(table_ptr + b * stride_tb + blk, mask=inside, other=0).to(tl.int64)
-    pos = blk * BS + t
-    valid = (pos >= start) & (pos < start + length) & inside
+    # One unsigned comparison for start <= pos < start + length (and nothing past hi):
+    # Triton 3.9's interpreter turns `a & b` of masks into int32, which loads reject.
+    visible = tl.where(inside, length, 0).to(tl.uint32)
+    valid = (blk * BS + t - start).to(tl.uint32) < visible
     k = tl.load(k_ptr + phys * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :],
                 mask=valid[:, None], other=0.0)
     if UPCAST:
