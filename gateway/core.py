@@ -306,18 +306,13 @@ class Gateway:
             if job.session_id:  # its prepare took the session's turn lock
                 await self.state.unlock_session(job.session_id)
             raise bad_request(f"request_id: {rid!r} is already running", "request_id")
-        self.local[rid] = mine = LocalRequest()
+        self.local[rid] = LocalRequest()
         outcome = "failed"
         try:
             self.state.record(rid, status="queued", kind=job.kind, model=self.cfg.served_model_name,
                               prompt_tokens=len(job.prompt_ids), session_id=job.session_id or "",
                               max_tokens=job.sampling.max_tokens, created_at=time.time())
             async with self.admission.slot():
-                if mine.aborted:  # aborted while it waited for a slot
-                    outcome = "aborted"
-                    yield Chunk([], "", finished=True, finish_reason="abort",
-                                usage=Usage(len(job.prompt_ids), 0, 0))
-                    return
                 async for chunk in self._stream(job):
                     if chunk.finished:
                         outcome = "aborted" if chunk.finish_reason == "abort" else "finished"
@@ -339,16 +334,17 @@ class Gateway:
 
     async def _stream(self, job: Job) -> AsyncIterator[Chunk]:
         rid, m = job.request_id, self.metrics
-        rreq = RouteRequest(len(job.prompt_ids), job.sampling.max_tokens,
+        rreq = RouteRequest(len(job.prompt_ids),
                             session_decode=job.session.decode if job.session else None,
                             prefix_holders=tuple(await self.state.prefix_holders(job.prompt_ids, self._block_size())))
         tried: set[str] = set()
         for attempt in range(self.cfg.retries + 1):
-            route = self.router.route(rreq, exclude=tried)
-            self.local[rid].route = route
-            if self.local[rid].aborted:
+            if self.local[rid].aborted:  # while it waited for a slot or for the prefix lookup
+                self.state.record(rid, status="aborted", finish_reason="abort")
                 yield Chunk([], "", finished=True, finish_reason="abort", usage=Usage(len(job.prompt_ids), 0, 0))
                 return
+            route = self.router.route(rreq, exclude=tried)
+            self.local[rid].route = route  # no await since the check: an abort from here on reaches decode
             m.routed.labels(route.reason).inc()
             try:
                 async for chunk in self._on_decode(job, route):

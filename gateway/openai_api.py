@@ -267,7 +267,10 @@ def _usage(usages: list[Usage]) -> dict:
 
 
 class _Format:
-    object = ""
+    """One endpoint's response shapes: `chunk` (streamed) and `whole` (one JSON)."""
+
+    chunk_object = ""  # "object" of a streamed chunk
+    whole_object = ""  # "object" of the whole response
 
     def __init__(self, gw: Gateway, rid: str, logprobs: bool):
         self.gw, self.id, self.logprobs = gw, rid, logprobs
@@ -275,7 +278,7 @@ class _Format:
         self.model = gw.cfg.served_model_name
 
     def envelope(self, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
     def token(self, tid: int) -> str:
@@ -287,9 +290,19 @@ class _Format:
     def usage_chunk(self, usages: list[Usage]) -> dict:
         return self.envelope([], usage=_usage(usages))
 
+    def whole(self, choices: dict[int, list[Chunk]]) -> dict:
+        out = [{"index": i, **self.whole_choice(cs), "finish_reason": cs[-1].finish_reason if cs else None}
+               for i, cs in sorted(choices.items())]
+        res = self.envelope(out, usage=_usage([c.usage for cs in choices.values() for c in cs if c.usage]))
+        res["object"] = self.whole_object
+        return res
+
+    def whole_choice(self, chunks: list[Chunk]) -> dict:
+        raise NotImplementedError
+
 
 class _CompletionFormat(_Format):
-    object = "text_completion"
+    chunk_object = whole_object = "text_completion"
 
     def __init__(self, gw: Gateway, rid: str, logprobs: bool):
         super().__init__(gw, rid, logprobs)
@@ -318,14 +331,12 @@ class _CompletionFormat(_Format):
         return self.envelope([{"index": i, "text": c.text, "logprobs": self._logprobs([c], i),
                                "finish_reason": c.finish_reason}])
 
-    def whole(self, choices: dict[int, list[Chunk]]) -> dict:
-        out = [{"index": i, "text": "".join(c.text for c in cs), "logprobs": self._logprobs(cs),
-                "finish_reason": cs[-1].finish_reason if cs else None} for i, cs in sorted(choices.items())]
-        return self.envelope(out, usage=_usage([c.usage for cs in choices.values() for c in cs if c.usage]))
+    def whole_choice(self, chunks: list[Chunk]) -> dict:
+        return {"text": "".join(c.text for c in chunks), "logprobs": self._logprobs(chunks)}
 
 
 class _ChatFormat(_Format):
-    object = "chat.completion.chunk"
+    chunk_object, whole_object = "chat.completion.chunk", "chat.completion"
 
     def _logprobs(self, chunks: list[Chunk]) -> dict | None:
         if not self.logprobs:
@@ -347,10 +358,6 @@ class _ChatFormat(_Format):
         return self.envelope([{"index": i, "delta": delta, "logprobs": self._logprobs([c]),
                                "finish_reason": c.finish_reason}])
 
-    def whole(self, choices: dict[int, list[Chunk]]) -> dict:
-        out = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text for c in cs)},
-                "logprobs": self._logprobs(cs), "finish_reason": cs[-1].finish_reason if cs else None}
-               for i, cs in sorted(choices.items())]
-        res = self.envelope(out, usage=_usage([c.usage for cs in choices.values() for c in cs if c.usage]))
-        res["object"] = "chat.completion"
-        return res
+    def whole_choice(self, chunks: list[Chunk]) -> dict:
+        return {"message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+                "logprobs": self._logprobs(chunks)}

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RouteRequest:
     num_prompt_tokens: int
-    max_tokens: int
     session_decode: str | None = None  # decode instance that holds the session's KV
     prefix_holders: tuple[tuple[int, str], ...] = ()  # (tokens matched, decode id), longest first
 
@@ -166,8 +165,8 @@ class Router:
     # -- choosing ------------------------------------------------------------------------
     def route(self, req: RouteRequest, exclude: set[str] = frozenset()) -> Route:
         decodes = [i for i in self.live("decode") if i.id not in exclude]
-        need = -(-(req.num_prompt_tokens + 1) // max(1, decodes[0].block_size)) if decodes else 0
-        roomy = [i for i in decodes if i.free_blocks >= need] or decodes  # all full: queue on one of them
+        roomy = [i for i in decodes if i.free_blocks * i.block_size > req.num_prompt_tokens]
+        roomy = roomy or decodes  # all full: queue on one of them
         if not roomy:
             raise GatewayError(503, f"no decode instance of model {self.model!r} is available; retry later",
                                code="no_instance", retry_after=1.0)

@@ -32,16 +32,16 @@ def inst(iid, role="decode", free=100, running=0, waiting=0, queued=0):
 def test_policies():
     a, b, c = inst("a", running=3), inst("b", running=1), inst("c", running=1, free=50)
     load = {i.id: i.running for i in (a, b, c)}
-    req = RouteRequest(100, 10)
+    req = RouteRequest(100)
     assert LeastLoaded().pick_decode([a, b, c], req, load) == (b, "load")  # tie on load: more free blocks
     kv = KVAware(affinity_slack=2)
-    assert kv.pick_decode([a, b, c], RouteRequest(100, 10, session_decode="a"), load) == (a, "session")
-    assert kv.pick_decode([a, b, c], RouteRequest(100, 10, prefix_holders=((64, "c"),)), load) == (c, "prefix")
+    assert kv.pick_decode([a, b, c], RouteRequest(100, session_decode="a"), load) == (a, "session")
+    assert kv.pick_decode([a, b, c], RouteRequest(100, prefix_holders=((64, "c"),)), load) == (c, "prefix")
     # the holder is too busy: balance wins over affinity
-    assert KVAware(affinity_slack=1).pick_decode([a, b, c], RouteRequest(100, 10, session_decode="a"),
+    assert KVAware(affinity_slack=1).pick_decode([a, b, c], RouteRequest(100, session_decode="a"),
                                                  load) == (b, "load")
     # a session whose instance is gone falls back to load
-    assert kv.pick_decode([b, c], RouteRequest(100, 10, session_decode="a"), load) == (b, "load")
+    assert kv.pick_decode([b, c], RouteRequest(100, session_decode="a"), load) == (b, "load")
     p1, p2 = inst("p1", "prefill", queued=500), inst("p2", "prefill", queued=100)
     assert kv.pick_prefill([p1, p2], req, {}) == p2
     assert kv.pick_prefill([p1, p2], req, {"p2": 1000}) == p1  # what this gateway just sent counts too
