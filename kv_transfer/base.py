@@ -196,17 +196,9 @@ class TransferRecords:
 
 
 
-class KVReceiver(abc.ABC):
-    """Decode side. Constructed with (layout, kv_caches, host, port); listens at once."""
-
-    @property
-    @abc.abstractmethod
-    def address(self) -> str:
-        """'host:port' for senders to connect to."""
-
-    @abc.abstractmethod
-    def expect(self, transfer_id: str, layers: dict[int, list[int]]) -> None:
-        """Register destination block ids per layer; call before the sender starts."""
+class KVEndpoint(abc.ABC):
+    """What both sides of a transfer answer: its status by transfer id, and their own
+    lifetime."""
 
     @abc.abstractmethod
     def poll(self, transfer_id: str) -> TransferStatus: ...
@@ -216,8 +208,7 @@ class KVReceiver(abc.ABC):
         """Block until DONE or FAILED, or `timeout` seconds; return the status then."""
 
     @abc.abstractmethod
-    def abort(self, transfer_id: str) -> None:
-        """FAILED from now on; no byte of it is written into the cache after this returns."""
+    def abort(self, transfer_id: str) -> None: ...
 
     @abc.abstractmethod
     def release(self, transfer_id: str) -> None:
@@ -236,7 +227,21 @@ class KVReceiver(abc.ABC):
         self.close()
 
 
-class KVSender(abc.ABC):
+class KVReceiver(KVEndpoint):
+    """Decode side. Constructed with (layout, kv_caches, host, port); listens at once.
+    `abort`: FAILED from now on; no byte of it is written into the cache after it returns."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """'host:port' for senders to connect to."""
+
+    @abc.abstractmethod
+    def expect(self, transfer_id: str, layers: dict[int, list[int]]) -> None:
+        """Register destination block ids per layer; call before the sender starts."""
+
+
+class KVSender(KVEndpoint):
     """Prefill side. Constructed with (layout, kv_caches)."""
 
     @abc.abstractmethod
@@ -251,30 +256,6 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def finish(self, address: str, transfer_id: str, num_layers: int) -> None:
         """Mark the end of the transfer: `num_layers` layers were sent."""
-
-    @abc.abstractmethod
-    def poll(self, transfer_id: str) -> TransferStatus: ...
-
-    @abc.abstractmethod
-    def wait(self, transfer_id: str, timeout: float) -> TransferStatus: ...
-
-    @abc.abstractmethod
-    def abort(self, transfer_id: str) -> None: ...
-
-    @abc.abstractmethod
-    def release(self, transfer_id: str) -> None: ...
-
-    @abc.abstractmethod
-    def stats(self) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 BACKENDS: dict[str, tuple[type[KVSender], type[KVReceiver]]] = {}
