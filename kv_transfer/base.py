@@ -5,16 +5,18 @@ a decode process's (the receiver's) paged KV cache. Each side's cache is a list 
 per-layer tensors `kv_caches[layer]`, `[2, num_blocks, block_size, num_kv_heads, head_dim]`
 (K and V; num_blocks may differ between layers: Llama 4's local and global layer groups
 have separate pools). For each layer the transfer names `src_blocks` on the sender and the
-same-length `dst_blocks` on the receiver; the sender pushes ONE message per
-(transfer, layer): the layer's src blocks gathered into a contiguous `[2, n, bs, kvh, d]`.
+same-length `dst_blocks` on the receiver. Each `send_layer` call makes one *part*: the
+layer's src blocks gathered into a contiguous `[2, n, bs, kvh, d]`. Parts travel in
+messages that may carry several parts, of several transfers (sender.py: coalescing);
+a layer may take several parts (chunked prefill sends its blocks as they fill).
 
 Who knows what (one sender per (receiver, transfer)):
   - the receiver learns the transfer's layers and destination blocks from `expect()`
     BEFORE the sender starts, and is DONE once every expected layer was written;
-  - the sender's `finish(num_layers)` is the end-of-stream marker: the receiver answers it,
-    after every earlier message on that connection was processed, with DONE (all expected
-    layers written and `num_layers` equals the expected count) or FAILED. That answer is
-    what makes the sender's side DONE.
+  - the sender's `finish(num_layers)` is the end-of-stream marker (`num_layers`: the parts
+    sent, i.e. send_layer calls): the receiver answers it, after every earlier message on
+    that connection was processed, with DONE (all expected layers written and
+    `num_layers` parts written) or FAILED. That answer is what makes the sender's side DONE.
 
 Both sides report a `TransferStatus`; FAILED and DONE are terminal. The order
 FAILED < BOOTSTRAPPING < WAITING < TRANSFERRING < DONE makes `min()` over the ranks of a

@@ -1,9 +1,10 @@
 """NCCL backend: the TCP control plane (receiver.py, sender.py), a GPU-to-GPU data plane
 over NCCL send/recv.
 
-Everything but the bytes of a layer goes exactly as in the TCP backend: the handshake,
-layer headers, acks, finish, aborts and all failure handling (see the lifecycles in
-receiver.py and sender.py). What changes is where a layer's bytes travel:
+Everything but the bytes of a part goes exactly as in the TCP backend: the handshake,
+parts headers with their block ids, acks, finish, aborts and all failure handling (see
+the lifecycles in receiver.py and sender.py, the message list in wire.py). What changes
+is where a part's bytes travel:
 
   pair set-up (once per connection, i.e. per sender-GPU / receiver-GPU pair):
     the receiver answers the hello with the port of a fresh `TCPStore` it hosts for this
@@ -12,29 +13,38 @@ receiver.py and sender.py). What changes is where a layer's bytes travel:
     one-element warm-up send/recv, so NCCL communicator set-up (and its errors) happen at
     connect time rather than inside the first transfer. There is no global world: each
     pair's group is private, made on first contact and reused for every later transfer.
-  a layer:
-    sender   gather the src blocks into a contiguous [2, n, bs, kvh, d] buffer on the GPU
-             (index_select; stream-ordered after the caller's compute, so the caller may go
-             on), then on its writer thread: the header on TCP, then `send` on the pair's
-             group (the NCCL stream is made to wait for the gather via a CUDA event). The
-             buffer is kept alive until the receiver acks the layer.
-    receiver read the header; `recv` into a contiguous staging buffer on its own CUDA
-             stream; wait for it (polling, so a dead sender is noticed on the TCP socket
-             instead of hanging); `index_copy_` into kv_caches[layer][:, dst]; sync; ack.
+  a parts message (several layers, maybe of several transfers; see sender.py):
+    sender   send_layer gathers each part's src blocks into a contiguous [2, n, bs, kvh, d]
+             buffer on the GPU (index_select on the caller's stream, then an event). The
+             writer thread sends the header and block ids on TCP, then posts one NCCL
+             `send` per part back to back from the pair's own stream, which first waits
+             for that part's gather event: no host wait anywhere. The buffers stay alive
+             until the receiver acks the message.
+    receiver the reader thread reads the header and ids and at once posts one `recv` per
+             part into staging buffers on the receiver's stream, then goes on to the next
+             header (up to `max_queued_messages` ahead), so the link always has recvs
+             posted. The completer waits for each part in turn (polling, so a dead sender
+             is noticed on the TCP socket instead of hanging), enqueues its `index_copy_`
+             into kv_caches[layer][:, dst] on the receiver's stream, and acks the message
+             once all its parts are handled; it synchronizes only for DONE and FAILED.
     Per connection, NCCL matches sends and recvs in posting order, and both sides post
-    in header order, so no tags or ids are needed on the data plane. Read-ahead: when the
-    next header is already on the socket, its recv is posted before the current layer is
-    copied and acknowledged (at most one message ahead, so two staging buffers at most). Data for an unknown
-    or aborted transfer is still received (into scratch) to keep that order, then dropped.
+    in header order, so no tags or ids are needed on the data plane. Data for an unknown
+    or aborted transfer is still received (into staging) to keep that order, then dropped.
+    One NCCL op per part, not one per message: the parts are separate gathers, and a
+    per-layer message (30-130 MB for a 32k-token Scout prompt) is already near link
+    bandwidth; bench/kv_transfer.py times raw NCCL both ways.
 
 Staging copies: one device-side copy on each side (the sender's gather, the receiver's
 index_copy_ out of the staging buffer), each at HBM speed (~3-4 TB/s, far above the
-NVLink/RDMA link) but each costs memory of one layer's message. Removing the receiver's
-would take receiving straight into the cache: NCCL needs contiguous buffers, so either
-the destination blocks are allocated as contiguous runs (one recv per run), or the cache
-is laid out [num_blocks, 2, bs, kvh, d] so a block is contiguous and the n per-block recvs
-are posted in one NCCL group (`batch_isend_irecv`); per-block messages are latency-bound
-unless grouped (see NOTES.md: 0.8 GB/s at 64 KiB vs 358 GB/s at 256 MiB).
+NVLink/RDMA link) and overlapped with the link, but each costs memory: a queued part on
+the sender, up to (max_queued_messages + 1) messages of staging on the receiver. Not
+done: receiving straight into the cache. NCCL needs contiguous buffers and the cache is
+[2, num_blocks, ...], so a run of consecutive destination blocks is two contiguous
+regions (K and V); both sides could split each part by the runs of its dst ids (the
+sender knows them) and post two ops per run. But a recv posted into the cache cannot be
+cancelled, so abort() would have to wait for a slow or dead sender before decode may
+reuse the blocks; and short runs (a fragmented free list) are latency-bound (NOTES.md:
+0.8 GB/s at 64 KiB vs 358 GB/s at 256 MiB).
 
 Failure: a peer that dies is seen on the TCP socket (EOF, keepalive); the pair's group is
 then aborted (`abort()`), which ends any NCCL op still waiting for the dead peer, and its
@@ -65,9 +75,9 @@ from typing import Any, Callable
 import torch
 
 from kv_transfer import wire
-from kv_transfer.base import TransferError, dtype_from_name, register_backend
-from kv_transfer.receiver import TcpReceiver, _Conn
-from kv_transfer.sender import TcpSender, _Peer, _Staged
+from kv_transfer.base import TransferError, register_backend
+from kv_transfer.receiver import TcpReceiver, _Conn, _InPart, _Message
+from kv_transfer.sender import TcpSender, _Part, _Peer, _Sent, _Staged
 
 SENDER_RANK, RECEIVER_RANK, WORLD = 0, 1, 2
 TAG = 0
@@ -119,10 +129,7 @@ class _Pair:
     store: Any  # TCPStore: the receiver hosts it, the sender is its client
     prefix: str  # unique per pair: store keys and the group's name
     group: Any = None  # the 2-rank process group (a c10d Backend)
-    # Receiver read-ahead: the next frame's header, read while the current layer is still
-    # being written, and (for a layer) its recv, already posted so the link stays busy.
-    ahead: tuple[dict[str, Any], int] | None = None
-    posted: tuple[dict[str, Any], torch.Tensor, Any] | None = None
+    stream: Any = None  # sender, CUDA: the stream its sends are posted from
 
     def abort(self) -> None:
         if self.group is not None:
@@ -148,26 +155,25 @@ def _socket_open(sock: socket.socket) -> bool:
         return False
 
 
-def _readable(sock: socket.socket) -> bool:
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return False
-
-
 def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
     """NCCL: wait for a p2p op without ever hanging on a dead peer (an NCCL op whose peer
-    died never completes); then `work.wait()`, which orders the current stream after it."""
-    deadline = time.monotonic() + timeout
-    delay, spins = 0.0, 0
+    died never completes); then `work.wait()`, which orders the current stream after it.
+    Spins (sleep(0) yields the GIL) for the first 2 ms -- a part takes 0.1-0.4 ms on
+    NVLink, so a pipelined wait ends there -- then sleeps at most 100 us between polls,
+    so a late part (a prefill still computing) is seen that soon. The peer is checked
+    every 10 ms."""
+    start = checked = time.monotonic()
+    delay = 0.0
     while not work.is_completed():
-        if not alive():
-            raise ConnectionError(f"peer went away during {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not complete in {timeout:.0f} s")
-        spins += 1
-        if spins > 100:  # spin briefly (a layer takes tens of microseconds on NVLink), then back off
-            delay = min(max(delay * 2, 2e-5), 1e-3)
+        now = time.monotonic()
+        if now - checked > 0.01:
+            if not alive():
+                raise ConnectionError(f"peer went away during {what}")
+            if now - start > timeout:
+                raise TimeoutError(f"{what} did not complete in {timeout:.0f} s")
+            checked = now
+        if now - start > 2e-3:
+            delay = min(max(2 * delay, 1e-5), 1e-4)
         time.sleep(delay)
     work.wait()
 
@@ -189,10 +195,6 @@ class _NcclOptions:
 
 class NcclReceiver(_NcclOptions, TcpReceiver):
     data_plane = "nccl"
-    # Post the next layer's recv early. Measured on 2x H100 (BENCHMARKS.md): no gain yet
-    # (38-43 ms either way for 2.67 GB), so off until the real per-message cost is found;
-    # bench/kv_transfer.py times both.
-    read_ahead = False
 
     def _check_data_plane(self) -> None:
         _REQUIRE[self.pg_backend](self.device)
@@ -209,68 +211,33 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
         with _on_device(self.device):
             pair.group = _GROUP[self.pg_backend](store, RECEIVER_RANK, pair.prefix, self.pg_timeout)
             probe = torch.empty(1, dtype=torch.uint8, device=self.device)
-            self._recv(conn, probe, "warm-up recv")
+            self._wait(conn, pair.group.recv([probe], SENDER_RANK, TAG), "warm-up recv")
 
     def _teardown_data_plane(self, conn: _Conn) -> None:
         if conn.data is not None:
             conn.data.abort()
 
-    def _payload_problem(self, header: dict[str, Any], payload_len: int) -> str | None:
-        return None if payload_len == 0 else f"nccl layer message carries {payload_len} TCP bytes"
-
-    def _recv(self, conn: _Conn, buf: torch.Tensor, what: str) -> None:
-        self._wait(conn, conn.data.group.recv([buf], SENDER_RANK, TAG), what)
-
     def _wait(self, conn: _Conn, work, what: str) -> None:
         _WAIT[self.pg_backend](work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
 
-    def _post(self, conn: _Conn, header: dict[str, Any]):
-        """Allocate the staging buffer and post its recv, on the receiver's stream."""
+    def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
+        """Post one recv per part, in part order, into a staging buffer allocated on the
+        receiver's stream (the stream _write copies out of it on)."""
+        if nbytes:  # a malformed message: its bytes came on TCP, no p2p message follows
+            wire.discard(conn.sock, nbytes)
+            return f"nccl parts message carries {nbytes} TCP bytes"
+        group = conn.data.group
         with _on_device(self.device), _on_stream(self._stream):
-            buf = torch.empty(header["shape"], dtype=dtype_from_name(header["dtype"]), device=self.device)
-            return buf, conn.data.group.recv([buf], SENDER_RANK, TAG)
+            for p in msg.parts:
+                buf = torch.empty(self._part_shape(p), dtype=self.kv_caches[0].dtype, device=self.device)
+                p.data = (buf, group.recv([buf], SENDER_RANK, TAG))
+        return None
 
-    def _next_header(self, conn: _Conn) -> tuple[dict[str, Any], int]:
-        pair = conn.data
-        if pair is not None and pair.ahead is not None:
-            header, pair.ahead = pair.ahead, None
-            return header
-        return wire.recv_header(conn.sock)
-
-    def _read_ahead(self, conn: _Conn) -> None:
-        """If the next frame is already here and is a layer, post its recv now: NCCL then
-        moves layer i+1 while layer i is copied into the cache and acknowledged."""
-        pair = conn.data
-        if not self.read_ahead or pair.ahead is not None or not _readable(conn.sock):
-            return
-        header, payload_len = wire.recv_header(conn.sock)
-        pair.ahead = (header, payload_len)
-        shape = header.get("shape")
-        if (header.get("op") == "layer" and payload_len == 0 and header.get("dtype") == self.layout.dtype
-                and isinstance(shape, list) and len(shape) == 5):
-            pair.posted = (header, *self._post(conn, header))
-
-    def _receive_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> torch.Tensor:
-        # Allocated and received on the receiver's stream; _write's index_copy_ runs on the
-        # same stream, after the recv (work.wait() ordered the stream after the NCCL stream).
-        pair = conn.data
-        if pair.posted is not None and pair.posted[0] is header:
-            _, buf, work = pair.posted
-            pair.posted = None
-        else:
-            buf, work = self._post(conn, header)
-        what = f"recv of {header['tid']!r} layer {header['layer']}"
-        self._read_ahead(conn)  # the next layer's recv queues behind this one on the link
-        with _on_device(self.device), _on_stream(self._stream):
-            self._wait(conn, work, what)
-        self._read_ahead(conn)
-        return buf  # [2, n, bs, kvh, d] staging buffer
-
-    def _discard_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> None:
-        if payload_len:  # a malformed message: its bytes came on TCP
-            wire.discard(conn.sock, payload_len)
-        else:  # the sender posted a send for it: match it to keep the pair's order
-            self._receive_payload(conn, header, payload_len)
+    def _await_data(self, conn: _Conn, part: _InPart) -> torch.Tensor:
+        buf, work = part.data
+        with _on_device(self.device), _on_stream(self._stream):  # work.wait() orders this stream after the recv
+            self._wait(conn, work, f"recv of {part.tid!r} layer {part.layer}")
+        return buf
 
 
 class NcclSender(_NcclOptions, TcpSender):
@@ -287,6 +254,8 @@ class NcclSender(_NcclOptions, TcpSender):
         peer.data = pair
         try:
             with _on_device(self.device):
+                if self.device.type == "cuda":
+                    pair.stream = torch.cuda.Stream(self.device)
                 pair.group = _GROUP[self.pg_backend](dist.PrefixStore(pair.prefix, pair.store),
                                                      SENDER_RANK, pair.prefix, self.pg_timeout)
                 probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
@@ -304,25 +273,26 @@ class NcclSender(_NcclOptions, TcpSender):
     def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
         buf = self._gather(layer, src_ids)  # [2, n, bs, kvh, d] on the cache's device
         ready = None
-        if buf.is_cuda:  # the writer thread's stream must wait for the gather on the caller's
+        if buf.is_cuda:  # the sends wait for the gather on the caller's stream
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buf.device))
         return _Staged(buf, ready)
 
-    def _transmit(self, peer: _Peer, header: dict[str, Any], staged: _Staged) -> int:
-        key = (header["tid"], header["layer"])
-        entry = [staged.tensor]
-        with self._lock:  # keep the buffer alive until the receiver acks (or the pair dies)
-            peer.inflight.setdefault(key, []).append(entry)  # a layer may take several messages
+    def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
+                  sent: _Sent) -> int:
+        """The header and block ids on TCP, then one NCCL send per part, posted back to
+        back with no host wait (each on the pair's stream after its gather's event)."""
+        pair = peer.data
+        sent.keep.extend(p.staged.tensor for p in parts)  # alive until the ack (or the pair's teardown)
         with peer.write_lock:
-            nbytes = wire.send_frame(peer.sock, header)
-        with _on_device(self.device):
-            if staged.ready is not None:
-                torch.cuda.current_stream().wait_event(staged.ready)
-            work = peer.data.group.send([staged.tensor], RECEIVER_RANK, TAG)
-        with self._lock:
-            entry.append(work)
-        return nbytes + staged.tensor.numel() * staged.tensor.element_size()
+            nbytes = wire.send_frame(peer.sock, header, ids)
+        with _on_device(self.device), _on_stream(pair.stream):
+            for p in parts:
+                if p.staged.ready is not None:
+                    pair.stream.wait_event(p.staged.ready)
+                sent.keep.append(pair.group.send([p.staged.tensor], RECEIVER_RANK, TAG))
+                nbytes += p.staged.tensor.nbytes
+        return nbytes
 
 
 register_backend("nccl")((NcclSender, NcclReceiver))

@@ -3,17 +3,30 @@ plane as the default hooks. The TCP backend as a whole: tcp.py.
 
 Receiver lifecycle (decode side), one record per transfer_id:
 
-    expect() ──► WAITING ──first layer header──► TRANSFERRING ──last expected layer
+    expect() ──► WAITING ──first part header──► TRANSFERRING ──last expected layer
                     │                                 │          written──► DONE
-                    └──── abort() / sender abort / bad message / sender disconnect ──► FAILED
-    release() forgets the record (any state). Data for an id with no record, or whose
-    record is FAILED, is read off the wire and dropped, and the sender gets a nack.
+                    └──── abort() / sender abort / bad part / sender disconnect ──► FAILED
+    release() forgets the record (any state). A part for an id with no record, or whose
+    record is FAILED, is received and dropped, and the sender gets it listed as failed.
 
-  Threads: one accept loop; one loop per accepted connection that reads frames in order,
-  writes each layer into the cache and answers ack / nack / finish_ack. A layer's bytes
-  are read in full into a staging buffer first; the cache write and the DONE transition
-  happen under the receiver lock, so after abort() returns nothing more is written, and
-  DONE is never visible before the last byte landed.
+  Threads: one accept loop; per accepted connection a *reader* and a *completer*, with a
+  bounded FIFO of messages between them (`max_queued_messages`):
+    reader     reads frames in order. A parts message (wire.py): mark its transfers
+               TRANSFERRING, read the block ids, then start its data moving -- TCP: read
+               each part's bytes into a staging buffer; NCCL: post one recv per part --
+               and queue it. finish is queued behind it; abort applies at once.
+    completer  takes messages in order; waits for each part's data in turn and writes
+               it into the cache (checked under the receiver lock), so part j is written
+               while part j+1, and the next messages queued behind, are still arriving;
+               then sends one ack for the message, listing the parts it discarded.
+               Answers finish (DONE or FAILED) after every earlier message.
+  A layer may arrive in several parts (chunked prefill), in one message or several.
+
+  Cache writes: on CUDA they are enqueued on the receiver's own stream and not waited
+  for one by one. Two transitions wait for them (under the lock, where every write is
+  enqueued): DONE, so DONE is never visible before the last byte landed; and FAILED
+  (abort included), so after abort() returns no byte of the transfer lands any more.
+  An ack means "written, or enqueued to be written unless the transfer fails".
 
 On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides.
 """
@@ -21,6 +34,7 @@ On CUDA caches the TCP data plane moves bytes through pinned host memory on both
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
 from collections import Counter
@@ -30,11 +44,32 @@ from typing import Any, Sequence
 import torch
 
 from kv_transfer import wire
-from kv_transfer.base import (CacheLayout, KVReceiver, TransferStatus, check_blocks, dtype_from_name,
-                              TransferRecords)
+from kv_transfer.base import CacheLayout, KVReceiver, TransferStatus, check_blocks, TransferRecords
 
 log = logging.getLogger(__name__)
 S = TransferStatus
+
+
+@dataclass(eq=False)
+class _InPart:
+    """One part of a parts message: a (transfer, layer) share of blocks."""
+    tid: str
+    layer: int
+    dst: torch.Tensor  # destination block ids, int32 on the CPU, [n]
+    data: Any = None  # the data plane's handle on the part's bytes (see _take_data)
+
+
+@dataclass(eq=False)
+class _Message:
+    seq: int
+    parts: list[_InPart]
+    problem: str | None = None  # the whole message's data was unusable and has been dropped
+
+
+@dataclass(eq=False)
+class _Finish:
+    tid: str
+    num_layers: int
 
 
 @dataclass(eq=False)
@@ -42,25 +77,29 @@ class _Conn:
     """One accepted sender connection."""
     sock: socket.socket
     peer: str
+    arrivals: queue.Queue  # _Message | _Finish | None (stop): reader -> completer
     write_lock: threading.Lock = field(default_factory=threading.Lock)
-    thread: threading.Thread | None = None
+    thread: threading.Thread | None = None  # the reader
+    completer: threading.Thread | None = None
     data: Any = None  # the data plane's per-connection state (nccl: the process group)
 
 
 @dataclass(eq=False)
 class _Incoming:
-    dst_ids: dict[int, list[int]]  # layer -> destination block ids, as expect() gave them
-    dst: dict[int, torch.Tensor]  # the same as long tensors on the cache device
+    dst_ids: dict[int, torch.Tensor]  # layer -> destination block ids as expect() gave them, int32 CPU
+    dst: dict[int, torch.Tensor]  # the same as an int64 index on the cache device
     status: S = S.WAITING
     written: set[int] = field(default_factory=set)  # layers whose every expected block arrived
-    pending: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks not yet written
-    messages: int = 0  # layer messages written (a layer may come in several, one per prefill chunk)
+    pending: dict[int, set[int]] = field(default_factory=dict)  # layers partly written -> blocks still missing
+    parts_written: int = 0  # a layer may come in several parts, one per prefill chunk
+    unsynced: bool = False  # cache writes enqueued on the receiver's stream, not yet waited for
     conns: set[_Conn] = field(default_factory=set)  # connections that sent data for it
     reason: str = ""
 
 
 class TcpReceiver(TransferRecords, KVReceiver):
     data_plane = "tcp"
+    max_queued_messages = 2  # per connection: messages read ahead of the one being written
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
                  host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
@@ -68,6 +107,8 @@ class TcpReceiver(TransferRecords, KVReceiver):
         self.layout = layout
         self.kv_caches = list(kv_caches)
         self.device = self.kv_caches[0].device
+        self._block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self._block_bytes = 2 * self.kv_caches[0][0, 0].nbytes  # K and V of one block of one layer
         self._check_data_plane()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -75,13 +116,12 @@ class TcpReceiver(TransferRecords, KVReceiver):
         self._conns: set[_Conn] = set()
         self._stats: Counter[str] = Counter()
         self._closed = False
-        # Cache writes from the network go on their own stream; see _write.
+        # Cache writes (and their indices) go on their own stream; see _write.
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._listener = socket.create_server((host, port))
         self._listener.settimeout(0.2)  # so the accept loop sees close()
         # What senders dial: the listening host, or the name peers know us by (0.0.0.0 is no address)
         self._address = f"{advertise_host or host}:{self._listener.getsockname()[1]}"
-        self._handlers = {"layer": self._on_layer, "finish": self._on_finish, "abort": self._on_abort}
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
                                                name=f"kv-recv-accept-{self._address}")
         self._accept_thread.start()
@@ -95,21 +135,22 @@ class TcpReceiver(TransferRecords, KVReceiver):
     def expect(self, transfer_id: str, layers: dict[int, list[int]]) -> None:
         if not layers:
             raise ValueError("layers: empty; a transfer must name at least one layer")
-        dst = {}
+        dst_ids, dst = {}, {}
         for layer, blocks in layers.items():
             ids = check_blocks(self.kv_caches, layer, blocks, "layers")
             if len(set(blocks)) != len(blocks):
                 raise ValueError(f"layers: layer {layer} lists a destination block twice")
-            dst[layer] = ids.to(self.device)
+            dst_ids[layer] = ids.to(torch.int32)
+            dst[layer] = self._index(ids)
         with self._lock:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer_id: {transfer_id!r} is already expected; release() it first")
-            self._transfers[transfer_id] = _Incoming({l: list(b) for l, b in layers.items()}, dst,
-                                                     pending={l: set(b) for l, b in layers.items()})
+            self._transfers[transfer_id] = _Incoming(dst_ids, dst)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; unknown ids are ignored. Holding the lock that every
-        cache write holds, so no write of this transfer happens after this returns."""
+        cache write holds, and waiting for the writes already enqueued, so no byte of
+        this transfer lands after this returns."""
         with self._lock:
             rec = self._transfers.get(transfer_id)
             if rec is not None and not rec.status.terminal:
@@ -120,8 +161,9 @@ class TcpReceiver(TransferRecords, KVReceiver):
             self._transfers.pop(transfer_id, None)
 
     def stats(self) -> dict[str, int]:
+        """layers_*: parts (a layer's share of a message); messages_received: parts messages."""
         with self._lock:
-            out = dict.fromkeys(("bytes_received", "layers_received", "layers_discarded",
+            out = dict.fromkeys(("bytes_received", "layers_received", "layers_discarded", "messages_received",
                                  "transfers_done", "transfers_failed", "connections_accepted",
                                  "connections_refused"), 0)
             out.update(self._stats)
@@ -159,7 +201,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 return  # listener closed
             wire.tune_socket(sock)
             sock.settimeout(wire.HANDSHAKE_TIMEOUT_S)
-            conn = _Conn(sock, f"{host}:{port}")
+            conn = _Conn(sock, f"{host}:{port}", queue.Queue(maxsize=self.max_queued_messages))
             conn.thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                            name=f"kv-recv-{conn.peer}")
             with self._lock:
@@ -171,16 +213,27 @@ class TcpReceiver(TransferRecords, KVReceiver):
             conn.thread.start()
 
     def _serve(self, conn: _Conn) -> None:
+        """The connection's reader (see the module docstring)."""
         reason = "closed"
         try:
             if self._handshake(conn):
                 conn.sock.settimeout(None)
+                conn.completer = threading.Thread(target=self._complete_loop, args=(conn,), daemon=True,
+                                                  name=f"kv-recv-write-{conn.peer}")
+                conn.completer.start()
                 while True:
-                    header, payload_len = self._next_header(conn)
-                    handler = self._handlers.get(header.get("op"))
-                    if handler is None:
-                        raise ConnectionError(f"unknown message {header.get('op')!r}")
-                    handler(conn, header, payload_len)
+                    header, payload_len = wire.recv_header(conn.sock)
+                    op = header.get("op")
+                    if op == "parts":
+                        conn.arrivals.put(self._on_parts(conn, header, payload_len))  # blocks while the queue is full
+                        continue
+                    wire.discard(conn.sock, payload_len)
+                    if op == "finish":
+                        conn.arrivals.put(_Finish(header["tid"], header["num_layers"]))
+                    elif op == "abort":
+                        self._on_abort(conn, header)
+                    else:
+                        raise ConnectionError(f"unknown message {op!r}")
         except wire.PeerClosed as e:
             reason = f"connection closed ({e})"
         except Exception as e:  # the wire or the data plane broke: fail its transfers
@@ -189,10 +242,6 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 log.info("KV sender %s disconnected: %s", conn.peer, reason)
         finally:
             self._drop(conn, reason)
-
-    def _next_header(self, conn: _Conn) -> tuple[dict[str, Any], int]:
-        """The next frame's header (a data plane may have read it ahead)."""
-        return wire.recv_header(conn.sock)
 
     def _handshake(self, conn: _Conn) -> bool:
         hello = wire.recv_frame(conn.sock)
@@ -217,97 +266,163 @@ class TcpReceiver(TransferRecords, KVReceiver):
         return True
 
     def _drop(self, conn: _Conn, reason: str) -> None:
+        """The reader ends the connection: stop the completer (tearing the data plane
+        down first ends any wait of it on a dead peer), then fail the transfers it fed."""
+        wire.shutdown(conn.sock)
+        self._teardown_data_plane(conn)
+        if conn.completer is not None:
+            conn.arrivals.put(None)
+            conn.completer.join()
         with self._lock:
             self._conns.discard(conn)
             for rec in self._transfers.values():
                 if conn in rec.conns and not rec.status.terminal:
                     self._fail(rec, f"sender {conn.peer} disconnected mid-transfer ({reason})")
-        wire.shutdown(conn.sock)
         conn.sock.close()
-        self._teardown_data_plane(conn)
 
     def _reply(self, conn: _Conn, header: dict[str, Any]) -> None:
         with conn.write_lock:
             wire.send_frame(conn.sock, header)
 
     def _fail(self, rec: _Incoming, reason: str) -> None:
-        """Caller holds the lock."""
+        """Caller holds the lock. Waits for the transfer's enqueued cache writes: FAILED
+        means no more of its bytes land."""
+        self._sync(rec)
         rec.status, rec.reason = S.FAILED, reason
         self._stats["transfers_failed"] += 1
         self._cond.notify_all()
 
-    # ---- messages
+    def _sync(self, rec: _Incoming) -> None:
+        """Caller holds the lock."""
+        if rec.unsynced:
+            self._stream.synchronize()
+            rec.unsynced = False
 
-    def _layer_problem(self, rec: _Incoming | None, tid: str, header: dict[str, Any], payload_len: int) -> str | None:
+    # ---- the reader's side of a message
+
+    def _on_parts(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> _Message:
+        seq, rows, lens = _parse_parts(header)
+        ids_bytes = 4 * sum(lens)
+        if payload_len < ids_bytes:
+            raise ConnectionError(f"parts message {seq}: payload of {payload_len} bytes cannot hold its block ids")
+        dsts = wire.recv_block_ids(conn.sock, lens)
+        msg = _Message(seq, [_InPart(tid, layer, dsts[d]) for tid, layer, d in rows])
+        with self._lock:
+            for part in msg.parts:
+                rec = self._transfers.get(part.tid)
+                if rec is not None:
+                    rec.conns.add(conn)
+                    if rec.status == S.WAITING:
+                        rec.status = S.TRANSFERRING
+                        self._cond.notify_all()
+        msg.problem = self._take_data(conn, msg, payload_len - ids_bytes)
+        return msg
+
+    def _on_abort(self, conn: _Conn, header: dict[str, Any]) -> None:
+        with self._lock:
+            rec = self._transfers.get(header["tid"])
+            if rec is not None and not rec.status.terminal:
+                self._fail(rec, f"aborted by the sender {conn.peer}")
+
+    # ---- the completer
+
+    def _complete_loop(self, conn: _Conn) -> None:
+        broken = False
+        while (item := conn.arrivals.get()) is not None:
+            if broken:
+                continue  # the connection is going down; drain so the reader never blocks on a full queue
+            try:
+                if isinstance(item, _Message):
+                    self._complete(conn, item)
+                else:
+                    self._on_finish(conn, item)
+            except Exception as e:
+                broken = True
+                if not self._closed:
+                    log.info("KV sender %s: %s: %s", conn.peer, type(e).__name__, e)
+                wire.shutdown(conn.sock)  # the reader sees it and ends the connection
+
+    def _complete(self, conn: _Conn, msg: _Message) -> None:
+        failed = []
+        for j, part in enumerate(msg.parts):
+            data = None if msg.problem else self._await_data(conn, part)  # [2, n, bs, kvh, d]
+            with self._lock:
+                rec = self._transfers.get(part.tid)
+                problem = msg.problem or self._part_problem(rec, part)
+                if problem is None:
+                    self._write_part(rec, part, data)
+                else:
+                    if rec is not None and not rec.status.terminal:
+                        self._fail(rec, problem)
+                    self._stats["layers_discarded"] += 1
+                    failed.append([j, problem])
+            part.data = data = None  # the staging buffer can go
+            if problem is not None:
+                log.info("KV layer from %s discarded: %s", conn.peer, problem)
+        with self._lock:
+            self._stats["messages_received"] += 1
+        self._reply(conn, {"op": "ack", "seq": msg.seq, "failed": failed})
+
+    def _whole(self, rec: _Incoming, part: _InPart) -> bool:
+        """The part is its layer's whole expected block list, nothing of it written yet."""
+        layer = part.layer
+        return layer not in rec.written and layer not in rec.pending and torch.equal(part.dst, rec.dst_ids[layer])
+
+    def _part_problem(self, rec: _Incoming | None, part: _InPart) -> str | None:
+        """Caller holds the lock."""
+        tid, layer = part.tid, part.layer
         if rec is None:
             return f"unknown transfer {tid!r} (never expected, or released)"
         if rec.status == S.FAILED:
             return f"transfer {tid!r} failed: {rec.reason}"
-        layer = header["layer"]
         if rec.status == S.DONE:
             return f"transfer {tid!r} is already complete (layer {layer} again)"
         if layer not in rec.dst_ids:
             return f"layer {layer} not expected (expected {sorted(rec.dst_ids)})"
-        dst = header["dst"]
-        if len(set(dst)) != len(dst) or not set(dst) <= rec.pending[layer]:
-            return f"layer {layer}: destination blocks not expected by expect(), or already written"
-        want = [2, len(dst), self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim]
-        if header["shape"] != want or header["dtype"] != self.layout.dtype:
-            return f"layer {layer}: got {header['dtype']}{header['shape']}, want {self.layout.dtype}{want}"
-        return self._payload_problem(header, payload_len)
-
-    def _on_layer(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> None:
-        tid, layer = header["tid"], header["layer"]
-        with self._lock:
-            rec = self._transfers.get(tid)
-            problem = self._layer_problem(rec, tid, header, payload_len)
-            if rec is not None:
-                rec.conns.add(conn)
-                if problem is not None and not rec.status.terminal:
-                    self._fail(rec, problem)
-                elif rec.status == S.WAITING:
-                    rec.status = S.TRANSFERRING
-                    self._cond.notify_all()
-        if problem is None:
-            data = self._receive_payload(conn, header, payload_len)  # [2, n, bs, kvh, d]
-            with self._lock:
-                if self._transfers.get(tid) is not rec or rec.status.terminal:
-                    problem = f"transfer {tid!r} was aborted or released while layer {layer} was in flight"
-                else:
-                    dst = header["dst"]
-                    whole = len(dst) == len(rec.dst_ids[layer])
-                    index = rec.dst[layer] if whole else torch.tensor(dst, dtype=torch.long, device=self.device)
-                    self._write(layer, index, data)
-                    rec.pending[layer] -= set(dst)
-                    rec.messages += 1
-                    if not rec.pending[layer]:
-                        rec.written.add(layer)
-                    self._stats["layers_received"] += 1
-                    self._stats["bytes_received"] += data.numel() * data.element_size()
-                    if len(rec.written) == len(rec.dst):
-                        rec.status = S.DONE
-                        self._stats["transfers_done"] += 1
-                    self._cond.notify_all()
+        if layer in rec.written:
+            fits = False
+        elif self._whole(rec, part):
+            return None
         else:
-            self._discard_payload(conn, header, payload_len)
-            with self._lock:
-                self._stats["layers_discarded"] += 1
-        if problem is None:
-            self._reply(conn, {"op": "ack", "tid": tid, "layer": layer})
-        else:
-            log.info("KV layer from %s discarded: %s", conn.peer, problem)
-            self._reply(conn, {"op": "nack", "tid": tid, "layer": layer, "reason": problem})
+            ids = part.dst.tolist()
+            pending = rec.pending.get(layer) or set(rec.dst_ids[layer].tolist())
+            fits = len(set(ids)) == len(ids) and pending.issuperset(ids)
+        return None if fits else f"layer {layer}: destination blocks not expected by expect(), or already written"
 
-    def _on_finish(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> None:
-        tid, num_layers = header["tid"], header["num_layers"]
+    def _write_part(self, rec: _Incoming, part: _InPart, data: torch.Tensor) -> None:
+        """Caller holds the lock; _part_problem found nothing."""
+        layer = part.layer
+        if self._whole(rec, part):
+            index = rec.dst[layer]
+            rec.written.add(layer)
+        else:
+            pending = rec.pending.setdefault(layer, set(rec.dst_ids[layer].tolist()))
+            pending.difference_update(part.dst.tolist())
+            if not pending:
+                del rec.pending[layer]
+                rec.written.add(layer)
+            index = self._index(part.dst)
+        self._write(layer, index, data)
+        rec.unsynced = self._stream is not None
+        rec.parts_written += 1
+        self._stats["layers_received"] += 1
+        self._stats["bytes_received"] += data.nbytes
+        if len(rec.written) == len(rec.dst_ids):
+            self._sync(rec)
+            rec.status = S.DONE
+            self._stats["transfers_done"] += 1
+        self._cond.notify_all()
+
+    def _on_finish(self, conn: _Conn, item: _Finish) -> None:
+        tid, num_layers = item.tid, item.num_layers
         with self._lock:
             rec = self._transfers.get(tid)
             if rec is None:
                 reason = f"unknown transfer {tid!r} (never expected, or released)"
             elif rec.status == S.FAILED:
                 reason = rec.reason
-            elif rec.status != S.DONE or num_layers != rec.messages:
-                reason = (f"sender finished after {num_layers} layer messages; {rec.messages} written, "
+            elif rec.status != S.DONE or num_layers != rec.parts_written:
+                reason = (f"sender finished after {num_layers} layer messages; {rec.parts_written} written, "
                           f"{len(rec.written)} of {len(rec.dst_ids)} layers complete")
                 self._fail(rec, reason)
             else:
@@ -315,24 +430,28 @@ class TcpReceiver(TransferRecords, KVReceiver):
         status = S.FAILED if reason else S.DONE
         self._reply(conn, {"op": "finish_ack", "tid": tid, "status": int(status), "reason": reason})
 
-    def _on_abort(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> None:
-        with self._lock:
-            rec = self._transfers.get(header["tid"])
-            if rec is not None and not rec.status.terminal:
-                self._fail(rec, f"aborted by the sender {conn.peer}")
+    # ---- the cache
 
-    def _write(self, layer: int, dst: torch.Tensor, data: torch.Tensor) -> None:
-        """Caller holds the lock. On CUDA the copy runs on the receiver's own stream and is
-        waited for here, so DONE (set by the caller) implies the bytes are in the cache."""
-        cache = self.kv_caches[layer]
+    def _index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Block ids as an int64 index on the cache's device, made on the receiver's stream
+        (the one every cache write uses), from pinned memory so nothing waits."""
+        ids = ids.to(torch.int64)
         if self._stream is None:
-            cache.index_copy_(1, dst, data)
+            return ids
+        with torch.cuda.stream(self._stream):
+            return ids.pin_memory().to(self.device, non_blocking=True)
+
+    def _write(self, layer: int, index: torch.Tensor, data: torch.Tensor) -> None:
+        """Caller holds the lock. On CUDA the copy is enqueued on the receiver's stream and
+        not waited for here (see _sync)."""
+        cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
+        if self._stream is None:
+            cache.index_copy_(1, index, data)
             return
         with torch.cuda.stream(self._stream):
-            cache.index_copy_(1, dst, data.to(self.device, non_blocking=True))
-        self._stream.synchronize()
+            cache.index_copy_(1, index, data.to(self.device, non_blocking=True))
 
-    # ---- data plane hooks (TCP: the payload follows the header on the socket)
+    # ---- data plane hooks (TCP: the parts' bytes follow the block ids in the frame's payload)
 
     def _check_data_plane(self) -> None:
         pass
@@ -346,17 +465,38 @@ class TcpReceiver(TransferRecords, KVReceiver):
     def _teardown_data_plane(self, conn: _Conn) -> None:
         pass
 
-    def _payload_problem(self, header: dict[str, Any], payload_len: int) -> str | None:
-        dtype = dtype_from_name(header["dtype"])
-        want = dtype.itemsize
-        for n in header["shape"]:
-            want *= n
-        return None if payload_len == want else f"payload of {payload_len} bytes, want {want}"
+    def _part_shape(self, part: _InPart) -> tuple[int, ...]:
+        return (2, part.dst.numel(), *self._block_shape)
 
-    def _receive_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> torch.Tensor:
-        buf = wire.recv_payload(conn.sock, payload_len, pin_memory=self.device.type == "cuda")
-        return buf.view(dtype_from_name(header["dtype"])).view(header["shape"])
+    def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
+        """Reader: start the parts' data moving (`nbytes` more payload bytes are on the
+        socket) and set each part's `data`. A problem string means the whole message's
+        data was consumed and dropped."""
+        want = sum(p.dst.numel() for p in msg.parts) * self._block_bytes
+        if nbytes != want:
+            wire.discard(conn.sock, nbytes)
+            return f"payload of {nbytes} bytes after the block ids, want {want}"
+        for p in msg.parts:
+            buf = wire.recv_payload(conn.sock, p.dst.numel() * self._block_bytes, pin_memory=self._stream is not None)
+            p.data = buf.view(self.kv_caches[0].dtype).view(self._part_shape(p))
+        return None
 
-    def _discard_payload(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> None:
-        wire.discard(conn.sock, payload_len)
+    def _await_data(self, conn: _Conn, part: _InPart) -> torch.Tensor:
+        """Completer: the part's bytes, [2, n, bs, kvh, d], once they are all here."""
+        return part.data
 
+
+def _parse_parts(header: dict[str, Any]) -> tuple[int, list[tuple[str, int, int]], list[int]]:
+    """(seq, [(tid, layer, dst list index)], dst_lens) of a parts header; ConnectionError
+    if it is malformed (the stream cannot be trusted after that)."""
+    try:
+        seq, lens = header["seq"], header["dst_lens"]
+        rows = [(tid, layer, d) for tid, layer, d in header["parts"]]
+        ok = (isinstance(seq, int) and rows and all(isinstance(n, int) and n > 0 for n in lens)
+              and all(isinstance(tid, str) and isinstance(layer, int) and isinstance(d, int) and 0 <= d < len(lens)
+                      for tid, layer, d in rows))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConnectionError(f"malformed parts message: {str(header)[:200]}")
+    return seq, rows, lens

@@ -3,20 +3,35 @@ plane as the default hooks. The TCP backend as a whole: tcp.py.
 
 Sender lifecycle (prefill side), one record per transfer_id:
 
-    send_layer() ─► BOOTSTRAPPING (connecting) ─► TRANSFERRING (layers queued) ─finish()─►
+    send_layer() ─► BOOTSTRAPPING (connecting) ─► TRANSFERRING (parts queued) ─finish()─►
         finish_ack(DONE) from the receiver ─► DONE
-    nack / finish_ack(FAILED) / connection lost / abort() / unreachable peer ─► FAILED
+    a part nacked / finish_ack(FAILED) / connection lost / abort() / unreachable peer ─► FAILED
 
   Per peer address: one connection, opened on first contact and cached; a writer thread
-  drains the peer's FIFO queue (so a connection's layers go out in call order, transfers
-  interleaved) and a reader thread applies acks. send_layer gathers the blocks before it
-  returns (on CUDA: stream-ordered, into pinned memory), so the caller may reuse its
-  source blocks once later work on the same stream follows. A transfer whose record is
-  FAILED (aborted, rejected) has its queued layers dropped unsent. The receiver answers
-  finish only after every earlier message on the connection, so its DONE covers all
-  layers. Queued layers hold their gathered buffers until sent: a caller that outruns the
-  link holds up to a request's whole KV in the queue. release() forgets a record.
-  The socket is closed by whichever of the peer's two threads ends last.
+  drains the peer's FIFO queue and a reader thread applies the receiver's answers.
+
+  send_layer() checks its arguments, gathers the layer's src blocks (on CUDA: on the
+  caller's stream, so the caller may go on and reuse its source blocks once later work
+  on that stream follows) and queues the result as one *part*. Block ids become a
+  device index once per transfer per distinct list (a prefill step passes one list for
+  all global layers and one for all local layers), so a call costs a lookup, a gather
+  launch and a queue hand-off, not a host-to-device copy.
+
+  Coalescing: the writer takes every part already queued for the peer (FIFO, up to
+  `max_message_bytes`, at least one) and sends them as ONE parts message (wire.py): one
+  header, the parts' data back to back. A caller that outruns the link therefore gets
+  fewer, larger messages; one that sends a layer per layer-compute gets a message per
+  layer. Parts of different transfers share messages in call order. finish and abort
+  are messages of their own, in queue order, so the receiver answers finish only after
+  every earlier part on the connection: its DONE covers all parts. A part whose
+  transfer is FAILED (aborted, rejected) when the writer takes it is dropped unsent.
+
+  The receiver acks each parts message once, listing the parts it discarded; each other
+  part counts as acked for its transfer (`layers_acked`). A message's data-plane buffers
+  stay alive until its ack (or until the connection is torn down). Queued parts hold
+  their gathered buffers until sent: a caller that outruns the link holds up to a
+  request's whole KV in the queue. release() forgets a record. The socket is closed by
+  whichever of the peer's two threads ends last.
 
 On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides.
 """
@@ -41,18 +56,49 @@ log = logging.getLogger(__name__)
 S = TransferStatus
 
 
+@dataclass
+class _Staged:
+    tensor: torch.Tensor  # [2, n, bs, kvh, d], contiguous
+    ready: Any = None  # torch.cuda.Event recorded after the gather/copy; None on CPU
+
+
+@dataclass(eq=False)
+class _Part:
+    """One send_layer call, queued for its peer's writer."""
+    tid: str
+    layer: int
+    dst: bytes  # destination block ids, native int32 (wire.block_ids)
+    staged: _Staged
+
+
+@dataclass(eq=False)
+class _Control:
+    """A finish or abort message, queued behind the parts before it."""
+    tid: str
+    header: dict[str, Any]
+
+
+@dataclass(eq=False)
+class _Sent:
+    """A parts message awaiting its ack."""
+    parts: list[tuple[str, int]]  # (tid, layer) of each part, in message order
+    keep: list = field(default_factory=list)  # data-plane objects that must live until the ack
+
+
 @dataclass(eq=False)
 class _Peer:
     """One connection to a receiver."""
     address: str
     sock: socket.socket
-    queue: queue.Queue = field(default_factory=queue.Queue)  # (kind, tid, header, staged) | None
+    queue: queue.Queue = field(default_factory=queue.Queue)  # _Part | _Control | None (stop)
+    held: list = field(default_factory=list)  # an item the writer took but left for its next message
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     threads: list[threading.Thread] = field(default_factory=list)
     threads_running: int = 2  # writer and reader
     data: Any = None  # the data plane's per-connection state
-    inflight: dict[tuple[str, int], list] = field(default_factory=dict)  # per (tid, layer), kept until acked
+    next_seq: int = 0  # the next parts message's number
+    inflight: dict[int, _Sent] = field(default_factory=dict)  # seq -> message, until acked
 
 
 @dataclass(eq=False)
@@ -60,22 +106,20 @@ class _Outgoing:
     address: str
     status: S = S.BOOTSTRAPPING
     peer: _Peer | None = None
-    # Layer messages queued / acknowledged. A layer may take several messages: chunked
-    # prefill sends its blocks step by step as they fill.
+    # Parts queued / acknowledged. A layer may take several parts: chunked prefill sends
+    # its blocks step by step as they fill.
     layers_queued: int = 0
     layers_acked: int = 0
     finished: bool = False
     reason: str = ""
-
-
-@dataclass
-class _Staged:
-    tensor: torch.Tensor  # [2, n, bs, kvh, d], contiguous
-    ready: Any = None  # torch.cuda.Event recorded after the gather/copy; None on CPU
+    # (num_blocks of the layer's pool, src ids) -> the ids as an index on the cache's
+    # device, checked once. Cleared when the record turns terminal.
+    src_ids: dict[tuple[int, tuple], torch.Tensor] = field(default_factory=dict)
 
 
 class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
+    max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
                  connect_timeout: float = 10.0):
@@ -102,9 +146,10 @@ class TcpSender(TransferRecords, KVSender):
                    src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Returns at once; failures (unreachable peer included) show as FAILED in poll().
         Call connect() first to get them raised instead."""
-        src_ids = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
+        key, src_ids = self._src_ids(transfer_id, layer, src_blocks)
         if len(dst_blocks) != len(src_blocks):
             raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
+        dst = wire.block_ids(dst_blocks, "dst_blocks")
         with self._lock:
             rec = self._transfers.setdefault(transfer_id, _Outgoing(address))
             if rec.address != address:
@@ -113,6 +158,7 @@ class TcpSender(TransferRecords, KVSender):
                 raise ValueError(f"transfer_id: {transfer_id!r} already finished")
             if rec.status.terminal:
                 return  # aborted or rejected: nothing to gain by sending
+            rec.src_ids.setdefault(key, src_ids)
         try:
             peer = self._peer(address)
         except (TransferError, LayoutMismatch) as e:
@@ -121,9 +167,7 @@ class TcpSender(TransferRecords, KVSender):
                     self._fail(rec, str(e))
             log.warning("KV transfer %s failed: %s", transfer_id, e)
             return
-        staged = self._stage(layer, src_ids)
-        header = {"op": "layer", "tid": transfer_id, "layer": layer, "dst": list(dst_blocks),
-                  "shape": list(staged.tensor.shape), "dtype": self.layout.dtype}
+        part = _Part(transfer_id, layer, dst, self._stage(layer, src_ids))
         with self._lock:
             if rec.status.terminal:
                 return
@@ -135,7 +179,7 @@ class TcpSender(TransferRecords, KVSender):
             if rec.status < S.TRANSFERRING:
                 rec.status = S.TRANSFERRING
                 self._cond.notify_all()
-            peer.queue.put(("layer", transfer_id, header, staged))
+            peer.queue.put(part)
 
     def finish(self, address: str, transfer_id: str, num_layers: int) -> None:
         with self._lock:
@@ -149,27 +193,27 @@ class TcpSender(TransferRecords, KVSender):
             if rec.peer is None or num_layers != rec.layers_queued:
                 raise ValueError(f"num_layers: {num_layers}, but {rec.layers_queued} layer messages were sent")
             rec.finished = True
-            rec.peer.queue.put(("finish", transfer_id,
-                                {"op": "finish", "tid": transfer_id, "num_layers": num_layers}, None))
+            rec.peer.queue.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
 
     def abort(self, transfer_id: str) -> None:
-        """FAILED unless already DONE; queued layers are dropped and the receiver is told."""
+        """FAILED unless already DONE; queued parts are dropped and the receiver is told."""
         with self._lock:
             rec = self._transfers.get(transfer_id)
             if rec is None or rec.status.terminal:
                 return
             self._fail(rec, "aborted by the sender")
             if rec.peer is not None and rec.peer.alive:
-                rec.peer.queue.put(("abort", transfer_id, {"op": "abort", "tid": transfer_id}, None))
+                rec.peer.queue.put(_Control(transfer_id, {"op": "abort", "tid": transfer_id}))
 
     def release(self, transfer_id: str) -> None:
         with self._lock:
             self._transfers.pop(transfer_id, None)
 
     def stats(self) -> dict[str, int]:
+        """layers_*: parts (send_layer calls); messages_sent: parts messages on the wire."""
         with self._lock:
-            out = dict.fromkeys(("bytes_sent", "layers_sent", "layers_acked", "transfers_done",
-                                 "transfers_failed", "connections_opened"), 0)
+            out = dict.fromkeys(("bytes_sent", "layers_sent", "layers_acked", "layers_dropped", "messages_sent",
+                                 "transfers_done", "transfers_failed", "connections_opened"), 0)
             out.update(self._stats)
             out["connections"] = sum(p.alive for p in self._peers.values())
             return out
@@ -183,6 +227,34 @@ class TcpSender(TransferRecords, KVSender):
         for peer in peers:
             for t in peer.threads:
                 t.join(timeout=5)
+
+    # ---- block ids
+
+    def _ids_key(self, layer: int, src_blocks: list[int]) -> tuple[int, tuple]:
+        if not 0 <= layer < len(self.kv_caches):
+            raise ValueError(f"layer: {layer} out of range [0, {len(self.kv_caches)})")
+        return self.kv_caches[layer].shape[1], tuple(src_blocks)
+
+    def _src_ids(self, transfer_id: str, layer: int, src_blocks: list[int]) -> tuple[tuple, torch.Tensor]:
+        """src_blocks as an index on the cache's device, and its key in the transfer's
+        record: checked and copied on the transfer's first call with this list (and
+        pool size), looked up after that."""
+        key = self._ids_key(layer, src_blocks)
+        try:
+            with self._lock:
+                rec = self._transfers.get(transfer_id)
+                ids = None if rec is None else rec.src_ids.get(key)
+        except TypeError:  # unhashable ids: check_blocks names the problem
+            ids = None
+        if ids is not None:
+            return key, ids
+        ids = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
+        if self.device.type == "cuda":
+            # From pinned memory the copy is truly asynchronous. From pageable memory it
+            # would block this thread until the caller's stream drained -- in a prefill
+            # that is until the layer just enqueued has finished computing.
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        return key, ids
 
     # ---- connections
 
@@ -257,65 +329,118 @@ class TcpSender(TransferRecords, KVSender):
     def _fail(self, rec: _Outgoing, reason: str) -> None:
         """Caller holds the lock."""
         rec.status, rec.reason = S.FAILED, reason
+        rec.src_ids.clear()
         self._stats["transfers_failed"] += 1
         self._cond.notify_all()
 
+    # ---- the writer: coalescing queued parts into messages
+
     def _write_loop(self, peer: _Peer) -> None:
         try:
-            while (item := peer.queue.get()) is not None:
-                kind, tid, header, staged = item
-                with self._lock:
-                    rec = self._transfers.get(tid)
-                    dropped = kind != "abort" and (rec is None or rec.status == S.FAILED)
-                if dropped:
-                    continue
-                if kind == "layer":
-                    nbytes = self._transmit(peer, header, staged)
-                    with self._lock:
-                        self._stats["layers_sent"] += 1
-                        self._stats["bytes_sent"] += nbytes
+            while (batch := self._next_batch(peer)) is not None:
+                if isinstance(batch, _Control):
+                    self._send_control(peer, batch)
                 else:
-                    with peer.write_lock:
-                        wire.send_frame(peer.sock, header)
+                    self._send_parts(peer, batch)
         except Exception as e:
             self._peer_failed(peer, f"send failed: {type(e).__name__}: {e}")
         finally:
             self._thread_done(peer)
 
+    def _next_batch(self, peer: _Peer) -> list[_Part] | _Control | None:
+        """Block for the next item; if it is a part, add every part queued right behind
+        it, in order, while the total stays within max_message_bytes. None: stop."""
+        item = peer.held.pop() if peer.held else peer.queue.get()
+        if not isinstance(item, _Part):
+            return item
+        parts, nbytes = [item], item.staged.tensor.nbytes
+        while True:
+            try:
+                item = peer.queue.get_nowait()
+            except queue.Empty:
+                return parts
+            if not isinstance(item, _Part) or nbytes + item.staged.tensor.nbytes > self.max_message_bytes:
+                peer.held.append(item)  # a control message, a stop, or the next message's first part
+                return parts
+            parts.append(item)
+            nbytes += item.staged.tensor.nbytes
+
+    def _send_control(self, peer: _Peer, item: _Control) -> None:
+        with self._lock:
+            rec = self._transfers.get(item.tid)
+            dropped = item.header["op"] != "abort" and (rec is None or rec.status == S.FAILED)
+        if not dropped:
+            with peer.write_lock:
+                wire.send_frame(peer.sock, item.header)
+
+    def _send_parts(self, peer: _Peer, parts: list[_Part]) -> None:
+        with self._lock:
+            live = []
+            for p in parts:
+                rec = self._transfers.get(p.tid)
+                if rec is None or rec.status == S.FAILED:
+                    self._stats["layers_dropped"] += 1
+                else:
+                    live.append(p)
+            if not live:
+                return
+            seq, peer.next_seq = peer.next_seq, peer.next_seq + 1
+            sent = peer.inflight[seq] = _Sent([(p.tid, p.layer) for p in live])  # before the ack can come
+        dsts: dict[bytes, int] = {}  # distinct destination lists -> index
+        rows = [[p.tid, p.layer, dsts.setdefault(p.dst, len(dsts))] for p in live]
+        header = {"op": "parts", "seq": seq, "parts": rows, "dst_lens": [len(d) // 4 for d in dsts]}
+        nbytes = self._transmit(peer, header, [memoryview(d) for d in dsts], live, sent)
+        with self._lock:
+            self._stats["messages_sent"] += 1
+            self._stats["layers_sent"] += len(live)
+            self._stats["bytes_sent"] += nbytes
+
+    # ---- the reader: the receiver's answers
+
     def _read_loop(self, peer: _Peer) -> None:
         try:
             while True:
                 msg = wire.recv_frame(peer.sock)
-                op, tid = msg.get("op"), msg.get("tid")
                 with self._lock:
-                    rec = self._transfers.get(tid)
-                    if op in ("ack", "nack"):
-                        pending = peer.inflight.get((tid, msg["layer"]))
-                        if pending:  # acks come in sending order: the oldest message of that layer
-                            pending.pop(0)
-                            if not pending:
-                                del peer.inflight[(tid, msg["layer"])]
-                    if op == "ack":
-                        self._stats["layers_acked"] += 1
-                        if rec is not None:
-                            rec.layers_acked += 1
-                    elif op == "nack":
-                        if rec is not None and not rec.status.terminal:
-                            self._fail(rec, f"receiver {peer.address} discarded layer {msg['layer']}: {msg['reason']}")
-                    elif op == "finish_ack":
-                        if rec is not None and not rec.status.terminal:
-                            if msg["status"] == S.DONE and rec.layers_acked == rec.layers_queued:
-                                rec.status = S.DONE
-                                self._stats["transfers_done"] += 1
-                                self._cond.notify_all()
-                            else:
-                                self._fail(rec, f"receiver {peer.address}: {msg['reason'] or 'layers missing'}")
+                    if msg.get("op") == "ack":
+                        self._on_ack(peer, msg)
+                    elif msg.get("op") == "finish_ack":
+                        self._on_finish_ack(peer, msg)
                     else:
-                        raise ConnectionError(f"unknown message {op!r}")
+                        raise ConnectionError(f"unknown message {msg.get('op')!r}")
         except Exception as e:
             self._peer_failed(peer, f"{type(e).__name__}: {e}")
         finally:
             self._thread_done(peer)
+
+    def _on_ack(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        """Caller holds the lock."""
+        sent = peer.inflight.pop(msg["seq"], None)
+        if sent is None:
+            raise ConnectionError(f"ack for message {msg['seq']}, which is not in flight")
+        failed = dict(msg["failed"])  # part index -> reason
+        for j, (tid, layer) in enumerate(sent.parts):
+            rec = self._transfers.get(tid)
+            if j in failed:
+                if rec is not None and not rec.status.terminal:
+                    self._fail(rec, f"receiver {peer.address} discarded layer {layer}: {failed[j]}")
+                continue
+            self._stats["layers_acked"] += 1
+            if rec is not None:
+                rec.layers_acked += 1
+
+    def _on_finish_ack(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        """Caller holds the lock."""
+        rec = self._transfers.get(msg["tid"])
+        if rec is None or rec.status.terminal:
+            return
+        if msg["status"] == S.DONE and rec.layers_acked == rec.layers_queued:
+            rec.status = S.DONE
+            rec.src_ids.clear()
+            self._stats["transfers_done"] += 1
+            self._cond.notify_all()
+        else:
+            self._fail(rec, f"receiver {peer.address}: {msg['reason'] or 'layers missing'}")
 
     def _thread_done(self, peer: _Peer) -> None:
         """The socket is closed by whichever of the peer's two threads ends last, so no
@@ -327,7 +452,8 @@ class TcpSender(TransferRecords, KVSender):
             self._peer_failed(peer, "connection closed")
             peer.sock.close()
 
-    # ---- data plane hooks (TCP: bytes follow the header through pinned host memory)
+    # ---- data plane hooks (TCP: the parts' bytes follow the block ids in the frame's
+    # payload, through pinned host memory)
 
     def _check_data_plane(self) -> None:
         pass
@@ -342,13 +468,8 @@ class TcpSender(TransferRecords, KVSender):
         pass
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
-        cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
-        if cache.is_cuda:
-            # From pinned memory the index copy is truly asynchronous. From pageable memory
-            # it would block this thread until the stream drained -- in a prefill that is
-            # until the layer just enqueued has finished computing.
-            src_ids = src_ids.pin_memory()
-        return cache.index_select(1, src_ids.to(cache.device, non_blocking=True))  # [2, n, bs, kvh, d], contiguous
+        """On the caller's stream; src_ids is already on the cache's device."""
+        return self.kv_caches[layer].index_select(1, src_ids)  # [2, n, bs, kvh, d], contiguous
 
     def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
         buf = self._gather(layer, src_ids)
@@ -360,9 +481,12 @@ class TcpSender(TransferRecords, KVSender):
         ready.record(torch.cuda.current_stream(buf.device))
         return _Staged(host, ready)
 
-    def _transmit(self, peer: _Peer, header: dict[str, Any], staged: _Staged) -> int:
-        if staged.ready is not None:
-            staged.ready.synchronize()
+    def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
+                  sent: _Sent) -> int:
+        """Write one parts message (header, the block ids, then each part's data);
+        returns the bytes it moved."""
+        for p in parts:
+            if p.staged.ready is not None:
+                p.staged.ready.synchronize()
         with peer.write_lock:
-            return wire.send_frame(peer.sock, header, wire.tensor_bytes(staged.tensor))
-
+            return wire.send_frame(peer.sock, header, ids + [wire.tensor_bytes(p.staged.tensor) for p in parts])

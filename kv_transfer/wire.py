@@ -4,28 +4,37 @@ backend's data plane.
 
 Messages (header "op"):
   sender -> receiver
-    hello   {layout, data_plane, proto}        first message on a connection
-    layer   {tid, layer, dst, shape, dtype}    payload: the gathered blocks (TCP data plane)
-                                               or none (the bytes follow on the NCCL pair)
-    finish  {tid, num_layers}
+    hello   {layout, data_plane, proto}   first message on a connection
+    parts   {seq, parts: [[tid, layer, d], ...], dst_lens: [n_0, n_1, ...]}
+            one message carries one or more *parts*: a part is one send_layer call, the
+            layer's blocks gathered into [2, n, bs, kvh, d]. Parts of several transfers
+            may share a message. Destination block ids travel as binary, not JSON:
+            the payload starts with the distinct destination lists back to back as
+            native int32 (list i has dst_lens[i] ids); part j writes into list
+            parts[j][2], so its block count n is that list's length. Then, TCP data
+            plane only, each part's bytes in part order; on the NCCL data plane one
+            p2p message per part follows, in part order, on the pair's process group.
+    finish  {tid, num_layers}             num_layers: the parts sent for tid
     abort   {tid}
   receiver -> sender
     hello_ok {layout, ...backend extras} | hello_err {layout, reason}  (then closes)
-    ack     {tid, layer}          the layer is written into the receiver's cache
-    nack    {tid, layer, reason}  the layer was discarded; the transfer failed
+    ack     {seq, failed: [[j, reason], ...]}  one per parts message, in message order:
+            part j of message seq was discarded for reason (its transfer failed);
+            every part not listed was written into the receiver's cache
     finish_ack {tid, status, reason}
 """
 
 from __future__ import annotations
 
+import array
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-PROTO_VERSION = 1
+PROTO_VERSION = 2  # 2: coalesced parts messages, binary block ids
 _PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 64 << 20  # a header lists block ids; 64 MiB is far beyond any real one
 _CHUNK = 8 << 20  # bytes per recv call
@@ -66,14 +75,33 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], payload: memoryview | None = None) -> int:
-    """Write one frame; returns the bytes written. Callers serialize writers per socket."""
+def send_frame(sock: socket.socket, header: dict[str, Any], payload: Sequence[memoryview] = ()) -> int:
+    """Write one frame whose payload is the `payload` views back to back; returns the
+    bytes written. Callers serialize writers per socket."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    n = 0 if payload is None else payload.nbytes
+    n = sum(p.nbytes for p in payload)
     sock.sendall(_PREFIX.pack(len(head), n) + head)
-    if n:
-        sock.sendall(payload)
+    for p in payload:
+        if p.nbytes:
+            sock.sendall(p)
     return _PREFIX.size + len(head) + n
+
+
+def block_ids(blocks: Sequence[int], name: str) -> bytes:
+    """A block-id list as it travels in a parts message: native int32 bytes. ValueError
+    naming `name` unless every id is an integer that fits."""
+    try:
+        return array.array("i", blocks).tobytes()
+    except (TypeError, OverflowError) as e:
+        raise ValueError(f"{name}: block ids must be integers in int32 range ({e})") from None
+
+
+def recv_block_ids(sock: socket.socket, lens: Sequence[int]) -> list[torch.Tensor]:
+    """Read the int32 id lists that start a parts message's payload; one CPU tensor each."""
+    flat = torch.empty(sum(lens), dtype=torch.int32)
+    if flat.numel():
+        recv_exact_into(sock, memoryview(flat.numpy()))
+    return list(flat.split(list(lens)))
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:

@@ -14,7 +14,18 @@ from typing import Callable
 
 import torch
 
-from kv_transfer import CacheLayout
+from kv_transfer import CacheLayout, NcclReceiver, NcclSender, TcpReceiver, TcpSender
+
+class GlooSender(NcclSender):
+    """The NCCL backend's exact control flow, its pair's group built by gloo on CPU tensors."""
+    pg_backend = "gloo"
+
+
+class GlooReceiver(NcclReceiver):
+    pg_backend = "gloo"
+
+
+BACKENDS = {"tcp": (TcpSender, TcpReceiver), "gloo": (GlooSender, GlooReceiver)}  # what the CPU tests run
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_BLOCKS = (24, 16, 24, 16)  # two layer groups with separate pools, as in Llama 4

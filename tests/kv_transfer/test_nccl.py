@@ -7,15 +7,7 @@ import torch
 
 from kv_transfer import (BACKENDS, NcclReceiver, NcclSender, TcpSender, TransferError, TransferStatus as S,
                          make_receiver, make_sender)
-from tests.kv_transfer.helpers import check_written, dst_of, layout_of, make_caches, make_plan
-
-
-class GlooSender(NcclSender):
-    pg_backend = "gloo"
-
-
-class GlooReceiver(NcclReceiver):
-    pg_backend = "gloo"
+from tests.kv_transfer.helpers import GlooReceiver, GlooSender, check_written, dst_of, layout_of, make_caches, make_plan
 
 
 def test_registered_and_clear_error_without_cuda():

@@ -1,5 +1,6 @@
 """TCP backend, sender and receiver in one process (threads), real sockets on loopback."""
 
+import json
 import socket
 import threading
 
@@ -220,11 +221,10 @@ def test_sender_dies_mid_message_never_partial_write(pair):
         s_blocks, d_blocks = plan[0]
         data = src[0][:, s_blocks].contiguous()
         payload = wire.tensor_bytes(data)
-        head = {"op": "layer", "tid": "t", "layer": 0, "dst": d_blocks, "shape": list(data.shape),
-                "dtype": "float32"}
-        import json
-        h = json.dumps(head).encode()
-        s.sendall(wire._PREFIX.pack(len(h), payload.nbytes) + h + bytes(payload[: payload.nbytes // 2]))
+        head = json.dumps({"op": "parts", "seq": 0, "parts": [["t", 0, 0]], "dst_lens": [len(d_blocks)]}).encode()
+        ids = wire.block_ids(d_blocks, "dst")
+        s.sendall(wire._PREFIX.pack(len(head), len(ids) + payload.nbytes) + head + ids
+                  + bytes(payload[: payload.nbytes // 2]))
         eventually(lambda: rx.poll("t") == S.TRANSFERRING, what="header seen")
     assert rx.wait("t", 10) == S.FAILED
     assert "disconnected" in rx.reason("t")
