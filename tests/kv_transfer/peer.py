@@ -1,11 +1,12 @@
 """A kv_transfer peer in its own process, driven by the tests.
 
-    python -m tests.kv_transfer.peer receiver DTYPE PLAN_JSON OUT_FILE
+    python -m tests.kv_transfer.peer receiver DTYPE PLAN_JSON OUT_FILE [BACKEND]
         poisoned caches; expect("t", plan); print "ADDRESS host:port"; wait for the
         transfer; save the caches to OUT_FILE; print "STATUS n"
-    python -m tests.kv_transfer.peer sender DTYPE SEED PLAN_JSON ADDRESS N
-        random caches (SEED); send the plan's first N layers of transfer "t"; print "SENT";
-        then sleep until killed
+    python -m tests.kv_transfer.peer sender DTYPE SEED PLAN_JSON ADDRESS N [BACKEND]
+        random caches (SEED); send the plan's first N layers of transfer "t"; print "SENT"
+        once they are acked; then sleep until killed
+BACKEND: a key of helpers.BACKENDS, "tcp" (default) or "gloo" (the NCCL control flow on CPU).
 """
 
 import sys
@@ -13,13 +14,12 @@ import time
 
 import torch
 
-from kv_transfer import TcpReceiver, TcpSender
-from tests.kv_transfer.helpers import dst_of, layout_of, make_caches, plan_from_json
+from tests.kv_transfer.helpers import BACKENDS, dst_of, layout_of, make_caches, plan_from_json
 
 
-def receiver(dtype: str, plan_json: str, out_file: str) -> None:
+def receiver(dtype: str, plan_json: str, out_file: str, backend: str = "tcp") -> None:
     caches = make_caches(getattr(torch, dtype), seed=None)
-    rx = TcpReceiver(layout_of(caches), caches)
+    rx = BACKENDS[backend][1](layout_of(caches), caches)
     rx.expect("t", dst_of(plan_from_json(plan_json)))
     print("ADDRESS", rx.address, flush=True)
     status = rx.wait("t", timeout=60)
@@ -28,9 +28,9 @@ def receiver(dtype: str, plan_json: str, out_file: str) -> None:
     rx.close()
 
 
-def sender(dtype: str, seed: str, plan_json: str, address: str, n: str) -> None:
+def sender(dtype: str, seed: str, plan_json: str, address: str, n: str, backend: str = "tcp") -> None:
     caches = make_caches(getattr(torch, dtype), seed=int(seed))
-    tx = TcpSender(layout_of(caches), caches)
+    tx = BACKENDS[backend][0](layout_of(caches), caches)
     plan = plan_from_json(plan_json)
     for layer in sorted(plan)[: int(n)]:
         src, dst = plan[layer]

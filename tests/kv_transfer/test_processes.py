@@ -1,12 +1,13 @@
-"""Peers in real processes (tests/kv_transfer/peer.py): exact data, and peers killed mid-transfer."""
+"""Peers in real processes (tests/kv_transfer/peer.py): exact data, and peers killed
+mid-transfer, over TCP and over the NCCL control flow with a gloo data plane."""
 
 import time
 
 import pytest
 import torch
 
-from kv_transfer import TcpReceiver, TcpSender, TransferStatus as S
-from tests.kv_transfer.helpers import (Peer, check_written, dst_of, eventually, layout_of, make_caches, make_plan,
+from kv_transfer import TcpSender, TransferStatus as S
+from tests.kv_transfer.helpers import (BACKENDS, Peer, check_written, dst_of, eventually, layout_of, make_caches, make_plan,
                                        plan_to_json)
 
 
@@ -34,12 +35,13 @@ def test_receiver_process_gets_exact_data(peers, tmp_path, dtype):
     check_written(got, make_caches(getattr(torch, dtype), seed=None), src, [plan])
 
 
-def test_receiver_killed_mid_transfer_sender_fails(peers, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_receiver_killed_mid_transfer_sender_fails(peers, tmp_path, backend):
     src = make_caches(torch.float32, seed=22)
     plan = make_plan(seed=22)
-    rx = peers("receiver", "float32", plan_to_json(plan), str(tmp_path / "unused.pt"))
+    rx = peers("receiver", "float32", plan_to_json(plan), str(tmp_path / "unused.pt"), backend)
     address = rx.expect_line("ADDRESS")
-    with TcpSender(layout_of(src), src) as tx:
+    with BACKENDS[backend][0](layout_of(src), src) as tx:
         for layer in (0, 1):
             tx.send_layer(address, "t", layer, *plan[layer])
         eventually(lambda: tx.stats()["layers_acked"] == 2, what="two acks")
@@ -57,13 +59,14 @@ def test_receiver_killed_mid_transfer_sender_fails(peers, tmp_path):
         assert tx.wait("t2", 10) == S.FAILED and address in tx.reason("t2")
 
 
-def test_sender_killed_mid_transfer_receiver_fails(peers):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sender_killed_mid_transfer_receiver_fails(peers, backend):
     dst = make_caches(torch.bfloat16, seed=None)
     before = [c.clone() for c in dst]
     plan = make_plan(seed=23)
-    with TcpReceiver(layout_of(dst), dst) as rx:
+    with BACKENDS[backend][1](layout_of(dst), dst) as rx:
         rx.expect("t", dst_of(plan))
-        tx = peers("sender", "bfloat16", "23", plan_to_json(plan), rx.address, "2")
+        tx = peers("sender", "bfloat16", "23", plan_to_json(plan), rx.address, "2", backend)
         tx.expect_line("SENT")
         assert rx.poll("t") == S.TRANSFERRING
         tx.kill()
