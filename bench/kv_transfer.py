@@ -1,13 +1,30 @@
-"""KV transfer throughput on two GPUs: our NCCL backend against raw NCCL send/recv,
-both timed in this call.
+"""KV transfer throughput on two GPUs: tandem's NCCL backend against raw NCCL send/recv,
+all timed in this call by the same two processes.
 
-    python bench/kv_transfer.py [--tokens 32000] [--layers 48]
+    python bench/kv_transfer.py [--tokens 32000] [--layers 48] [--reps 5] [--json OUT] [--profile]
+    python bench/kv_transfer.py --cpu            # smoke run of the same code on CPU, gloo
 
 The workload is one Scout-shaped prompt of --tokens tokens: 8 KV heads x 128 x bf16,
 16-token blocks (64 KiB a block per layer). Global layers (every 4th) carry every block;
-the 36 chunked-local layers only the last 8192-token chunk's blocks — what prefill
-pushes to decode. Sender on cuda:0, receiver on cuda:1, each its own process.
-Raw baseline: one 2-rank NCCL group, the same per-layer message sizes sent back to back.
+the chunked-local layers only the last 8192-token chunk's blocks -- what prefill pushes
+to decode. Sender on cuda:0, receiver on cuda:1, each its own process. Rows:
+
+  raw NCCL, per-layer messages   one 2-rank group, one send/recv per layer, back to back:
+                                 the ceiling for tandem's data plane (one NCCL op a part)
+  raw NCCL, coalesced messages   the same bytes, layers grouped as the sender coalesces
+                                 them when all are queued (up to max_message_bytes), one
+                                 op per group: what one buffer per message would buy
+  tandem nccl, coalescing on     NcclSender/NcclReceiver (what make_sender("nccl") builds):
+                                 first send_layer of a transfer -> DONE on both sides (the
+                                 later of the two); send_layer called back to back for
+                                 every layer, then finish
+  tandem nccl, coalescing off    the same with max_message_bytes = 1 (a message per layer)
+
+Then, per tandem row, the wall time each stage spent per transfer (stages overlap: they
+run on different threads) and the parts messages per transfer. Medians over --reps
+timed repetitions after one warm-up. With --cpu the caches are CPU tensors and the
+process groups gloo (the NCCL backend's control flow on CPU, as the tests run it);
+sizes default smaller there, and the times mean nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +44,37 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kv_transfer import CacheLayout, NcclReceiver, NcclSender  # noqa: E402
+
 BS, KVH, HD, CHUNK = 16, 8, 128, 8192
+BLOCK_BYTES = 2 * BS * KVH * HD * 2  # K and V of one block of one layer, bf16
+
+
+class GlooSender(NcclSender):
+    pg_backend = "gloo"
+
+
+class GlooReceiver(NcclReceiver):
+    pg_backend = "gloo"
+
+
+@dataclass(frozen=True)
+class Config:
+    blocks: dict[int, int]  # layer -> blocks pushed
+    reps: int
+    cpu: bool
+    profile: bool
+
+    def device(self, rank: int) -> str:
+        return "cpu" if self.cpu else f"cuda:{rank}"
+
+    def sync(self) -> None:
+        if not self.cpu:
+            torch.cuda.synchronize()
+
+
+# (row name, sender max_message_bytes) for the tandem rows
+VARIANTS = (("coalescing on", NcclSender.max_message_bytes), ("coalescing off", 1))
 
 
 def plan(tokens: int, layers: int) -> dict[int, int]:
@@ -35,36 +84,24 @@ def plan(tokens: int, layers: int) -> dict[int, int]:
     return {i: (total if (i + 1) % 4 == 0 else total - first_local) for i in range(layers)}
 
 
-def caches(blocks: dict[int, int], device: str):
-    return [torch.randn(2, n + 8, BS, KVH, HD, device=device, dtype=torch.bfloat16) for n in blocks.values()]
-
-
-def raw_nccl(rank: int, blocks: dict[int, int], port: int, reps: int, out):
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    bufs = [torch.empty(2, n, BS, KVH, HD, device=f"cuda:{rank}", dtype=torch.bfloat16) for n in blocks.values()]
-    times = []
-    for r in range(reps + 1):
-        dist.barrier()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for b in bufs:
-            (dist.send if rank == 0 else dist.recv)(b, 1 - rank)
-        torch.cuda.synchronize()
-        if r:
-            times.append(time.perf_counter() - t0)
-    if rank == 1:
-        out.put(statistics.median(times))
-    dist.destroy_process_group()
+def coalesced_groups(blocks: dict[int, int], cap: int) -> list[int]:
+    """Bytes of each message when every layer is queued at once: consecutive layers while
+    the total stays within cap (the rule of TcpSender._next_batch)."""
+    groups: list[int] = []
+    for n in blocks.values():
+        nbytes = n * BLOCK_BYTES
+        if groups and groups[-1] + nbytes <= cap:
+            groups[-1] += nbytes
+        else:
+            groups.append(nbytes)
+    return groups
 
 
 STAGES: dict[str, float] = {}
 
 
 def timed(cls, name: str) -> None:
-    """Wrap cls.name to add its wall time to STAGES (per process; --stages prints them)."""
+    """Wrap cls.name to add its wall time to STAGES (per process)."""
     fn = getattr(cls, name)
 
     def wrapper(*a, **k):
@@ -72,131 +109,197 @@ def timed(cls, name: str) -> None:
         try:
             return fn(*a, **k)
         finally:
-            STAGES[f"{cls.__name__}.{name}"] = STAGES.get(f"{cls.__name__}.{name}", 0.0) + time.perf_counter() - t0
+            STAGES[name] = STAGES.get(name, 0.0) + time.perf_counter() - t0
 
     setattr(cls, name, wrapper)
 
 
-def receiver(blocks, reps, q_addr, q_out, q_done, read_ahead=True, profile=False):
-    from kv_transfer import CacheLayout, make_receiver
-    from kv_transfer.nccl import NcclReceiver
+def raw_p2p(cfg: Config, rank: int, sizes: list[int]) -> float | None:
+    """One send (rank 0) / recv (rank 1) per entry of sizes (bytes), back to back, on the
+    default group; the receiver's median seconds (None on the sender)."""
+    import torch.distributed as dist
 
-    NcclReceiver.read_ahead = read_ahead
-    for name in ("_next_header", "_receive_payload", "_write", "_reply", "_layer_problem"):
+    bufs = [torch.empty(n, dtype=torch.uint8, device=cfg.device(rank)) for n in sizes]
+    times = []
+    for r in range(cfg.reps + 1):
+        dist.barrier()
+        cfg.sync()
+        t0 = time.perf_counter()
+        for b in bufs:
+            (dist.send if rank == 0 else dist.recv)(b, 1 - rank)
+        cfg.sync()
+        if r:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) if rank == 1 else None
+
+
+def raw_rows(cfg: Config, rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    if not cfg.cpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("gloo" if cfg.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=2)
+    per_layer = [n * BLOCK_BYTES for n in cfg.blocks.values()]
+    for name, sizes in (("per-layer", per_layer),
+                        ("coalesced", coalesced_groups(cfg.blocks, NcclSender.max_message_bytes))):
+        t = raw_p2p(cfg, rank, sizes)
+        if t is not None:
+            results.put(("raw", name, len(sizes), t))
+    dist.destroy_process_group()
+
+
+def caches(cfg: Config, rank: int) -> list[torch.Tensor]:
+    return [torch.randn(2, n + 8, BS, KVH, HD, device=cfg.device(rank)).to(torch.bfloat16)
+            for n in cfg.blocks.values()]
+
+
+def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
+    raw_rows(cfg, 1, port, results)
+    for name in ("_on_parts", "_await_data", "_write_part", "_reply"):
         timed(NcclReceiver, name)
-
-    kv = caches(blocks, "cuda:1")
-    layout = CacheLayout.from_caches("bench", kv)
-    rx = make_receiver("nccl", layout, kv, host="127.0.0.1", port=0)
-    q_addr.put(rx.address)
-    prof = None
-    for r in range(reps + 1):
-        tid = f"t{r}"
-        rx.expect(tid, {i: list(range(n)) for i, n in blocks.items()})
-        if r == reps and profile:  # trace the last transfer (all threads)
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA])
-            prof.__enter__()
-        q_addr.put("ready")
-        st = rx.wait(tid, 120)
-        if prof is not None:
-            torch.cuda.synchronize()
-            prof.__exit__(None, None, None)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
-        q_out.put(("rx", r, st.name, time.time()))
-        q_done.get()  # release only after the sender's finish was answered
-        rx.release(tid)
-    q_out.put(("stages", "rx", {k: v / (reps + 1) for k, v in STAGES.items()}))
-    time.sleep(1)
+    kv = caches(cfg, 1)
+    rx = (GlooReceiver if cfg.cpu else NcclReceiver)(CacheLayout.from_caches("bench", kv), kv)
+    to_sender.put(rx.address)
+    for variant, _ in VARIANTS:
+        STAGES.clear()
+        for r in range(cfg.reps + 1):
+            tid = f"{variant}-{r}"
+            rx.expect(tid, {i: list(range(n)) for i, n in cfg.blocks.items()})
+            prof = None
+            if cfg.profile and not cfg.cpu and r == cfg.reps and variant == VARIANTS[0][0]:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+            to_sender.put("ready")
+            st = rx.wait(tid, 120)
+            t_done = time.time()
+            if prof is not None:
+                cfg.sync()
+                prof.__exit__(None, None, None)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
+            results.put(("rx", variant, r, st.name, t_done))
+            to_receiver.get()  # release only after the sender's finish was answered
+            rx.release(tid)
+        results.put(("stages", variant, "receiver", {k: v / (cfg.reps + 1) for k, v in STAGES.items()}))
     rx.close()
 
 
-def sender(blocks, reps, q_addr, q_out, q_done):
-    from kv_transfer import CacheLayout, make_sender
-    from kv_transfer.nccl import NcclSender
-
-    for name in ("send_layer", "_stage", "_transmit"):
+def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
+    raw_rows(cfg, 0, port, results)
+    for name in ("send_layer", "_stage", "_send_parts"):
         timed(NcclSender, name)
-
-    kv = caches(blocks, "cuda:0")
-    layout = CacheLayout.from_caches("bench", kv)
-    tx = make_sender("nccl", layout, kv)
-    address = q_addr.get()
+    kv = caches(cfg, 0)
+    tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv)
+    address = to_sender.get()
     tx.connect(address)
-    for r in range(reps + 1):
-        assert q_addr.get() == "ready"
-        torch.cuda.synchronize()
-        t0 = time.time()
-        for i, n in blocks.items():  # src blocks shuffled-ish: every other block, then the rest
-            src = list(range(0, n, 2)) + list(range(1, n, 2))
-            tx.send_layer(address, f"t{r}", i, src, list(range(n)))
-        tx.finish(address, f"t{r}", len(blocks))
-        st = tx.wait(f"t{r}", 120)
-        q_out.put(("tx", r, st.name + (f" ({tx.reason(f't{r}')})" if st.name != "DONE" else ""), t0, time.time()))
-        q_done.put(r)
-        tx.release(f"t{r}")
-    q_out.put(("stages", "tx", {k: v / (reps + 1) for k, v in STAGES.items()}))
+    for variant, cap in VARIANTS:
+        STAGES.clear()
+        tx.max_message_bytes = cap
+        for r in range(cfg.reps + 1):
+            tid = f"{variant}-{r}"
+            assert to_sender.get() == "ready"
+            messages = tx.stats()["messages_sent"]
+            cfg.sync()
+            t0 = time.time()
+            for i, n in cfg.blocks.items():  # src blocks shuffled-ish: every other block, then the rest
+                tx.send_layer(address, tid, i, list(range(0, n, 2)) + list(range(1, n, 2)), list(range(n)))
+            tx.finish(address, tid, len(cfg.blocks))
+            st = tx.wait(tid, 120)
+            t_done = time.time()
+            state = st.name + ("" if st.name == "DONE" else f" ({tx.reason(tid)})")
+            results.put(("tx", variant, r, state, t0, t_done, tx.stats()["messages_sent"] - messages))
+            to_receiver.put("done")
+            tx.release(tid)
+        results.put(("stages", variant, "sender", {k: v / (cfg.reps + 1) for k, v in STAGES.items()}))
     tx.close()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32000, help="prompt tokens whose KV moves (default 32000)")
-    ap.add_argument("--layers", type=int, default=48, help="layers (default 48, Scout)")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up)")
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the receiver's last transfer")
-    args = ap.parse_args()
-    blocks = plan(args.tokens, args.layers)
-    nbytes = sum(blocks.values()) * 2 * BS * KVH * HD * 2
-    print(f"{torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}; {args.tokens} tokens, "
-          f"{args.layers} layers, {nbytes / 1e9:.2f} GB in {len(blocks)} layer messages", flush=True)
+def next_result(results, procs, timeout: float = 600):
+    """The next message from the workers; RuntimeError as soon as one of them died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            for p in procs:
+                if p.exitcode not in (None, 0):
+                    raise RuntimeError(f"bench process {p.name} exited with {p.exitcode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result from the bench processes in {timeout:.0f} s") from None
+
+
+def run(cfg: Config) -> dict:
+    """Both processes, every row; returns the results (also printed as a table)."""
+    nbytes = sum(cfg.blocks.values()) * BLOCK_BYTES
     ctx = mp.get_context("spawn")
-
-    out = ctx.Queue()
+    results, to_sender, to_receiver = ctx.Queue(), ctx.Queue(), ctx.Queue()
     port = 29500 + os.getpid() % 1000
-    ps = [ctx.Process(target=raw_nccl, args=(r, blocks, port, args.reps, out)) for r in (0, 1)]
-    for p in ps:
+    procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
+    for p in procs:
         p.start()
-    raw_s = out.get(timeout=300)
-    for p in ps:
-        p.join()
-    print(f"raw NCCL send/recv: {raw_s * 1e3:.1f} ms, {nbytes / raw_s / 1e9:.1f} GB/s", flush=True)
+    raw, tandem, stages = {}, {}, {}
+    expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
+    for _ in range(expected):
+        m = next_result(results, procs)
+        if m[0] == "raw":
+            raw[m[1]] = {"messages": m[2], "s": m[3]}
+        elif m[0] == "stages":
+            stages.setdefault(m[1], {}).update(m[3])
+        else:
+            tandem.setdefault(m[1], {}).setdefault(m[2], {})[m[0]] = m
+    for p in procs:
+        p.join(timeout=60)
+    rows = {}
+    for variant, reps in tandem.items():
+        times, states, messages = [], set(), []
+        for r in range(1, cfg.reps + 1):
+            tx, rx = reps[r]["tx"], reps[r]["rx"]
+            times.append(max(tx[5], rx[4]) - tx[4])
+            states.add((tx[3], rx[3]))
+            messages.append(tx[6])
+        rows[variant] = {"s": statistics.median(times), "states": sorted(states),
+                         "messages": statistics.median(messages), "stages_s": stages.get(variant, {})}
 
-    results = {}
-    for read_ahead in (True, False):
-        q_addr, q_out, q_done = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        rx = ctx.Process(target=receiver, args=(blocks, args.reps, q_addr, q_out, q_done, read_ahead, args.profile))
-        rx.start()
-        tx = ctx.Process(target=sender, args=(blocks, args.reps, q_addr, q_out, q_done))
-        tx.start()
-        rows = {}
-        for _ in range(2 * (args.reps + 1) + 2):
-            m = q_out.get(timeout=600)
-            if m[0] == "stages":
-                print(f"  {m[1]} stage seconds per transfer: " +
-                      ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(m[2].items())), flush=True)
-                continue
-            rows.setdefault(m[1], {})[m[0]] = m
-        tx.join()
-        rx.join()
-        times, states = [], []
-        for r in range(1, args.reps + 1):
-            t = rows[r]
-            states.append((t["tx"][2], t["rx"][2]))
-            times.append(max(t["tx"][4], t["rx"][3]) - t["tx"][3])
-        results[read_ahead] = (statistics.median(times), states)
-        print(f"tandem kv_transfer (nccl, read_ahead={read_ahead}): {results[read_ahead][0] * 1e3:.1f} ms; "
-              f"states {set(states)}", flush=True)
-    print("\n| what | time | GB/s | vs raw |\n|---|---|---|---|")
-    print(f"| raw NCCL send/recv | {raw_s * 1e3:.1f} ms | {nbytes / raw_s / 1e9:.1f} | 100% |")
-    for ra, (t, _) in results.items():
-        print(f"| tandem nccl backend, read-ahead {'on' if ra else 'off'} | {t * 1e3:.1f} ms | {nbytes / t / 1e9:.1f} | "
-              f"{100 * raw_s / t:.0f}% |")
-    ours, states = results[True]
+    base = raw["per-layer"]["s"]
+    print(f"\n{nbytes / 1e9:.2f} GB in {len(cfg.blocks)} layers; medians of {cfg.reps}\n")
+    print("| what | messages | time | GB/s | vs raw per-layer |\n|---|---|---|---|---|")
+    for name, r in raw.items():
+        print(f"| raw {'gloo' if cfg.cpu else 'NCCL'}, {name} messages | {r['messages']} | {r['s'] * 1e3:.1f} ms "
+              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% |")
+    for variant, r in rows.items():
+        print(f"| tandem nccl backend, {variant} | {r['messages']:g} | {r['s'] * 1e3:.1f} ms "
+              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% |")
+    print()
+    for variant, r in rows.items():
+        print(f"{variant}: states {r['states']}; stage ms per transfer: "
+              + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in sorted(r["stages_s"].items())))
+    return {"bytes": nbytes, "raw": raw, "tandem": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, help="prompt tokens whose KV moves (default 32000; 1024 with --cpu)")
+    ap.add_argument("--layers", type=int, help="layers (default 48, Scout; 8 with --cpu)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a torch.profiler table of the receiver's last coalesced transfer (GPU only)")
+    ap.add_argument("--cpu", action="store_true", help="smoke run on CPU tensors with gloo (no GPU needed)")
+    args = ap.parse_args(argv)
+    tokens = args.tokens or (1024 if args.cpu else 32000)
+    layers = args.layers or (8 if args.cpu else 48)
+    if args.reps < 1 or tokens < 1 or layers < 1:
+        ap.error("--reps, --tokens and --layers must be >= 1")
+    if not args.cpu and torch.cuda.device_count() < 2:
+        ap.error(f"needs 2 GPUs, found {torch.cuda.device_count()} (use --cpu for a smoke run)")
+    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile)
+    where = "CPU, gloo" if args.cpu else f"{torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}"
+    print(f"{where}; {tokens} tokens, {layers} layers; torch {torch.__version__}", flush=True)
+    out = run(cfg)
     if args.json:
-        Path(args.json).write_text(json.dumps({"bytes": nbytes, "raw_s": raw_s, "ours_s": ours, "states": states}))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
