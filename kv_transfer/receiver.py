@@ -214,6 +214,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
 
     def _serve(self, conn: _Conn) -> None:
         """The connection's reader (see the module docstring)."""
+        self._use_device()
         reason = "closed"
         try:
             if self._handshake(conn):
@@ -301,8 +302,8 @@ class TcpReceiver(TransferRecords, KVReceiver):
     # ---- the reader's side of a message
 
     def _on_parts(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> _Message:
-        seq, rows, lens = _parse_parts(header)
-        ids_bytes = 4 * sum(lens)
+        seq, rows, lens = wire.parse_parts_header(header)
+        ids_bytes = wire.ID_BYTES * sum(lens)
         if payload_len < ids_bytes:
             raise ConnectionError(f"parts message {seq}: payload of {payload_len} bytes cannot hold its block ids")
         dsts = wire.recv_block_ids(conn.sock, lens)
@@ -327,6 +328,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
     # ---- the completer
 
     def _complete_loop(self, conn: _Conn) -> None:
+        self._use_device()
         broken = False
         while (item := conn.arrivals.get()) is not None:
             if broken:
@@ -432,6 +434,12 @@ class TcpReceiver(TransferRecords, KVReceiver):
 
     # ---- the cache
 
+    def _use_device(self) -> None:
+        """Our threads start here: CUDA calls that use the current device (pinned memory
+        among them) must not create a context on another GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def _index(self, ids: torch.Tensor) -> torch.Tensor:
         """Block ids as an int64 index on the cache's device, made on the receiver's stream
         (the one every cache write uses), from pinned memory so nothing waits."""
@@ -485,18 +493,3 @@ class TcpReceiver(TransferRecords, KVReceiver):
         """Completer: the part's bytes, [2, n, bs, kvh, d], once they are all here."""
         return part.data
 
-
-def _parse_parts(header: dict[str, Any]) -> tuple[int, list[tuple[str, int, int]], list[int]]:
-    """(seq, [(tid, layer, dst list index)], dst_lens) of a parts header; ConnectionError
-    if it is malformed (the stream cannot be trusted after that)."""
-    try:
-        seq, lens = header["seq"], header["dst_lens"]
-        rows = [(tid, layer, d) for tid, layer, d in header["parts"]]
-        ok = (isinstance(seq, int) and rows and all(isinstance(n, int) and n > 0 for n in lens)
-              and all(isinstance(tid, str) and isinstance(layer, int) and isinstance(d, int) and 0 <= d < len(lens)
-                      for tid, layer, d in rows))
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConnectionError(f"malformed parts message: {str(header)[:200]}")
-    return seq, rows, lens

@@ -336,6 +336,8 @@ class TcpSender(TransferRecords, KVSender):
     # ---- the writer: coalescing queued parts into messages
 
     def _write_loop(self, peer: _Peer) -> None:
+        if self.device.type == "cuda":  # so nothing here creates a context on another GPU
+            torch.cuda.set_device(self.device)
         try:
             while (batch := self._next_batch(peer)) is not None:
                 if isinstance(batch, _Control):
@@ -386,10 +388,8 @@ class TcpSender(TransferRecords, KVSender):
                 return
             seq, peer.next_seq = peer.next_seq, peer.next_seq + 1
             sent = peer.inflight[seq] = _Sent([(p.tid, p.layer) for p in live])  # before the ack can come
-        dsts: dict[bytes, int] = {}  # distinct destination lists -> index
-        rows = [[p.tid, p.layer, dsts.setdefault(p.dst, len(dsts))] for p in live]
-        header = {"op": "parts", "seq": seq, "parts": rows, "dst_lens": [len(d) // 4 for d in dsts]}
-        nbytes = self._transmit(peer, header, [memoryview(d) for d in dsts], live, sent)
+        header, ids = wire.parts_header(seq, [(p.tid, p.layer, p.dst) for p in live])
+        nbytes = self._transmit(peer, header, ids, live, sent)
         with self._lock:
             self._stats["messages_sent"] += 1
             self._stats["layers_sent"] += len(live)

@@ -39,6 +39,7 @@ _PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 64 << 20  # a header lists block ids; 64 MiB is far beyond any real one
 _CHUNK = 8 << 20  # bytes per recv call
 HANDSHAKE_TIMEOUT_S = 30.0
+ID_BYTES = 4  # block ids travel as native int32 (array "i", torch.int32)
 
 
 class PeerClosed(ConnectionError):
@@ -147,3 +148,29 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
     header, payload_len = recv_header(sock)
     discard(sock, payload_len)
     return header
+
+
+def parts_header(seq: int, parts: Sequence[tuple[str, int, bytes]]) -> tuple[dict[str, Any], list[memoryview]]:
+    """A parts message's header and the block ids that start its payload, for parts
+    given as (tid, layer, destination ids as block_ids() bytes). Identical destination
+    lists (every global layer of a step has the same) travel once."""
+    dsts: dict[bytes, int] = {}
+    rows = [[tid, layer, dsts.setdefault(dst, len(dsts))] for tid, layer, dst in parts]
+    header = {"op": "parts", "seq": seq, "parts": rows, "dst_lens": [len(d) // ID_BYTES for d in dsts]}
+    return header, [memoryview(d) for d in dsts]
+
+
+def parse_parts_header(header: dict[str, Any]) -> tuple[int, list[tuple[str, int, int]], list[int]]:
+    """(seq, [(tid, layer, dst list index)], dst_lens) of a parts header; ConnectionError
+    if it is malformed (the stream cannot be trusted after that)."""
+    try:
+        seq, lens = header["seq"], header["dst_lens"]
+        rows = [(tid, layer, d) for tid, layer, d in header["parts"]]
+        ok = (isinstance(seq, int) and rows and all(isinstance(n, int) and n > 0 for n in lens)
+              and all(isinstance(tid, str) and isinstance(layer, int) and isinstance(d, int) and 0 <= d < len(lens)
+                      for tid, layer, d in rows))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConnectionError(f"malformed parts message: {str(header)[:200]}")
+    return seq, rows, lens

@@ -5,12 +5,13 @@ deterministic here, GatedSender holds its writer until the test opens the gate, 
 parts queued before fill one message (up to max_message_bytes); GatedReceiver likewise
 holds its completer, so a test can act while a message's data is in flight."""
 
+import socket
 import threading
 
 import pytest
 import torch
 
-from kv_transfer import TransferStatus as S
+from kv_transfer import TransferStatus as S, wire
 from tests.kv_transfer.helpers import BACKENDS, check_written, dst_of, eventually, layout_of, make_caches, make_plan
 
 PART_BYTES = 2 * 5 * 4 * 2 * 8 * 4  # [2, n=5, bs=4, kvh=2, d=8] fp32: make_plan's default part
@@ -217,3 +218,34 @@ def test_block_ids_are_checked_per_pool():
         tx.finish(rx.address, "t", 2)
         assert tx.wait("t", 20) == S.DONE, tx.reason("t")
         assert torch.equal(rx.kv_caches[2][:, [0, 1]], src[2][:, [20, 21]])
+
+
+def test_bad_parts_messages_from_a_raw_sender():
+    """A payload of the wrong size fails the message's parts but keeps the connection in
+    sync; a malformed header drops the connection, failing what it fed."""
+    sender_cls, receiver_cls = BACKENDS["tcp"]
+    dst = make_caches(torch.float32, seed=None)
+    with receiver_cls(layout_of(dst), dst) as rx, socket.create_connection(wire.parse_address(rx.address)) as s:
+        wire.send_frame(s, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": "tcp",
+                            "layout": rx.layout.to_dict()})
+        assert wire.recv_frame(s)["op"] == "hello_ok"
+        rx.expect("short", {0: [1, 2]})
+        rx.expect("fine", {0: [3]})
+        part = torch.ones(2, 1, 4, 2, 8)  # one block's worth, for a part that names two
+        wire.send_frame(s, {"op": "parts", "seq": 0, "parts": [["short", 0, 0]], "dst_lens": [2]},
+                        [memoryview(wire.block_ids([1, 2], "dst")), wire.tensor_bytes(part)])
+        ack = wire.recv_frame(s)
+        assert ack["seq"] == 0 and ack["failed"][0][0] == 0 and "payload of" in ack["failed"][0][1]
+        assert rx.poll("short") == S.FAILED
+        wire.send_frame(s, {"op": "parts", "seq": 1, "parts": [["fine", 0, 0]], "dst_lens": [1]},
+                        [memoryview(wire.block_ids([3], "dst")), wire.tensor_bytes(part)])
+        assert wire.recv_frame(s) == {"op": "ack", "seq": 1, "failed": []}
+        assert rx.poll("fine") == S.DONE and torch.equal(dst[0][:, 3], part[:, 0])
+
+        rx.expect("cut", {0: [5], 1: [5]})
+        wire.send_frame(s, {"op": "parts", "seq": 2, "parts": [["cut", 0, 0]], "dst_lens": [1]},
+                        [memoryview(wire.block_ids([5], "dst")), wire.tensor_bytes(part)])
+        assert wire.recv_frame(s)["failed"] == []
+        wire.send_frame(s, {"op": "parts", "seq": 3, "parts": [["cut", 1, 7]], "dst_lens": [1]})  # no list 7
+        assert rx.wait("cut", 10) == S.FAILED and "disconnected" in rx.reason("cut")
+        assert s.recv(1) == b""  # the receiver closed the connection
