@@ -1,0 +1,184 @@
+"""Paged prefill attention (kernels/prefill_attention.py) against its torch reference and
+against the engine's torch attention path, run by Triton's interpreter on the CPU.
+
+Every cache slot that no segment may read holds nan, so a kernel that reads one (a
+released block, a slot before kv_start or past the last key) fails loudly. Shapes stay
+small: the interpreter is slow (the whole file takes ~20 s on 2 cores)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from engine.attention import SeqSpan, build_metadata  # noqa: E402
+from engine.ops import TorchOps  # noqa: E402
+from kernels.prefill_attention import (  # noqa: E402
+    PrefillConfig, _tile_map, prefill_attention, prefill_attention_reference)
+
+# (n queries, kv_start, kv_len) per segment: square causal; a chunk after a prefix whose
+# keys start mid-block (kv_start 20); one query after 29 keys with released blocks before
+# kv_start 48; an empty segment; 20 queries after a 50-key prefix (several unmasked tiles).
+SEGMENTS = [(7, 0, 7), (33, 20, 40), (1, 48, 30), (0, 0, 0), (20, 0, 70)]
+
+
+def _case(seed, dtype, kvh, g, segments, d=32, bs=16):
+    """Fresh random q and caches for `segments`; each segment has its own block-table row
+    with shuffled physical blocks for the blocks it sees and -1 elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    spans = [range(start // bs, (start + length - 1) // bs + 1) if n else range(0) for n, start, length in segments]
+    width = max((r.stop for r in spans), default=0) + 1
+    nb = sum(len(r) for r in spans) + 2  # two spare blocks nothing points at
+    phys = iter(torch.randperm(nb, generator=gen).tolist())
+    k = torch.full((nb, bs, kvh, d), float("nan"))
+    v = torch.full((nb, bs, kvh, d), float("nan"))
+    table = torch.full((len(segments), width), -1, dtype=torch.int32)
+    for i, ((n, start, length), cols) in enumerate(zip(segments, spans)):
+        for col in cols:
+            table[i, col] = b = next(phys)
+            rows = [p % bs for p in range(col * bs, (col + 1) * bs) if start <= p < start + length]
+            k[b, rows] = torch.randn(len(rows), kvh, d, generator=gen)
+            v[b, rows] = torch.randn(len(rows), kvh, d, generator=gen)
+    n = torch.tensor([s[0] for s in segments])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)]).int()
+    q = torch.randn(int(n.sum()), kvh * g, d, generator=gen)
+    kv_start = torch.tensor([s[1] for s in segments], dtype=torch.int32)
+    kv_len = torch.tensor([s[2] for s in segments], dtype=torch.int32)
+    return q.to(dtype), k.to(dtype), v.to(dtype), table, cu, kv_start, kv_len
+
+
+def _assert_close(out, ref, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+# bf16 and fp32 take the same path in the interpreter (dot operands are upcast), so the
+# dtypes share out the configurations rather than multiply them.
+@pytest.mark.parametrize("dtype, kvh, g, cfg", [
+    (torch.float32, 2, 1, PrefillConfig(16, 16, 1, 1)),  # one cache block per key tile
+    (torch.bfloat16, 1, 3, PrefillConfig(32, 32, 1, 1)),  # two blocks per tile
+    (torch.float32, 1, 5, PrefillConfig(32, 64, 1, 1)),  # Scout's ratio; four blocks per tile
+    (torch.bfloat16, 1, 5, PrefillConfig(32, 64, 1, 1)),
+])
+def test_prefill_attention_matches_reference(dtype, kvh, g, cfg):
+    args = _case(10 * kvh + g + (dtype == torch.bfloat16), dtype, kvh, g, SEGMENTS)
+    out = prefill_attention(*args, 0.2, config=cfg)
+    _assert_close(out, prefill_attention_reference(*args, 0.2), dtype)
+
+
+def test_prefill_attention_key_tile_inside_a_block():
+    """block_size 32 with 16-key tiles: two tiles per cache block; fp16."""
+    args = _case(7, torch.float16, 2, 2, [(18, 0, 18), (5, 40, 25)], bs=32)
+    out = prefill_attention(*args, 0.3, config=PrefillConfig(16, 16, 1, 1))
+    _assert_close(out, prefill_attention_reference(*args, 0.3), torch.float16)
+
+
+def test_prefill_attention_default_config_unvalidated_and_no_queries():
+    args = _case(3, torch.float32, 1, 2, [(9, 0, 40)])
+    _assert_close(prefill_attention(*args, 0.5, validate=False), prefill_attention_reference(*args, 0.5),
+                  torch.float32)
+    q, k, v, table, cu, start, length = _case(4, torch.float32, 1, 2, [(0, 0, 0)])
+    assert prefill_attention(q, k, v, table, cu, start, length, 0.5).shape == (0, 2, 32)
+
+
+def test_tile_map_covers_every_query_tile_once_heaviest_first():
+    n, start, length = [33, 0, 7, 64], [20, 0, 0, 128], [40, 0, 7, 200]
+    cu = torch.tensor([0, *n]).cumsum(0).int()
+    tiles, runs = _tile_map(cu, torch.tensor(start).int(), torch.tensor(length).int(), 16, 32,
+                            max_tiles=triton.cdiv(sum(n), 16) + len(n))
+    real = tiles[0] < len(n)
+    assert sorted(zip(*tiles[:, real].tolist())) == [(0, 0), (0, 1), (0, 2), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
+    assert not real[int(real.sum()):].any()  # spare entries come last
+    work = runs.sum(0)
+    assert work.tolist() == sorted(work.tolist(), reverse=True)
+    # Segment 3's last tile: queries at positions 312..327 see keys 128..327, tiles 4..10
+    # of 32 keys: 312 cuts tile 9, so 4..8 are full and 9..10 diagonal.
+    last = list(zip(*tiles.tolist())).index((3, 3))
+    assert runs[:, last].tolist() == [0, 5, 2]
+
+
+def _pieces(spans, chunk):
+    """How a prefill step is handed to the kernel: each request's new tokens cut at local
+    chunk boundaries, as build_metadata cuts them; (batch row, n, kv_start, kv_len, request)."""
+    pieces = []
+    for i, sp in enumerate(spans):
+        if sp.num_tokens == 1:  # decode rows go to the decode kernel
+            continue
+        lo, hi = sp.q_start, sp.q_start + sp.num_tokens
+        cuts = [lo, *(range((lo // chunk + 1) * chunk, hi, chunk) if chunk else ()), hi]
+        for a, b in zip(cuts, cuts[1:]):
+            kv_start = (a // chunk) * chunk if chunk else 0
+            pieces.append((sp.batch_start + a - lo, b - a, kv_start, b - kv_start, i))
+    return pieces
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_prefill_attention_matches_torch_ops(chunk):
+    """The same step through engine.attention.build_metadata and TorchOps._attention (SDPA
+    per segment): a new 50-token prompt, 30 tokens after a 40-token cached prefix, and a
+    decode row between them; chunk 32 is a chunked-local layer (released blocks: None)."""
+    bs, kvh, g, d = 16, 2, 2, 32
+    gen = torch.Generator().manual_seed(chunk or 1)
+    kv_cache = torch.randn(2, 16, bs, kvh, d, generator=gen)
+    phys = torch.randperm(16, generator=gen).tolist()
+    tables = [phys[0:4], phys[4:9], phys[9:13]]
+    if chunk:  # the local window released the prefix's blocks before its chunk (32)
+        tables[1][:2] = [None, None]
+    spans = [SeqSpan(0, 0, 50, tuple(tables[0])), SeqSpan(50, 60, 1, tuple(tables[2])),
+             SeqSpan(51, 40, 30, tuple(tables[1]))]
+    q = torch.randn(81, kvh * g, d, generator=gen)
+    meta = build_metadata(spans, bs, chunk, torch.device("cpu"))
+    want = TorchOps()._attention(q, kv_cache, meta, 0.25)
+
+    pieces = _pieces(spans, chunk)
+    assert [(p[0], p[0] + p[1], p[3]) for p in pieces] == [(s.start, s.end, len(s.kv_slots)) for s in meta.prefills]
+    rows = torch.cat([torch.arange(p[0], p[0] + p[1]) for p in pieces])
+    width = max(len(sp.block_table) for sp in spans)
+    request_rows = [[-1 if b is None else b for b in sp.block_table] + [-1] * (width - len(sp.block_table))
+                    for sp in spans]
+    table = torch.tensor([request_rows[p[4]] for p in pieces], dtype=torch.int32)  # a row per piece
+    cu = torch.tensor([0] + [p[1] for p in pieces]).cumsum(0).int()
+    kv_start = torch.tensor([p[2] for p in pieces], dtype=torch.int32)
+    kv_len = torch.tensor([p[3] for p in pieces], dtype=torch.int32)
+    out = prefill_attention(q[rows], kv_cache[0], kv_cache[1], table, cu, kv_start, kv_len, 0.25)
+    torch.testing.assert_close(out, want[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_rejects_bad_inputs():
+    q, k, v, table, cu, start, length = args = _case(0, torch.float32, 2, 2, [(5, 0, 9), (4, 16, 8)])
+    with pytest.raises(ValueError, match="block_tables: must be int32"):
+        prefill_attention(q, k, v, table.long(), cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="kv_len"):
+        prefill_attention(q, k, v, table, cu, start, torch.tensor([4, 8], dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="block_tables: 1 columns"):
+        prefill_attention(q, k, v, table[:, :1], cu, start, length, 1.0)
+    released = table.clone()
+    released[1, 1] = -1
+    with pytest.raises(ValueError, match="released"):
+        prefill_attention(q, k, v, released, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        prefill_attention(q, k, v, table, torch.tensor([0, 5, 8], dtype=torch.int32), start, length, 1.0)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        prefill_attention(q, k, v, table, cu[:2], start, length, 1.0)
+    with pytest.raises(ValueError, match="kv_start"):
+        prefill_attention(q, k, v, table, cu, torch.tensor([-1, 16], dtype=torch.int32), length, 1.0)
+    with pytest.raises(ValueError, match="heads"):
+        prefill_attention(q[:, :3], k, v, table, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        prefill_attention(q.double(), k, v, table, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        prefill_attention(q, k, v.half(), table, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        prefill_attention(q[..., :24], k[..., :24], v[..., :24], table, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="block_size"):
+        prefill_attention(q, k[:, :8], v[:, :8], table, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="q: last dimension"):
+        prefill_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, table, cu, start, length, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        prefill_attention(*args, 0.0)
+    with pytest.raises(ValueError, match="block_n"):
+        prefill_attention(*args, 1.0, config=PrefillConfig(16, 24, 1, 1))
