@@ -18,9 +18,25 @@ import torch
 
 @dataclass
 class DecodeBatch:
-    token_index: torch.Tensor  # [B] rows of the step's token batch that are single-token queries
-    kv_slots: torch.Tensor  # [B, L] cache slots of each row's visible keys, padded
-    mask: torch.Tensor  # [B, L] bool, True where a slot is a real visible key
+    """Rows of the step's batch that are single-token queries. Row b sees the keys at
+    positions [kv_start[b], kv_start[b] + kv_len[b]), found through its block table.
+    All tensors are on the device; a CUDA graph keeps them as static buffers."""
+
+    token_index: torch.Tensor  # [B] rows of the step's token batch
+    block_tables: torch.Tensor  # [B, W] int32 physical block of each logical block (-1: released)
+    kv_start: torch.Tensor  # [B] int32 first visible key position
+    kv_len: torch.Tensor  # [B] int32 number of visible keys (>= 1)
+    max_len: int  # an upper bound on kv_len, known on the host (sizes the torch path's batch)
+
+    def key_slots(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, max_len] cache slot of each visible key, padded; [B, max_len] bool, True
+        where the slot is a real visible key). Built on the device, without a sync."""
+        j = torch.arange(self.max_len, device=self.kv_len.device)
+        start, length = self.kv_start.long()[:, None], self.kv_len.long()[:, None]
+        mask = j[None, :] < length
+        kpos = torch.where(mask, start + j[None, :], start)  # padding repeats a visible key
+        blocks = self.block_tables.long().gather(1, kpos // block_size)
+        return blocks * block_size + kpos % block_size, mask
 
 
 @dataclass
@@ -53,16 +69,21 @@ class SeqSpan:
     block_table: tuple[int | None, ...]  # None: a block released from the local window
 
 
-def build_metadata(
-    spans: list[SeqSpan], block_size: int, chunk: int | None, device: torch.device
-) -> AttentionMetadata:
-    """chunk: the local attention chunk size, or None for global layers.
+@dataclass
+class HostTables:
+    """The per-request numbers of a step, on the CPU: what build_metadata and the CUDA
+    graph runner both start from."""
 
-    Per-request numbers (positions, lengths) are worked out on the CPU; the [B, L] and
-    [n, L] index and mask tensors, which grow with the context, are built on `device`
-    from the small block table, so a long-context step neither runs megabyte-sized CPU
-    ops nor copies them to the GPU (measured: ~30 ms a step at 16 x 8k before).
-    Reading a released block is caught on the CPU, on block indices, without a sync."""
+    table: torch.Tensor  # [B, W] int64 block tables, -1 where released (or past the end)
+    q_start: torch.Tensor  # [B] position of each request's first new token
+    num_tokens: torch.Tensor  # [B]
+    kv_first: torch.Tensor  # [B] first key position a request reads (its chunk start, or 0)
+    slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
+
+
+def host_tables(spans: list[SeqSpan], block_size: int, chunk: int | None) -> HostTables:
+    """chunk: the local attention chunk size, or None for global layers. Reading a
+    released block is caught here, on block indices, before anything runs."""
     width = max(len(s.block_table) for s in spans)
     # A released (None) block becomes -1 so any read of it is caught below.
     table = torch.tensor([[-1 if b is None else b for b in s.block_table] + [-1] * (width - len(s.block_table))
@@ -76,28 +97,34 @@ def build_metadata(
     needed = (cols[None, :] >= (kv_first // block_size)[:, None]) & (cols[None, :] <= ((q_end - 1) // block_size)[:, None])
     if bool((table[needed] < 0).any()):
         raise RuntimeError("attention touches a released block")
-
     req = torch.repeat_interleave(torch.arange(len(spans)), n_tok)  # [T] request of each token
     first = torch.cumsum(n_tok, 0) - n_tok
     pos = q_start[req] + torch.arange(len(req)) - first[req]
     slot_mapping = table[req, pos // block_size] * block_size + pos % block_size
-    table_dev = table.to(device)
+    return HostTables(table, q_start, n_tok, kv_first, slot_mapping)
 
-    def slots(rows: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:  # on device
-        return table_dev[rows, kpos // block_size] * block_size + kpos % block_size
+
+def build_metadata(
+    spans: list[SeqSpan], block_size: int, chunk: int | None, device: torch.device
+) -> AttentionMetadata:
+    """chunk: the local attention chunk size, or None for global layers.
+
+    Per-request numbers (positions, lengths) are worked out on the CPU; the index tensors
+    that grow with the context ([n, L] for a prefill piece, [B, L] for the torch decode
+    path) are built on `device` from the small block table, so a long-context step neither
+    runs megabyte-sized CPU ops nor copies them to the GPU (measured: ~30 ms a step at
+    16 x 8k before)."""
+    h = host_tables(spans, block_size, chunk)
+    table_dev = h.table.to(device)
 
     decode = None
     dec = [i for i, s in enumerate(spans) if s.num_tokens == 1]
     if dec:
         d = torch.tensor(dec)
-        kv_start, length = kv_first[d], q_start[d] + 1 - kv_first[d]
-        j = torch.arange(int(length.max()), device=device)
-        kv_start_d, length_d, d_dev = kv_start.to(device), length.to(device), d.to(device)
-        mask = j[None, :] < length_d[:, None]  # [B, L]
-        kpos = torch.where(mask, kv_start_d[:, None] + j[None, :], kv_start_d[:, None])
-        kv_slots = slots(d_dev[:, None].expand_as(kpos), kpos)
-        batch_rows = torch.tensor([spans[i].batch_start for i in dec])
-        decode = DecodeBatch(batch_rows.to(device), kv_slots, mask)
+        kv_start, length = h.kv_first[d], h.q_start[d] + 1 - h.kv_first[d]
+        rows = torch.tensor([spans[i].batch_start for i in dec])
+        decode = DecodeBatch(rows.to(device), h.table[d].to(torch.int32).to(device), kv_start.to(torch.int32).to(device),
+                             length.to(torch.int32).to(device), int(length.max()))
 
     prefills = []
     for i, sp in enumerate(spans):
@@ -109,5 +136,6 @@ def build_metadata(
             kv_start = (a // chunk) * chunk if chunk is not None else 0
             kpos = torch.arange(kv_start, b, device=device)
             row = sp.batch_start + a - lo
-            prefills.append(PrefillSegment(row, row + b - a, slots(torch.full_like(kpos, i), kpos)))
-    return AttentionMetadata(slot_mapping.to(device), decode, prefills)
+            slots = table_dev[i, kpos // block_size] * block_size + kpos % block_size
+            prefills.append(PrefillSegment(row, row + b - a, slots))
+    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills)

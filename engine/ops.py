@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, DecodeBatch
 
 # cuDNN's SDPA builds a graph per new shape (~16 ms of CPU each); the key length changes
 # every decode step, so it would rebuild every step. Flash / memory-efficient / math
@@ -31,6 +31,13 @@ class TorchOps:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
+
+    def fused_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(residual + x), residual + x): a decoder layer's `h = h + sublayer(...)`
+        followed by the next norm, which a kernel does in one pass over the hidden state."""
+        h = residual + x
+        return self.rms_norm(h, weight, eps), h
 
     def l2_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """Llama 4's weightless QK norm."""
@@ -114,6 +121,21 @@ class TorchOps:
         with sdpa_kernel(_SDPA_BACKENDS):
             return self._attention(q, kv_cache, meta, scale)
 
+    def decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, dec: DecodeBatch, scale: float) -> torch.Tensor:
+        """One query per row, q: [B, H, D] -> [B, H, D]. Grouped matmuls in fp32, each KV
+        head read once for its G query heads (SDPA with a mask and GQA falls back to its
+        math kernel, which repeats K/V G times: 4 ms a step at 16 x 8k, measured)."""
+        kvh, d, bs = kv_cache.shape[-2], kv_cache.shape[-1], kv_cache.shape[2]
+        b, h = q.shape[0], q.shape[1]
+        slots, mask = dec.key_slots(bs)
+        qd = q.view(b, kvh, h // kvh, d).float()  # [B, KVH, G, D]; head i uses KV head i // G
+        k = kv_cache[0].view(-1, kvh, d)[slots].float()  # [B, L, KVH, D]
+        v = kv_cache[1].view(-1, kvh, d)[slots].float()
+        scores = torch.einsum("bkgd,blkd->bkgl", qd, k) * scale
+        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+        o = torch.einsum("bkgl,blkd->bkgd", scores.softmax(-1), v)
+        return o.reshape(b, h, d).to(q.dtype)
+
     def _attention(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
@@ -125,18 +147,8 @@ class TorchOps:
         out = torch.empty_like(q)
         gqa = q.shape[1] != kvh
         if meta.decode is not None:
-            # One query per row: grouped matmuls in fp32, each KV head read once for its G
-            # query heads (SDPA with a mask and GQA falls back to its math kernel, which
-            # repeats K/V G times: 4 ms a step at 16 x 8k, measured).
             dec = meta.decode
-            b, h = len(dec.token_index), q.shape[1]
-            qd = q[dec.token_index].view(b, kvh, h // kvh, d).float()  # [B, KVH, G, D]; head i uses KV head i // G
-            k = k_flat[dec.kv_slots].float()  # [B, L, KVH, D]
-            v = v_flat[dec.kv_slots].float()
-            scores = torch.einsum("bkgd,blkd->bkgl", qd, k) * scale
-            scores.masked_fill_(~dec.mask[:, None, None, :], float("-inf"))
-            o = torch.einsum("bkgl,blkd->bkgd", scores.softmax(-1), v)
-            out[dec.token_index] = o.reshape(b, h, d).to(q.dtype)
+            out[dec.token_index] = self.decode_attention(q[dec.token_index], kv_cache, dec, scale)
         for seg in meta.prefills:
             qs = q[seg.start : seg.end].transpose(0, 1)[None]  # [1, H, n, D]
             k = k_flat[seg.kv_slots].transpose(0, 1)[None]  # [1, KVH, L, D]
@@ -155,31 +167,79 @@ class TorchOps:
 
 class TritonOps(TorchOps):
     """TorchOps with Triton kernels (kernels/) where one exists, on CUDA tensors; CPU
-    tensors keep the torch versions. Issue 3 adds kernels here one op at a time."""
+    tensors keep the torch versions, unless `on_cpu` is set: then the kernels run on CPU
+    tensors too, in Triton's interpreter (TRITON_INTERPRET=1; tests only, slow).
+    Issue 3 adds kernels here one op at a time."""
 
     name = "triton"
+    on_cpu = False
+    # No step syncs the host (the fused MoE routes on the device), so decode steps can be
+    # captured in CUDA graphs (engine/cuda_graphs.py).
+    graph_safe = True
 
     def __init__(self):
-        from kernels.rms_norm import rms_norm  # needs triton installed
+        from kernels.kv_write import write_kv  # needs triton
+        from kernels.moe import fused_moe
+        from kernels.paged_attention import choose_num_splits, paged_decode_attention
+        from kernels.rms_norm import fused_add_rms_norm, rms_norm
         from kernels.rope import rope
 
         self._rms_norm = rms_norm
+        self._fused_add_rms_norm = fused_add_rms_norm
+        self._write_kv = write_kv
         self._rope = rope
+        self._moe = fused_moe
+        self._paged_decode = paged_decode_attention
+        self._num_splits = choose_num_splits
+        self._num_sms: dict[torch.device, int] = {}
+
+    def _kernel(self, t: torch.Tensor) -> bool:
+        return t.is_cuda or self.on_cpu
+
+    def _sms(self, device: torch.device) -> int:
+        if device not in self._num_sms:
+            self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        return self._num_sms[device]
+
+    def decode_attention(self, q, kv_cache, dec, scale):
+        if not self._kernel(q):
+            return super().decode_attention(q, kv_cache, dec, scale)
+        bs, kvh = kv_cache.shape[2], kv_cache.shape[3]
+        splits = self._num_splits(q.shape[0], kvh, dec.max_len // bs + 1, self._sms(q.device))
+        # The metadata is the engine's own (build_metadata checked the block indices), so
+        # the value checks and their host syncs are skipped.
+        return self._paged_decode(q, kv_cache[0], kv_cache[1], dec.block_tables, dec.kv_start, dec.kv_len,
+                                  scale, num_splits=splits, validate=False)
 
     def rope_interleaved(self, q, k, positions, inv_freq, norm_eps=None):
-        if not q.is_cuda:
+        if not self._kernel(q):
             return super().rope_interleaved(q, k, positions, inv_freq, norm_eps)
         return self._rope(q, k, positions, inv_freq, True, norm_eps)
 
     def rope_half(self, q, k, positions, inv_freq):
-        if not q.is_cuda:
+        if not self._kernel(q):
             return super().rope_half(q, k, positions, inv_freq)
         return self._rope(q, k, positions, inv_freq, False)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if not x.is_cuda:
+        if not self._kernel(x):
             return super().rms_norm(x, weight, eps)
         return self._rms_norm(x, weight, eps)
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        if not self._kernel(x):
+            return super().fused_add_rms_norm(x, residual, weight, eps)
+        return self._fused_add_rms_norm(x, residual, weight, eps)
+
+    def write_kv(self, kv_cache, k, v, slots):
+        if not self._kernel(k):
+            return super().write_kv(kv_cache, k, v, slots)
+        return self._write_kv(kv_cache, k, v, slots)
+
+    def moe(self, x, router, gate_up, down):
+        if not self._kernel(x):
+            return super().moe(x, router, gate_up, down)
+        return self._moe(x, router, gate_up, down)
 
 
 OPS = {"torch": TorchOps, "triton": TritonOps}

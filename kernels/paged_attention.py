@@ -12,7 +12,7 @@ block-table entries before it may be released (-1): they are never read.
 
 Bytes per step: q, plus K and V of every visible key once per KV head (GQA-shared), plus
 the partials: the ceiling is the copy bandwidth on those bytes (bench/kernels.py).
-Not yet in the engine: `TritonOps` takes it once it is checked and timed on a GPU.
+The engine's `TritonOps` runs every decode row of a CUDA step through it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def _attend_block(q, k_ptr, v_ptr, table_ptr, b, kvh, blk, hi, start, length, m_i, l_i, acc,
                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
-                  D: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr):
+                  D: tl.constexpr, BS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Fold logical block `blk` (skipped when blk >= hi) into the online softmax state."""
     t = tl.arange(0, BS)
     d = tl.arange(0, D)
@@ -39,7 +39,7 @@ def _attend_block(q, k_ptr, v_ptr, table_ptr, b, kvh, blk, hi, start, length, m_
                 mask=valid[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BS], fp32 accumulate
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BS], fp32 accumulate
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no key yet keeps m = -inf; subtracting 0 instead keeps its
@@ -52,7 +52,7 @@ def _attend_block(q, k_ptr, v_ptr, table_ptr, b, kvh, blk, hi, start, length, m_
                 mask=valid[:, None], other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -68,7 +68,6 @@ def _paged_decode_kernel(
     m_ptr,  # [B, S, H] fp32 partial row maxima
     l_ptr,  # [B, S, H] fp32 partial sums of exp
     scale,
-    blocks_per_split,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -79,7 +78,8 @@ def _paged_decode_kernel(
     BS: tl.constexpr,  # cache block size
     NUM_SPLITS: tl.constexpr,
     UPCAST: tl.constexpr,  # CPU interpreter: fp32 dot operands (its bf16 dot is wrong)
-    INTERP_BLOCKS: tl.constexpr,  # interpreter only: blocks per split (0 on GPU: no recompiles)
+    INTERP_BLOCKS: tl.constexpr,  # interpreter only: most blocks in a split (0 on GPU: no recompiles)
+    PRECISION: tl.constexpr,  # tl.dot of fp32 caches: "ieee" (TF32 would cost fp32 parity); unused for 16-bit
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -95,10 +95,13 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     q = (q.to(tl.float32) * scale).to(tl.float32 if UPCAST else k_ptr.dtype.element_ty)
 
+    # Each sequence cuts its own blocks into NUM_SPLITS runs, so nothing about the lengths
+    # is baked into the launch (a CUDA graph replays it for any lengths).
     first = start // BS
     last = (start + length - 1) // BS  # inclusive
-    lo = first + split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, last + 1)
+    per_split = (last - first + NUM_SPLITS) // NUM_SPLITS
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, last + 1)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -109,12 +112,12 @@ def _paged_decode_kernel(
         for i in range(0, INTERP_BLOCKS):
             m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, table_ptr, b, kvh, lo + i, hi, start, length,
                                           m_i, l_i, acc, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                          stride_vh, stride_tb, D, BS, UPCAST)
+                                          stride_vh, stride_tb, D, BS, UPCAST, PRECISION)
     else:
         for blk in range(lo, hi):
             m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, table_ptr, b, kvh, blk, hi, start, length,
                                           m_i, l_i, acc, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                          stride_vh, stride_tb, D, BS, UPCAST)
+                                          stride_vh, stride_tb, D, BS, UPCAST, PRECISION)
 
     part = (b * NUM_SPLITS + split) * H + heads  # [BLOCK_G] rows of the partial tensors
     tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=gmask[:, None])
@@ -122,13 +125,24 @@ def _paged_decode_kernel(
     tl.store(l_ptr + part, l_i, mask=gmask)
 
 
+def choose_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int) -> int:
+    """Flash-decoding splits: about two programs per SM, but no split shorter than 8
+    blocks (shorter runs cost more in partials and merging than they win)."""
+    want = -(-2 * num_sms // max(1, batch * kv_heads))
+    return max(1, min(want, -(-max_blocks // 8), 32))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor,
-                           scale: float, num_splits: int = 1) -> torch.Tensor:
+                           scale: float, num_splits: int = 1, validate: bool = True) -> torch.Tensor:
     """q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] (a layer's
     kv_cache[0] and [1]); block_tables: [B, W] int32; kv_start, kv_len: [B] int32. Query b
     sees keys at positions [kv_start[b], kv_start[b] + kv_len[b]). Returns [B, H, D] in q's
-    dtype. num_splits > 1 spreads one long sequence over more programs."""
+    dtype. num_splits > 1 spreads one long sequence over more programs.
+
+    validate=False skips the checks that read the index tensors' values (each one a
+    device-to-host sync): the engine passes it for metadata it built itself, and a CUDA
+    graph must, since a capture cannot sync."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q: [B, H, D] and caches [blocks, block_size, KVH, D] expected, got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -148,23 +162,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"head_dim ({d}) and block_size ({bs}) must be powers of two >= 16")
     if num_splits < 1:
         raise ValueError(f"num_splits: must be >= 1, got {num_splits}")
-    if b and (int(kv_len.min()) < 1 or int(kv_start.min()) < 0):
+    if validate and b and (int(kv_len.min()) < 1 or int(kv_start.min()) < 0):
         raise ValueError("kv_len: every query sees at least one key; kv_start: >= 0")
-    if b and int(((kv_start + kv_len - 1) // bs).max()) >= block_tables.shape[1]:
+    if validate and b and int(((kv_start + kv_len - 1) // bs).max()) >= block_tables.shape[1]:
         raise ValueError("block_tables: too few columns for kv_start + kv_len")
     g = h // kvh
-    blocks = int(((kv_start + kv_len - 1) // bs - kv_start // bs).max()) + 1 if b else 1
-    per_split = triton.cdiv(blocks, num_splits)
+    interp_blocks = 0
+    if q.device.type == "cpu" and b:  # the interpreter's loop needs a constant trip count
+        blocks = int(((kv_start + kv_len - 1) // bs - kv_start // bs).max()) + 1
+        interp_blocks = triton.cdiv(blocks, num_splits)
     acc = torch.empty(b, num_splits, h, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, num_splits, h, device=q.device, dtype=torch.float32)
     l = torch.empty(b, num_splits, h, device=q.device, dtype=torch.float32)
     if b:
         _paged_decode_kernel[(b, kvh, num_splits)](
-            q, k_cache, v_cache, block_tables, kv_start, kv_len, acc, m, l, scale, per_split,
+            q, k_cache, v_cache, block_tables, kv_start, kv_len, acc, m, l, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
             G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, NUM_SPLITS=num_splits,
-            UPCAST=q.device.type == "cpu", INTERP_BLOCKS=per_split if q.device.type == "cpu" else 0,
+            UPCAST=q.device.type == "cpu", INTERP_BLOCKS=interp_blocks,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
     # Merge the splits: an empty split has m = -inf and weighs nothing.
     w = torch.exp(m - m.amax(1, keepdim=True))  # [B, S, H]

@@ -47,11 +47,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ops = ops
 
-    def forward(self, h, positions, kv_cache, meta):
+    def forward(self, x, residual, positions, kv_cache, meta):
+        """x: the previous layer's output, not yet added to the residual stream (the
+        embeddings, with residual None, for the first layer). Returns (this layer's
+        output, the residual stream): each add is fused into the norm that follows it."""
         n = self.input_layernorm
-        h = h + self.self_attn(self.ops.rms_norm(h, n.weight, n.eps), positions, kv_cache, meta)
+        if residual is None:
+            y, residual = self.ops.rms_norm(x, n.weight, n.eps), x
+        else:
+            y, residual = self.ops.fused_add_rms_norm(x, residual, n.weight, n.eps)
+        a = self.self_attn(y, positions, kv_cache, meta)
         n = self.post_attention_layernorm
-        return h + self.mlp(self.ops.rms_norm(h, n.weight, n.eps))
+        y, residual = self.ops.fused_add_rms_norm(a, residual, n.weight, n.eps)
+        return self.mlp(y), residual
 
 
 class LlamaModel(nn.Module):
@@ -72,12 +80,12 @@ class LlamaForCausalLM(nn.Module):
         self.ops = ops
 
     def forward(self, input_ids, positions, kv_caches, metas, on_layer: Callable[[int], None] | None = None):
-        h = F.embedding(input_ids, self.model.embed_tokens.weight)
+        x, residual = F.embedding(input_ids, self.model.embed_tokens.weight), None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, kv_caches[i], metas[i])
+            x, residual = layer(x, residual, positions, kv_caches[i], metas[i])
             if on_layer is not None:
                 on_layer(i)
-        return self.ops.rms_norm(h, self.model.norm.weight, self.model.norm.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.model.norm.weight, self.model.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -89,11 +89,19 @@ class Llama4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ops = ops
 
-    def forward(self, h, positions, kv_cache, meta):
+    def forward(self, x, residual, positions, kv_cache, meta):
+        """x: the previous layer's output, not yet added to the residual stream (the
+        embeddings, with residual None, for the first layer). Returns (this layer's
+        output, the residual stream): each add is fused into the norm that follows it."""
         n = self.input_layernorm
-        h = h + self.self_attn(self.ops.rms_norm(h, n.weight, n.eps), positions, kv_cache, meta)
+        if residual is None:
+            y, residual = self.ops.rms_norm(x, n.weight, n.eps), x
+        else:
+            y, residual = self.ops.fused_add_rms_norm(x, residual, n.weight, n.eps)
+        a = self.self_attn(y, positions, kv_cache, meta)
         n = self.post_attention_layernorm
-        return h + self.feed_forward(self.ops.rms_norm(h, n.weight, n.eps))
+        y, residual = self.ops.fused_add_rms_norm(a, residual, n.weight, n.eps)
+        return self.feed_forward(y), residual
 
 
 class Llama4TextModel(nn.Module):
@@ -120,12 +128,12 @@ class Llama4ForCausalLM(nn.Module):
         metas: list[AttentionMetadata],  # per layer (shared within a layer group)
         on_layer: Callable[[int], None] | None = None,  # called once layer i's KV is in the cache
     ) -> torch.Tensor:
-        h = F.embedding(input_ids, self.model.embed_tokens.weight)
+        x, residual = F.embedding(input_ids, self.model.embed_tokens.weight), None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, kv_caches[i], metas[i])
+            x, residual = layer(x, residual, positions, kv_caches[i], metas[i])
             if on_layer is not None:
                 on_layer(i)
-        return self.ops.rms_norm(h, self.model.norm.weight, self.model.norm.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.model.norm.weight, self.model.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head.weight)
