@@ -29,6 +29,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of free GPU memory the KV cache may take (default 0.85)")
     g.add_argument("--ops", default="torch", choices=["torch", "triton"],
                    help="math backend: plain torch, or Triton kernels where they exist (CUDA only)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="launch every step's kernels from Python; by default, with --ops triton on CUDA, "
+                        "all-decode steps replay CUDA graphs captured at start-up (one per padded batch size)")
     g.add_argument("--global-seed", type=int, default=0,
                    help="seed of the engine's RNG, used by requests that bring no seed of their own (default 0)")
 
@@ -42,6 +45,6 @@ def engine_config(args) -> EngineConfig:
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
-        device=DeviceConfig(device=args.device, dtype=args.dtype),
+        device=DeviceConfig(device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager),
         seed=args.global_seed,
     )

@@ -249,6 +249,7 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the ops allow it
 
     def __post_init__(self):
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -15,6 +15,7 @@ import torch
 
 from engine.attention import SeqSpan, build_metadata
 from engine.config import EngineConfig, cdiv
+from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine.kv_cache import GLOBAL, LOCAL
 from engine.loader import DTYPES, load_model
 from engine.sampling import Sampler
@@ -68,13 +69,28 @@ class ModelRunner:
             raise ValueError("not enough memory for a single KV block after loading the model")
         self.layer_group = [LOCAL if cfg.model.is_local_layer(i) else GLOBAL for i in range(cfg.model.num_layers)]
         m, bs = cfg.model, cfg.cache.block_size
+        # Each pool has one block more than the cache manager hands out: the scratch block
+        # that padding rows of a CUDA-graph batch write into.
+        self.scratch_block = {GLOBAL: self.num_blocks, LOCAL: self.num_local_blocks}
         self.kv_caches = [
-            torch.zeros(2, self.num_blocks if g == GLOBAL else self.num_local_blocks, bs, m.num_kv_heads, m.head_dim,
+            torch.zeros(2, self.scratch_block[g] + 1, bs, m.num_kv_heads, m.head_dim,
                         device=self.device, dtype=self.dtype)
             for g in self.layer_group
         ]
         log.info("KV cache: %d global blocks%s of %d tokens", self.num_blocks,
                  f" + {self.num_local_blocks} local" if self.num_local_blocks else "", bs)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and cfg.device.cuda_graphs and getattr(ops, "graph_safe", False):
+            self.enable_decode_graphs(capture=True)
+
+    def enable_decode_graphs(self, capture: bool = True, max_len: int | None = None) -> None:
+        """Serve all-decode steps of up to max_num_seqs rows from captured CUDA graphs;
+        capture=False runs the same padded static-buffer path eagerly (CPU tests)."""
+        cfg = self.cfg
+        max_len = max_len or min(cfg.max_model_len, self.num_blocks * cfg.cache.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.layer_group, cfg.model.attention_chunk_size,
+                                   cfg.cache.block_size, self.scratch_block, max_len,
+                                   graph_batch_sizes(cfg.scheduler.max_num_seqs), capture=capture)
 
     def _available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -102,6 +118,11 @@ class ModelRunner:
             if c.samples:
                 sample_rows.append(row - 1)
                 sampled_reqs.append(req)
+        if (self.graphs is not None and not all_logits and on_layer is None and len(sample_rows) == len(ids)
+                and self.graphs.fits(len(ids))):
+            logits = self.graphs.run(ids, pos, spans)  # every row decodes one token
+            if logits is not None:
+                return self._sample(logits, sampled_reqs, None)
         chunk = self.cfg.model.attention_chunk_size
         metas = {
             g: build_metadata(s, self.cfg.cache.block_size, chunk if g == LOCAL else None, self.device)
@@ -114,6 +135,9 @@ class ModelRunner:
         if not sampled_reqs:
             return RunnerOutput({}, {}, every)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]).float()
+        return self._sample(logits, sampled_reqs, every)
+
+    def _sample(self, logits: torch.Tensor, sampled_reqs: list, every: torch.Tensor | None) -> RunnerOutput:
         out = self.sampler(logits, [r.sampling_params for r in sampled_reqs], [r.generator for r in sampled_reqs])
         tokens = out.token_ids.tolist()
         sampled = {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
