@@ -1,19 +1,22 @@
 """Engine benchmark (one GPU, one device call): tandem's engine against transformers'
 `generate` on the same checkpoint, with the ceilings measured in the same run.
 
-    python bench/engine.py [--model DIR] [--layers 4] [--ops torch] [--json OUT.json]
+    python bench/engine.py [--model DIR] [--layers 4] [--ops torch,triton] [--json OUT.json]
 
 Without --model it writes `scout-slice --layers N` (random bf16 weights at Scout's real
 dimensions) to /tmp first. It prints one table:
   - decode tok/s at batch 1 and 32 (steady state, prefill excluded) for both engines;
   - the decode roofline: weight bytes a step must read (attention, router, shared
     expert, the experts the batch touches, lm_head) over the measured copy bandwidth;
-  - prefill time for a 2k-token prompt, with MFU against the measured bf16 matmul rate.
+  - prefill time for an 8k-token prompt, with MFU against the measured bf16 matmul rate;
+  - with several --ops, a column each, and whether their greedy tokens agree on 8 prompts
+    x 64 tokens (where they part, the top-2 logit gap there: a near-tie or a real bug).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -77,6 +80,8 @@ def weight_bytes_per_step(cfg: ModelConfig, batch: int, elem: int = 2) -> tuple[
 
 
 CHECK_PROMPTS = [list(range(1000, 1000 + n)) for n in (17, 130)]  # greedy agreement check
+OPS_PROMPTS = [[(7919 * i + 104729 * j) % 200000 for j in range(n)]  # torch vs triton ops: 8 x 64 tokens
+               for i, n in enumerate((9, 33, 64, 100, 257, 500, 1000, 2048))]
 
 
 def bench_transformers(model_dir: str, prompt_len: int, batches: list[int], new_tokens: int, prefill_len: int) -> dict:
@@ -126,6 +131,9 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
     greedy = llm.generate(CHECK_PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2))
     out["greedy"] = [o.token_ids for o in greedy]
     out["gaps"] = [[lp[1][0][1] - lp[1][1][1] for lp in o.logprobs] for o in greedy]
+    long = llm.generate(OPS_PROMPTS, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=2))
+    out["ops_greedy"] = [o.token_ids for o in long]
+    out["ops_gaps"] = [[lp[1][0][1] - lp[1][1][1] for lp in o.logprobs] for o in long]
     for b in batches:
         for _ in range(b):
             eng.add_request(torch.randint(0, 200000, (prompt_len,), generator=g).tolist(), params)
@@ -150,6 +158,9 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
         times.append(time.perf_counter() - t0)
     out["prefill_s"] = statistics.median(times[1:])
     print(f"  tandem prefill {prefill_len}: {out['prefill_s'] * 1e3:.1f} ms", flush=True)
+    del llm, eng
+    gc.collect()
+    torch.cuda.empty_cache()
     return out
 
 
@@ -157,12 +168,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder (default: write scout-slice to /tmp/scout-slice-L<layers>)")
     ap.add_argument("--layers", type=int, default=4, help="layers of scout-slice to write (default 4)")
-    ap.add_argument("--ops", default="torch", help="engine ops backend (default torch)")
+    ap.add_argument("--ops", default="torch,triton",
+                    help="engine ops backends to time, comma-separated (default torch,triton; triton replays "
+                         "decode steps from CUDA graphs)")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the decode runs")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per batch size")
     ap.add_argument("--hf-new-tokens", type=int, default=16, help="tokens transformers generates per timing")
-    ap.add_argument("--prefill-len", type=int, default=2048, help="prompt tokens for the prefill timing")
-    ap.add_argument("--batches", default="1,32", help="decode batch sizes, comma-separated")
+    ap.add_argument("--prefill-len", type=int, default=8192, help="prompt tokens for the prefill timing")
+    ap.add_argument("--batches", default="1,8,32,64", help="decode batch sizes, comma-separated")
     ap.add_argument("--skip-hf", action="store_true", help="do not time transformers")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args()
@@ -184,33 +197,50 @@ def main() -> int:
 
     hf = {} if args.skip_hf else bench_transformers(model_dir, args.prompt_len, batches, args.hf_new_tokens,
                                                     args.prefill_len)
-    ours = bench_tandem(model_dir, args.ops, args.prompt_len, batches, args.steps, args.prefill_len)
+    all_ops = args.ops.split(",")
+    runs = {}
+    for ops in all_ops:
+        print(f"tandem --ops {ops}", flush=True)
+        runs[ops] = bench_tandem(model_dir, ops, args.prompt_len, batches, args.steps, args.prefill_len)
 
     bw = ceil["copy_GBps"] * 1e9
     rows = []
     for b in batches:
         nbytes, _ = weight_bytes_per_step(cfg, b)
         roof = b * bw / nbytes
-        t = ours["decode"][b]
-        rows.append((f"decode batch {b}", f"{t:,.1f} tok/s", f"{hf.get(b, float('nan')):,.1f} tok/s",
-                     f"{roof:,.0f} tok/s ({nbytes / 1e9:.2f} GB/step)", f"{100 * t / roof:.1f}%",
-                     f"{t / hf[b]:.1f}x" if b in hf else "-"))
+        for ops, ours in runs.items():
+            t = ours["decode"][b]
+            rows.append((f"decode batch {b}", ops, f"{t:,.1f} tok/s", f"{hf.get(b, float('nan')):,.1f} tok/s",
+                         f"{roof:,.0f} tok/s ({nbytes / 1e9:.2f} GB/step)", f"{100 * t / roof:.1f}%",
+                         f"{t / hf[b]:.1f}x" if b in hf else "-"))
     _, active = weight_bytes_per_step(cfg, 1)
     head, n = cfg.vocab_size * cfg.hidden_size, args.prefill_len
     # Linear layers for every token (lm_head only for the last), plus causal attention
     # (QK^T and PV over the lower triangle: 2 * 2 * n^2/2 * heads * head_dim per layer).
     flops = 2 * (active - head) * n + 2 * head + 2 * n * n * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor_s = flops / (ceil["matmul_TFLOPs"] * 1e12)
-    p = ours["prefill_s"]
     hp = hf.get("prefill_s")
-    rows.append((f"prefill {args.prefill_len}", f"{p * 1e3:,.1f} ms", f"{hp * 1e3:,.1f} ms" if hp else "-",
-                 f"{floor_s * 1e3:,.1f} ms (matmul FLOPs)", f"{100 * floor_s / p:.1f}% MFU",
-                 f"{hp / p:.1f}x" if hp else "-"))
-    head = ("measure", "tandem", "transformers", "ceiling", "tandem/ceiling", "tandem/transformers")
+    for ops, ours in runs.items():
+        p = ours["prefill_s"]
+        rows.append((f"prefill {args.prefill_len}", ops, f"{p * 1e3:,.1f} ms", f"{hp * 1e3:,.1f} ms" if hp else "-",
+                     f"{floor_s * 1e3:,.1f} ms (matmul FLOPs)", f"{100 * floor_s / p:.1f}% MFU",
+                     f"{hp / p:.1f}x" if hp else "-"))
+    head = ("measure", "ops", "tandem", "transformers", "ceiling", "tandem/ceiling", "tandem/transformers")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     print()
     for r in [head] + rows:
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    ours = runs[all_ops[0]]
+    if len(runs) > 1:
+        other = runs[all_ops[1]]
+        for i, (a, b) in enumerate(zip(ours["ops_greedy"], other["ops_greedy"])):
+            same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            gap = ""
+            if same < len(a):
+                gap = (f"; at token {same} the top-2 logit gap is {ours['ops_gaps'][i][same]:.3f} ({all_ops[0]}), "
+                       f"{other['ops_gaps'][i][same]:.3f} ({all_ops[1]})")
+            print(f"ops check prompt {i} ({len(OPS_PROMPTS[i])} tokens): first {same}/{len(a)} greedy tokens of "
+                  f"{all_ops[0]} and {all_ops[1]} identical{gap}")
     if hf:
         for i, (a, b) in enumerate(zip(hf["greedy"], ours["greedy"])):
             same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -220,7 +250,7 @@ def main() -> int:
                        f"{ours['gaps'][i][same]:.3f} (tandem)")
             print(f"greedy check prompt {i}: first {same}/16 tokens identical to transformers (bf16){gap}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ceilings": ceil, "transformers": hf, "tandem": ours,
+        Path(args.json).write_text(json.dumps({"ceilings": ceil, "transformers": hf, "tandem": runs,
                                                "device": torch.cuda.get_device_name()}, indent=1))
     return 0
 

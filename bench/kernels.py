@@ -61,6 +61,27 @@ def decode_attention_rows(bw: float) -> list[tuple]:
     return rows
 
 
+def optional_rows(ceil: dict) -> list[tuple]:
+    """Rows of the kernels that have their own bench module (each also runs alone)."""
+    import importlib
+
+    rows = []
+    for name, args in (("kernels_moe", (ceil["copy_GBps"], ceil["matmul_TFLOPs"])),
+                       ("kernels_small", (ceil["copy_GBps"],)),
+                       ("kernels_prefill_attention", (ceil["matmul_TFLOPs"],))):
+        try:
+            mod = importlib.import_module(f"bench.{name}")
+        except ImportError as e:
+            print(f"(bench/{name}.py not available: {e})")
+            continue
+        try:
+            rows += mod.rows(*args)
+        except Exception as e:  # one kernel's failure must not hide the others' numbers
+            print(f"bench/{name}.py failed: {type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     ceil = ceilings()
@@ -90,6 +111,7 @@ def main() -> int:
         rows.append(("rope+qk_norm", f"q[{t}, 40, 128] k[{t}, 8, 128]", f"{err:.1e}", f"{tt * 1e6:.1f} us",
                      f"{tr * 1e6:.1f} us", f"{nbytes / tt / 1e9:.0f}", f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
     rows += decode_attention_rows(bw)
+    rows += optional_rows(ceil)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
