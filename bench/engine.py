@@ -121,7 +121,7 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    llm = LLM(model_dir, device="cuda", dtype="bfloat16", max_model_len=8192, max_num_seqs=max(batches),
+    llm = LLM(model_dir, device="cuda", dtype="bfloat16", max_model_len=max(8192, prefill_len + 1024), max_num_seqs=max(batches),
               max_num_batched_tokens=max(prefill_len, prompt_len * max(batches)), enable_prefix_caching=False, ops=ops)
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
