@@ -1,6 +1,6 @@
 """Disaggregated vs colocated time-to-first-token on two GPUs, with the real services.
 
-    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8]
+    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8] [--ops triton]
 
 Prefill service on cuda:0, decode service on cuda:1, KV over the nccl backend, model
 scout-slice --layers 4 (written to /tmp if --model is not given). For each prompt:
@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=8000, help="prompt tokens (default 8000)")
     ap.add_argument("--requests", type=int, default=8, help="timed requests per mode (default 8)")
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request")
+    ap.add_argument("--ops", default="triton", choices=["torch", "triton"],
+                    help="engine ops of both services (default triton: Triton kernels and decode CUDA graphs)")
     args = ap.parse_args()
 
     import grpc
@@ -71,7 +73,7 @@ def main() -> int:
         make_model("scout-slice", model, seed=0, layers=4)
     common = ["--model", model, "--port", "0", "--kv-transport", "nccl", "--max-model-len", "16384",
               "--max-num-batched-tokens", "8192", "--no-prefix-caching", "--log-level", "WARNING",
-              "--gpu-memory-utilization", "0.5"]
+              "--gpu-memory-utilization", "0.5", "--ops", args.ops]
     p, p_addr, p_log = start("prefill_service", *common, "--device", "cuda:0")
     d, d_addr, d_log = start("decode_service", *common, "--device", "cuda:1", "--local-prefill-threshold", "0")
     try:

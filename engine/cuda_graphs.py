@@ -101,7 +101,8 @@ class DecodeGraphs:
                     self._forward(b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: another thread of a service (gRPC, KV transfer) must not spoil the capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._forward(b)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize()

@@ -7,6 +7,7 @@ scheduler and the KV cache manager never see a tensor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,9 +89,10 @@ class ModelRunner:
         capture=False runs the same padded static-buffer path eagerly (CPU tests)."""
         cfg = self.cfg
         max_len = max_len or min(cfg.max_model_len, self.num_blocks * cfg.cache.block_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.layer_group, cfg.model.attention_chunk_size,
-                                   cfg.cache.block_size, self.scratch_block, max_len,
-                                   graph_batch_sizes(cfg.scheduler.max_num_seqs), capture=capture)
+        with self._on_device():
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.layer_group, cfg.model.attention_chunk_size,
+                                       cfg.cache.block_size, self.scratch_block, max_len,
+                                       graph_batch_sizes(cfg.scheduler.max_num_seqs), capture=capture)
 
     def _available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -99,12 +101,22 @@ class ModelRunner:
             return int(max(0, free - reserve - (2 << 30)))  # 2 GiB for activations
         return int(self.cfg.cache.cpu_cache_gib * (1 << 30))
 
+    def _on_device(self):
+        """Make the runner's GPU current for this thread. Triton launches on the current
+        device (not the tensors'), and a CUDA graph captures the current device's stream;
+        a service's engine thread on cuda:1 would start out on cuda:0."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     @torch.inference_mode()
     def run(self, plan: SchedulerOutput, all_logits: bool = False,
             on_layer: Callable[[int], None] | None = None) -> RunnerOutput:
         """all_logits: also return every row's logits (parity tests compare them).
         on_layer(i): called as soon as layer i's KV for this step is in the cache (the
         prefill role pushes it to decode from there, overlapping the next layer)."""
+        with self._on_device():
+            return self._run(plan, all_logits, on_layer)
+
+    def _run(self, plan: SchedulerOutput, all_logits: bool, on_layer: Callable[[int], None] | None) -> RunnerOutput:
         ids, pos, sample_rows, sampled_reqs = [], [], [], []
         spans = {g: [] for g in set(self.layer_group)}
         row = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -36,6 +37,9 @@ def run(args) -> int:
     from protos.grpc_server import make_server, serve_until_signal
 
     cfg = engine_config(args)
+    # Prefill computes prompts and samples only their first token: no decode steps to
+    # replay, so no CUDA graphs (they would only hold memory).
+    cfg = dataclasses.replace(cfg, device=dataclasses.replace(cfg.device, cuda_graphs=False))
     engine = LLMEngine(cfg, ops=args.ops)
     runner = engine.runner
     layout = CacheLayout.from_caches(cfg.model.fingerprint, runner.kv_caches)
