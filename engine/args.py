@@ -27,8 +27,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="share of free GPU memory the KV cache may take (default 0.85)")
-    g.add_argument("--ops", default="torch", choices=["torch", "triton"],
-                   help="math backend: plain torch, or Triton kernels where they exist (CUDA only)")
+    g.add_argument("--ops", default="auto", choices=["auto", "torch", "triton"],
+                   help="math backend: plain torch, or Triton kernels (CUDA only; CPU tensors keep torch); "
+                        "auto (default) is triton on CUDA when triton is installed, else torch")
     g.add_argument("--enforce-eager", action="store_true",
                    help="launch every step's kernels from Python; by default, with --ops triton on CUDA, "
                         "all-decode steps replay CUDA graphs captured at start-up (one per padded batch size)")

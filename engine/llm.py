@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, ops: str = "torch", check_integrity: bool = False):
+    def __init__(self, config: EngineConfig, ops: str = "auto", check_integrity: bool = False):
         self.config = config
         self.check_integrity_each_step = check_integrity
         torch.manual_seed(config.seed)
@@ -46,7 +46,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         if config.device.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device: {config.device.device} requested but CUDA is not available here")
-        self.runner = ModelRunner(config, make_ops(ops))
+        self.runner = ModelRunner(config, make_ops(ops, config.device.device))
         self.max_model_len = config.max_model_len
         cache_tokens = self.runner.num_blocks * config.cache.block_size
         if cache_tokens < self.max_model_len:
@@ -251,7 +251,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         seed: int = 0,
-        ops: str = "torch",
+        ops: str = "auto",
         check_integrity: bool = False,
     ):
         cfg = EngineConfig(

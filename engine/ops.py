@@ -245,7 +245,17 @@ class TritonOps(TorchOps):
 OPS = {"torch": TorchOps, "triton": TritonOps}
 
 
-def make_ops(name: str) -> TorchOps:
+def make_ops(name: str, device: str = "cpu") -> TorchOps:
+    """name: "torch", "triton", or "auto": Triton's kernels (and so decode CUDA graphs) on
+    a CUDA device when triton is installed, plain torch otherwise."""
+    if name == "auto":
+        name = "torch"
+        if device.startswith("cuda"):
+            try:
+                import triton  # noqa: F401
+                name = "triton"
+            except ImportError:
+                pass
     if name not in OPS:
-        raise ValueError(f"ops must be one of {sorted(OPS)}, got {name!r}")
+        raise ValueError(f"ops must be one of {sorted(OPS)} or 'auto', got {name!r}")
     return OPS[name]()
