@@ -28,7 +28,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="scout-slice layers when writing it")
     ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
     ap.add_argument("--steps", type=int, default=8, help="decode steps profiled")
-    ap.add_argument("--ops", default="torch", help="engine ops backend")
+    ap.add_argument("--ops", default="auto", help="engine ops backend (default auto: triton + decode CUDA graphs on CUDA)")
     ap.add_argument("--prompt-len", type=int, default=128, help="context of each decoding request")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk per step")
     ap.add_argument("--mixed", action="store_true", help="also time steps that prefill a chunk beside the decodes")
@@ -60,7 +60,16 @@ def main() -> int:
     for _ in range(args.steps):
         eng.step()
     torch.cuda.synchronize()
-    print(f"decode step, batch {args.batch} x context {n}: {1e3 * (time.perf_counter() - t) / args.steps:.1f} ms")
+    print(f"decode step, batch {args.batch} x context {n}: {1e3 * (time.perf_counter() - t) / args.steps:.2f} ms")
+    graphs = eng.runner.graphs
+    if graphs is not None and graphs.graphs:
+        # The GPU work of a step alone: replay the last step's graph (it rewrites the same
+        # KV slots with the same values). Step time minus this is the host's share.
+        from bench.engine import cuda_time
+
+        b = next(s for s in graphs.sizes if s >= args.batch)
+        replay = cuda_time(graphs.graphs[b][0].replay, reps=20)
+        print(f"graph replay alone (batch padded to {b}): {1e3 * replay:.2f} ms")
     torch.cuda.synchronize()
     prof = cProfile.Profile()
     prof.enable()
