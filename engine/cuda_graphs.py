@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeBatch, SeqSpan, host_tables
+from engine.attention import AttentionMetadata, DecodeBatch, SeqSpan
 from engine.kv_cache import LOCAL
 
 log = logging.getLogger(__name__)
@@ -37,28 +37,6 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
-class _GroupBuffers:
-    """One layer group's static attention inputs."""
-
-    def __init__(self, max_batch: int, width: int, scratch_block: int, device: torch.device):
-        self.scratch_block = scratch_block
-        self.slots = torch.empty(max_batch, dtype=torch.long, device=device)
-        self.tables = torch.full((max_batch, width), -1, dtype=torch.int32, device=device)
-        self.kv_start = torch.empty(max_batch, dtype=torch.int32, device=device)
-        self.kv_len = torch.empty(max_batch, dtype=torch.int32, device=device)
-
-    def pad(self, lo: int, hi: int, block_size: int) -> None:
-        """Rows [lo, hi) become padding: one key, in the scratch block."""
-        self.slots[lo:hi] = self.scratch_block * block_size
-        self.tables[lo:hi, 0] = self.scratch_block
-        self.kv_start[lo:hi] = 0
-        self.kv_len[lo:hi] = 1
-
-    def meta(self, b: int, width: int, block_size: int, rows: torch.Tensor) -> AttentionMetadata:
-        dec = DecodeBatch(rows[:b], self.tables[:b], self.kv_start[:b], self.kv_len[:b], width * block_size)
-        return AttentionMetadata(self.slots[:b], dec, [])
-
-
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], layer_group: list[str], chunk: int | None,
                  block_size: int, scratch: dict[str, int], max_len: int, sizes: list[int], capture: bool = True):
@@ -67,33 +45,82 @@ class DecodeGraphs:
         self.model, self.kv_caches, self.layer_group = model, kv_caches, layer_group
         self.chunk, self.block_size, self.sizes = chunk, block_size, sorted(sizes)
         self.capture = capture
-        device = kv_caches[0].device
+        self.device = kv_caches[0].device
         self.max_batch = self.sizes[-1]
         self.width = -(-max_len // block_size) + 1
-        self.input_ids = torch.zeros(self.max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(self.max_batch, dtype=torch.long, device=device)
-        self.rows = torch.arange(self.max_batch, device=device)
-        self.groups = {g: _GroupBuffers(self.max_batch, self.width, scratch[g], device) for g in set(layer_group)}
-        for buf in self.groups.values():
-            buf.pad(0, self.max_batch, block_size)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self.groups = sorted(set(layer_group))
+        self.scratch = scratch
+        # The static inputs, as views of three buffers so that a step fills them with
+        # 2 + (number of groups) host-to-device copies:
+        #   long  [2 + G, max_batch]: token ids, positions, then each group's slot mapping;
+        #   int32 [2G, max_batch]: each group's kv_start and kv_len;
+        #   int32 [max_batch, width] per group: block tables.
+        g = len(self.groups)
+        self.longs = torch.zeros(2 + g, self.max_batch, dtype=torch.long, device=self.device)
+        self.ints = torch.zeros(2 * g, self.max_batch, dtype=torch.int32, device=self.device)
+        self.tables = {grp: torch.full((self.max_batch, self.width), -1, dtype=torch.int32, device=self.device)
+                       for grp in self.groups}
+        self.rows = torch.arange(self.max_batch, device=self.device)
+        self._fill([], [], {grp: [] for grp in self.groups}, self.max_batch)  # every row padding
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._capture_all()
+
+    def _meta(self, grp: str, b: int) -> AttentionMetadata:
+        k = self.groups.index(grp)
+        dec = DecodeBatch(self.rows[:b], self.tables[grp][:b], self.ints[2 * k, :b], self.ints[2 * k + 1, :b],
+                          self.width * self.block_size)
+        return AttentionMetadata(self.longs[2 + k, :b], dec, [])
+
+    def _fill(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]], b: int) -> None:
+        """Copy a step's numbers into rows [0, n) of the static buffers, and make rows
+        [n, b) padding: token 0 at position 0, one key, in the group's scratch block."""
+        n, bs = len(ids), self.block_size
+        pad = b - n
+        longs, ints, tables = [ids + [0] * pad, positions + [0] * pad], [], {}
+        for grp in self.groups:
+            chunk = self.chunk if grp == LOCAL else None
+            rows, slots, starts, lens = [], [], [], []
+            for sp in spans[grp]:
+                pos, bt = sp.q_start, sp.block_table
+                first = (pos // chunk) * chunk if chunk is not None else 0
+                if None in bt[first // bs : pos // bs + 1]:
+                    raise RuntimeError("attention touches a released block")
+                slots.append(bt[pos // bs] * bs + pos % bs)
+                starts.append(first)
+                lens.append(pos + 1 - first)
+                # Released entries (None) lie before `first` and are never read.
+                rows.append([-1 if x is None else x for x in bt])
+            width = max((len(r) for r in rows), default=1)
+            rows = [r + [-1] * (width - len(r)) for r in rows] + [[self.scratch[grp]] + [-1] * (width - 1)] * pad
+            tables[grp] = rows
+            longs.append(slots + [self.scratch[grp] * bs] * pad)
+            ints += [starts + [0] * pad, lens + [1] * pad]
+        pin = self.device.type == "cuda"
+
+        def put(dst: torch.Tensor, values, dtype) -> None:
+            src = torch.tensor(values, dtype=dtype)
+            dst.copy_(src.pin_memory() if pin else src, non_blocking=True)
+
+        put(self.longs[:, :b], longs, torch.long)
+        put(self.ints[:, :b], ints, torch.int32)
+        for grp, rows in tables.items():
+            # Columns past a row's last block are never read, so stale ones may stay.
+            put(self.tables[grp][:b, : len(rows[0])], rows, torch.int32)
 
     def fits(self, num_rows: int) -> bool:
         return 0 < num_rows <= self.max_batch
 
     def _forward(self, b: int) -> torch.Tensor:
-        metas = {g: buf.meta(b, self.width, self.block_size, self.rows) for g, buf in self.groups.items()}
-        hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches,
-                            [metas[g] for g in self.layer_group])
+        metas = {g: self._meta(g, b) for g in self.groups}
+        hidden = self.model(self.longs[0, :b], self.longs[1, :b], self.kv_caches, [metas[g] for g in self.layer_group])
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.kv_caches[0].device)
+        stream = torch.cuda.Stream(self.device)
         for b in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (Triton compiles here, not in the capture)
@@ -116,19 +143,7 @@ class DecodeGraphs:
         if not self.fits(n) or any(len(s.block_table) > self.width for g in spans.values() for s in g):
             return None
         b = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.input_ids[n:b] = 0
-        self.positions[n:b] = 0
-        for g, buf in self.groups.items():
-            h = host_tables(spans[g], self.block_size, self.chunk if g == LOCAL else None)
-            kv_len = h.q_start + 1 - h.kv_first
-            # Columns past a row's last block are never read, so stale ones may stay.
-            buf.tables[:n, : h.table.shape[1]].copy_(h.table.to(torch.int32), non_blocking=True)
-            buf.kv_start[:n].copy_(h.kv_first.to(torch.int32), non_blocking=True)
-            buf.kv_len[:n].copy_(kv_len.to(torch.int32), non_blocking=True)
-            buf.slots[:n].copy_(h.slot_mapping, non_blocking=True)
-            buf.pad(n, b, self.block_size)
+        self._fill(ids, positions, spans, b)
         if not self.capture:
             return self._forward(b)[:n]
         graph, out = self.graphs[b]
