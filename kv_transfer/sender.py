@@ -12,10 +12,13 @@ Sender lifecycle (prefill side), one record per transfer_id:
 
   send_layer() checks its arguments, gathers the layer's src blocks (on CUDA: on the
   caller's stream, so the caller may go on and reuse its source blocks once later work
-  on that stream follows) and queues the result as one *part*. Block ids become a
-  device index once per transfer per distinct list (a prefill step passes one list for
-  all global layers and one for all local layers), so a call costs a lookup, a gather
-  launch and a queue hand-off, not a host-to-device copy.
+  on that stream follows) and queues the result as one *part*. Block ids are checked
+  and converted (src: a device index; dst: wire bytes) once per transfer per distinct
+  (src, dst) pair of lists -- a prefill step passes one pair for all global layers and
+  one for all local layers -- and recognised after that by list equality, which is a
+  pointer comparison per id when the lists are slices of the same block table. So a
+  call costs two list comparisons, a gather launch, an event record and a queue
+  hand-off: no host-to-device copy and no per-id Python.
 
   Coalescing: the writer takes every part already queued for the peer (FIFO, up to
   `max_message_bytes`, at least one) and sends them as ONE parts message (wire.py): one
@@ -60,6 +63,21 @@ S = TransferStatus
 class _Staged:
     tensor: torch.Tensor  # [2, n, bs, kvh, d], contiguous
     ready: Any = None  # torch.cuda.Event recorded after the gather/copy; None on CPU
+
+
+@dataclass(eq=False)
+class _BlockIds:
+    """A (src, dst) pair of block lists as send_layer saw it, checked and converted."""
+    num_blocks: int  # of the layer's pool: the src ids were checked against it
+    src_blocks: list[int]  # copies of the caller's lists
+    dst_blocks: list[int]
+    src: torch.Tensor  # [n] int64 index on the cache's device
+    dst: bytes  # the destination ids as they travel (wire.block_ids)
+
+    def matches(self, num_blocks: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> bool:
+        # Lists only: `==` on an array or a tensor compares element-wise.
+        return (num_blocks == self.num_blocks and type(src_blocks) is list and type(dst_blocks) is list
+                and src_blocks == self.src_blocks and dst_blocks == self.dst_blocks)
 
 
 @dataclass(eq=False)
@@ -112,9 +130,18 @@ class _Outgoing:
     layers_acked: int = 0
     finished: bool = False
     reason: str = ""
-    # (num_blocks of the layer's pool, src ids) -> the ids as an index on the cache's
-    # device, checked once. Cleared when the record turns terminal.
-    src_ids: dict[tuple[int, tuple], torch.Tensor] = field(default_factory=dict)
+    # The block lists of recent calls, most recent first, at most MAX_BLOCK_IDS of them
+    # (chunked prefill brings new lists every step). Cleared when the record turns terminal.
+    block_ids: list[_BlockIds] = field(default_factory=list)
+
+    MAX_BLOCK_IDS = 4
+
+    def find_ids(self, num_blocks: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> _BlockIds | None:
+        return next((b for b in self.block_ids if b.matches(num_blocks, src_blocks, dst_blocks)), None)
+
+    def remember_ids(self, ids: _BlockIds) -> None:
+        if not self.block_ids or self.block_ids[0] is not ids:
+            self.block_ids = [ids, *(b for b in self.block_ids if b is not ids)][:self.MAX_BLOCK_IDS]
 
 
 class TcpSender(TransferRecords, KVSender):
@@ -146,10 +173,7 @@ class TcpSender(TransferRecords, KVSender):
                    src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Returns at once; failures (unreachable peer included) show as FAILED in poll().
         Call connect() first to get them raised instead."""
-        key, src_ids = self._src_ids(transfer_id, layer, src_blocks)
-        if len(dst_blocks) != len(src_blocks):
-            raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
-        dst = wire.block_ids(dst_blocks, "dst_blocks")
+        ids = self._block_ids(transfer_id, layer, src_blocks, dst_blocks)
         with self._lock:
             rec = self._transfers.setdefault(transfer_id, _Outgoing(address))
             if rec.address != address:
@@ -158,16 +182,18 @@ class TcpSender(TransferRecords, KVSender):
                 raise ValueError(f"transfer_id: {transfer_id!r} already finished")
             if rec.status.terminal:
                 return  # aborted or rejected: nothing to gain by sending
-            rec.src_ids.setdefault(key, src_ids)
-        try:
-            peer = self._peer(address)
-        except (TransferError, LayoutMismatch) as e:
-            with self._lock:
-                if not rec.status.terminal:
-                    self._fail(rec, str(e))
-            log.warning("KV transfer %s failed: %s", transfer_id, e)
-            return
-        part = _Part(transfer_id, layer, dst, self._stage(layer, src_ids))
+            rec.remember_ids(ids)
+            peer = rec.peer if rec.peer is not None and rec.peer.alive else None
+        if peer is None:
+            try:
+                peer = self._peer(address)
+            except (TransferError, LayoutMismatch) as e:
+                with self._lock:
+                    if not rec.status.terminal:
+                        self._fail(rec, str(e))
+                log.warning("KV transfer %s failed: %s", transfer_id, e)
+                return
+        part = _Part(transfer_id, layer, ids.dst, self._stage(layer, ids.src))
         with self._lock:
             if rec.status.terminal:
                 return
@@ -230,31 +256,28 @@ class TcpSender(TransferRecords, KVSender):
 
     # ---- block ids
 
-    def _ids_key(self, layer: int, src_blocks: list[int]) -> tuple[int, tuple]:
+    def _block_ids(self, transfer_id: str, layer: int, src_blocks: Sequence[int],
+                   dst_blocks: Sequence[int]) -> _BlockIds:
+        """The call's block lists, checked and converted: looked up among the transfer's
+        recent lists, or (first call with these lists) checked and converted now."""
         if not 0 <= layer < len(self.kv_caches):
             raise ValueError(f"layer: {layer} out of range [0, {len(self.kv_caches)})")
-        return self.kv_caches[layer].shape[1], tuple(src_blocks)
-
-    def _src_ids(self, transfer_id: str, layer: int, src_blocks: list[int]) -> tuple[tuple, torch.Tensor]:
-        """src_blocks as an index on the cache's device, and its key in the transfer's
-        record: checked and copied on the transfer's first call with this list (and
-        pool size), looked up after that."""
-        key = self._ids_key(layer, src_blocks)
-        try:
-            with self._lock:
-                rec = self._transfers.get(transfer_id)
-                ids = None if rec is None else rec.src_ids.get(key)
-        except TypeError:  # unhashable ids: check_blocks names the problem
-            ids = None
+        num_blocks = self.kv_caches[layer].shape[1]
+        with self._lock:
+            rec = self._transfers.get(transfer_id)
+            ids = None if rec is None else rec.find_ids(num_blocks, src_blocks, dst_blocks)
         if ids is not None:
-            return key, ids
-        ids = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
+            return ids
+        src = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
+        if len(dst_blocks) != len(src_blocks):
+            raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
+        dst = wire.block_ids(dst_blocks, "dst_blocks")
         if self.device.type == "cuda":
             # From pinned memory the copy is truly asynchronous. From pageable memory it
             # would block this thread until the caller's stream drained -- in a prefill
             # that is until the layer just enqueued has finished computing.
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-        return key, ids
+            src = src.pin_memory().to(self.device, non_blocking=True)
+        return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), src, dst)
 
     # ---- connections
 
@@ -329,15 +352,20 @@ class TcpSender(TransferRecords, KVSender):
     def _fail(self, rec: _Outgoing, reason: str) -> None:
         """Caller holds the lock."""
         rec.status, rec.reason = S.FAILED, reason
-        rec.src_ids.clear()
+        rec.block_ids.clear()
         self._stats["transfers_failed"] += 1
         self._cond.notify_all()
 
     # ---- the writer: coalescing queued parts into messages
 
-    def _write_loop(self, peer: _Peer) -> None:
-        if self.device.type == "cuda":  # so nothing here creates a context on another GPU
+    def _use_device(self) -> None:
+        """Our threads start here: CUDA calls that use the current device (pinned memory,
+        device guards) must not create a context on another GPU."""
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+    def _write_loop(self, peer: _Peer) -> None:
+        self._use_device()
         try:
             while (batch := self._next_batch(peer)) is not None:
                 if isinstance(batch, _Control):
@@ -398,23 +426,28 @@ class TcpSender(TransferRecords, KVSender):
     # ---- the reader: the receiver's answers
 
     def _read_loop(self, peer: _Peer) -> None:
+        self._use_device()
         try:
             while True:
                 msg = wire.recv_frame(peer.sock)
+                acked = None
                 with self._lock:
                     if msg.get("op") == "ack":
-                        self._on_ack(peer, msg)
+                        acked = self._on_ack(peer, msg)
                     elif msg.get("op") == "finish_ack":
                         self._on_finish_ack(peer, msg)
                     else:
                         raise ConnectionError(f"unknown message {msg.get('op')!r}")
+                if acked is not None:  # outside the lock: send_layer waits for it
+                    self._release_sent(peer, acked)
+                    del acked
         except Exception as e:
             self._peer_failed(peer, f"{type(e).__name__}: {e}")
         finally:
             self._thread_done(peer)
 
-    def _on_ack(self, peer: _Peer, msg: dict[str, Any]) -> None:
-        """Caller holds the lock."""
+    def _on_ack(self, peer: _Peer, msg: dict[str, Any]) -> _Sent:
+        """Caller holds the lock. Returns the acked message, whose buffers may go."""
         sent = peer.inflight.pop(msg["seq"], None)
         if sent is None:
             raise ConnectionError(f"ack for message {msg['seq']}, which is not in flight")
@@ -428,6 +461,7 @@ class TcpSender(TransferRecords, KVSender):
             self._stats["layers_acked"] += 1
             if rec is not None:
                 rec.layers_acked += 1
+        return sent
 
     def _on_finish_ack(self, peer: _Peer, msg: dict[str, Any]) -> None:
         """Caller holds the lock."""
@@ -436,7 +470,7 @@ class TcpSender(TransferRecords, KVSender):
             return
         if msg["status"] == S.DONE and rec.layers_acked == rec.layers_queued:
             rec.status = S.DONE
-            rec.src_ids.clear()
+            rec.block_ids.clear()
             self._stats["transfers_done"] += 1
             self._cond.notify_all()
         else:
@@ -466,6 +500,9 @@ class TcpSender(TransferRecords, KVSender):
 
     def _teardown_data_plane(self, peer: _Peer) -> None:
         pass
+
+    def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
+        """Reader, outside the lock: `sent` was acked; its buffers go when this returns."""
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         """On the caller's stream; src_ids is already on the cache's device."""
