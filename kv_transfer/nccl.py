@@ -15,16 +15,19 @@ is where a part's bytes travel:
     pair's group is private, made on first contact and reused for every later transfer.
   a parts message (several layers, maybe of several transfers; see sender.py):
     sender   send_layer gathers each part's src blocks into a contiguous [2, n, bs, kvh, d]
-             buffer on the GPU (index_select on the caller's stream, then an event). The
-             writer thread sends the header and block ids on TCP, then posts one NCCL
-             `send` per part back to back from the pair's own stream, which first waits
-             for that part's gather event: no host wait anywhere. The buffers stay alive
-             until the receiver acks the message.
+             buffer on the GPU (index_select on the caller's stream, then an event taken
+             from a pool). The writer thread sends the header and block ids on TCP, then
+             posts one NCCL `send` per part back to back from the pair's own stream, which
+             first waits for that part's gather event (the event then goes back to the
+             pool): no host wait anywhere. The buffers stay alive until the receiver acks
+             the message; then the reader calls wait() on its sends, so torch drops its
+             own references at once and the memory is reused by the next gathers.
     receiver the reader thread reads the header and ids and at once posts one `recv` per
              part into staging buffers on the receiver's stream, then goes on to the next
              header (up to `max_queued_messages` ahead), so the link always has recvs
-             posted. The completer waits for each part in turn (polling, so a dead sender
-             is noticed on the TCP socket instead of hanging), enqueues its `index_copy_`
+             posted. The completer waits for each part in turn (polling with short sleeps,
+             never spinning, so the reader gets the GIL; polling, so a dead sender is
+             noticed on the TCP socket instead of hanging), enqueues its `index_copy_`
              into kv_caches[layer][:, dst] on the receiver's stream, and acks the message
              once all its parts are handled; it synchronizes only for DONE and FAILED.
     Per connection, NCCL matches sends and recvs in posting order, and both sides post
@@ -158,13 +161,18 @@ def _socket_open(sock: socket.socket) -> bool:
 def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
     """NCCL: wait for a p2p op without ever hanging on a dead peer (an NCCL op whose peer
     died never completes); then `work.wait()`, which orders the current stream after it.
-    Spins (sleep(0) yields the GIL) for the first 2 ms -- a part takes 0.1-0.4 ms on
-    NVLink, so a pipelined wait ends there -- then sleeps at most 100 us between polls,
-    so a late part (a prefill still computing) is seen that soon. The peer is checked
-    every 10 ms."""
+    Sleeps between polls, 20 us at first, doubling up to 100 us, and never spins: a
+    thread that spins in Python keeps the GIL (a sleep(0) hands it over only if the
+    waiter wins the race; otherwise the waiter waits out the 5 ms switch interval), and
+    the reader thread of the same connection needs the GIL to post the next recvs. The
+    wait is on the completer, behind recvs that are already posted, so its latency does
+    not idle the link; it adds at most ~0.15 ms (with the OS timer slack) after the last
+    part. The peer is checked every 10 ms."""
     start = checked = time.monotonic()
-    delay = 0.0
+    delay = 2e-5
     while not work.is_completed():
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-4)
         now = time.monotonic()
         if now - checked > 0.01:
             if not alive():
@@ -172,9 +180,6 @@ def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> No
             if now - start > timeout:
                 raise TimeoutError(f"{what} did not complete in {timeout:.0f} s")
             checked = now
-        if now - start > 2e-3:
-            delay = min(max(2 * delay, 1e-5), 1e-4)
-        time.sleep(delay)
     work.wait()
 
 
@@ -270,11 +275,20 @@ class NcclSender(_NcclOptions, TcpSender):
         if peer.data is not None:
             peer.data.abort()
 
+    def __init__(self, *args, **kwargs):
+        # CUDA events whose waits the writer has enqueued: free to record again (a stream
+        # waits for the record that was last at the time of its wait_event call).
+        self._free_events: list = []
+        super().__init__(*args, **kwargs)
+
     def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
         buf = self._gather(layer, src_ids)  # [2, n, bs, kvh, d] on the cache's device
         ready = None
         if buf.is_cuda:  # the sends wait for the gather on the caller's stream
-            ready = torch.cuda.Event()
+            try:
+                ready = self._free_events.pop()
+            except IndexError:
+                ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buf.device))
         return _Staged(buf, ready)
 
@@ -290,9 +304,24 @@ class NcclSender(_NcclOptions, TcpSender):
             for p in parts:
                 if p.staged.ready is not None:
                     pair.stream.wait_event(p.staged.ready)
+                    self._free_events.append(p.staged.ready)
+                    p.staged.ready = None
                 sent.keep.append(pair.group.send([p.staged.tensor], RECEIVER_RANK, TAG))
                 nbytes += p.staged.tensor.nbytes
         return nbytes
+
+    def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
+        """`work.wait()` on each send of the acked message (its sends are complete: the
+        receiver has every byte). torch's NCCL group stashes a reference to each sent
+        tensor until wait() is called or its watchdog, polling every ~100 ms, reaps the
+        op; unwaited, a transfer's gathered buffers (GBs) would stay allocated that long,
+        and the next transfer's gathers would have to cudaMalloc fresh memory. wait() only
+        orders the current stream (here the pair's idle stream) after the op."""
+        pair = peer.data
+        with _on_device(self.device), _on_stream(pair.stream if pair is not None else None):
+            for obj in sent.keep:
+                if not isinstance(obj, torch.Tensor):
+                    obj.wait()
 
 
 register_backend("nccl")((NcclSender, NcclReceiver))
