@@ -17,11 +17,14 @@ to decode. Sender on cuda:0, receiver on cuda:1, each its own process. Rows:
   tandem nccl, coalescing on     NcclSender/NcclReceiver (what make_sender("nccl") builds):
                                  first send_layer of a transfer -> DONE on both sides (the
                                  later of the two); send_layer called back to back for
-                                 every layer, then finish
+                                 every layer with fresh slices of one block table per
+                                 layer group (as prefill does), then finish
   tandem nccl, coalescing off    the same with max_message_bytes = 1 (a message per layer)
 
-Then, per tandem row, the wall time each stage spent per transfer (stages overlap: they
-run on different threads) and the parts messages per transfer. Medians over --reps
+Then, per tandem row and side, each stage's wall time per transfer, its thread's CPU time
+in it, and its calls (stages on different threads overlap; wall far above CPU means the
+stage waited -- for the GIL, a lock, a socket, the driver), and the parts messages per
+transfer. Medians over --reps
 timed repetitions after one warm-up. With --cpu the caches are CPU tensors and the
 process groups gloo (the NCCL backend's control flow on CPU, as the tests run it);
 sizes default smaller there, and the times mean nothing.
@@ -97,21 +100,42 @@ def coalesced_groups(blocks: dict[int, int], cap: int) -> list[int]:
     return groups
 
 
-STAGES: dict[str, float] = {}
+STAGES: dict[str, list[float]] = {}  # stage -> [wall s, thread CPU s, calls], per process
 
 
 def timed(cls, name: str) -> None:
-    """Wrap cls.name to add its wall time to STAGES (per process)."""
+    """Wrap cls.name to add its wall time and its thread's CPU time to STAGES. Wall well
+    above CPU means the stage waited: for the GIL (another thread running Python), a
+    lock, a socket or the GPU driver."""
     fn = getattr(cls, name)
 
     def wrapper(*a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(*a, **k)
         finally:
-            STAGES[name] = STAGES.get(name, 0.0) + time.perf_counter() - t0
+            st = STAGES.setdefault(name, [0.0, 0.0, 0])
+            st[0] += time.perf_counter() - t0
+            st[1] += time.thread_time() - c0
+            st[2] += 1
 
     setattr(cls, name, wrapper)
+
+
+def per_transfer(stages: dict[str, list[float]], transfers: int) -> dict[str, list[float]]:
+    return {k: [v / transfers for v in vals] for k, vals in stages.items()}
+
+
+def device_allocs(cfg: Config, rank: int) -> int:
+    """cudaMalloc (or cuMemMap) calls so far by this process's caching allocator: a
+    transfer that needs any means its staging buffers did not come from the cache."""
+    return 0 if cfg.cpu else torch.cuda.memory_stats(rank).get("num_device_alloc", -1)
+
+
+# Timed methods (nested ones included: send_layer contains _block_ids and _stage, _stage
+# contains _gather, _send_parts contains _transmit, _on_parts contains _take_data).
+SENDER_STAGES = ("send_layer", "_block_ids", "_stage", "_gather", "_send_parts", "_transmit")
+RECEIVER_STAGES = ("_on_parts", "_take_data", "_await_data", "_write_part", "_reply")
 
 
 def raw_p2p(cfg: Config, rank: int, sizes: list[int]) -> float | None:
@@ -156,7 +180,7 @@ def caches(cfg: Config, rank: int) -> list[torch.Tensor]:
 
 def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     raw_rows(cfg, 1, port, results)
-    for name in ("_on_parts", "_await_data", "_write_part", "_reply"):
+    for name in RECEIVER_STAGES:
         timed(NcclReceiver, name)
     kv = caches(cfg, 1)
     rx = (GlooReceiver if cfg.cpu else NcclReceiver)(CacheLayout.from_caches("bench", kv), kv)
@@ -182,13 +206,16 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             results.put(("rx", variant, r, st.name, t_done))
             to_receiver.get()  # release only after the sender's finish was answered
             rx.release(tid)
-        results.put(("stages", variant, "receiver", {k: v / (cfg.reps + 1) for k, v in STAGES.items()}))
+            if r == 0:  # after the warm-up
+                allocs = device_allocs(cfg, 1)
+        results.put(("stages", variant, "receiver", per_transfer(STAGES, cfg.reps + 1),
+                     (device_allocs(cfg, 1) - allocs) / cfg.reps))
     rx.close()
 
 
 def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     raw_rows(cfg, 0, port, results)
-    for name in ("send_layer", "_stage", "_send_parts"):
+    for name in SENDER_STAGES:
         timed(NcclSender, name)
     kv = caches(cfg, 0)
     tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv)
@@ -201,10 +228,15 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             tid = f"{variant}-{r}"
             assert to_sender.get() == "ready"
             messages = tx.stats()["messages_sent"]
+            # Block tables as a prefill step holds them (src shuffled-ish: every other block,
+            # then the rest); each call passes fresh slices of them, as prefill_service/push.py does.
+            tables = {n: (list(range(0, n, 2)) + list(range(1, n, 2)), list(range(n)))
+                      for n in set(cfg.blocks.values())}
             cfg.sync()
             t0 = time.time()
-            for i, n in cfg.blocks.items():  # src blocks shuffled-ish: every other block, then the rest
-                tx.send_layer(address, tid, i, list(range(0, n, 2)) + list(range(1, n, 2)), list(range(n)))
+            for i, n in cfg.blocks.items():
+                src, dst = tables[n]
+                tx.send_layer(address, tid, i, src[:n], dst[:n])
             tx.finish(address, tid, len(cfg.blocks))
             st = tx.wait(tid, 120)
             t_done = time.time()
@@ -212,7 +244,10 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             results.put(("tx", variant, r, state, t0, t_done, tx.stats()["messages_sent"] - messages))
             to_receiver.put("done")
             tx.release(tid)
-        results.put(("stages", variant, "sender", {k: v / (cfg.reps + 1) for k, v in STAGES.items()}))
+            if r == 0:  # after the warm-up
+                allocs = device_allocs(cfg, 0)
+        results.put(("stages", variant, "sender", per_transfer(STAGES, cfg.reps + 1),
+                     (device_allocs(cfg, 0) - allocs) / cfg.reps))
     tx.close()
 
 
@@ -239,7 +274,7 @@ def run(cfg: Config) -> dict:
     procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
     for p in procs:
         p.start()
-    raw, tandem, stages = {}, {}, {}
+    raw, tandem, stages, allocs = {}, {}, {}, {}
     expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
     for _ in range(expected):
         m = next_result(results, procs)
@@ -247,6 +282,7 @@ def run(cfg: Config) -> dict:
             raw[m[1]] = {"messages": m[2], "s": m[3]}
         elif m[0] == "stages":
             stages.setdefault(m[1], {}).update(m[3])
+            allocs.setdefault(m[1], {})[m[2]] = m[4]
         else:
             tandem.setdefault(m[1], {}).setdefault(m[2], {})[m[0]] = m
     for p in procs:
@@ -260,7 +296,8 @@ def run(cfg: Config) -> dict:
             states.add((tx[3], rx[3]))
             messages.append(tx[6])
         rows[variant] = {"s": statistics.median(times), "states": sorted(states),
-                         "messages": statistics.median(messages), "stages_s": stages.get(variant, {})}
+                         "messages": statistics.median(messages), "stages_s": stages.get(variant, {}),
+                         "device_allocs": allocs.get(variant, {})}
 
     base = raw["per-layer"]["s"]
     print(f"\n{nbytes / 1e9:.2f} GB in {len(cfg.blocks)} layers; medians of {cfg.reps}\n")
@@ -273,8 +310,13 @@ def run(cfg: Config) -> dict:
               f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% |")
     print()
     for variant, r in rows.items():
-        print(f"{variant}: states {r['states']}; stage ms per transfer: "
-              + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in sorted(r["stages_s"].items())))
+        print(f"{variant}: states {r['states']}; cudaMalloc calls per timed transfer: "
+              + ", ".join(f"{side} {n:g}" for side, n in sorted(r["device_allocs"].items())))
+        print("  per transfer, each stage's wall ms (its thread's CPU ms) / calls:")
+        for side, names in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
+            print(f"    {side}: " + ", ".join(f"{k} {1e3 * w:.2f} ({1e3 * c:.2f}) / {n:.3g}"
+                                           for k in names if k in r["stages_s"]
+                                           for w, c, n in [r["stages_s"][k]]))
     return {"bytes": nbytes, "raw": raw, "tandem": rows}
 
 

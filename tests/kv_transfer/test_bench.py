@@ -23,5 +23,8 @@ def test_cpu_smoke_run(tmp_path):
     assert set(r["tandem"]) == {"coalescing on", "coalescing off"}
     for row in r["tandem"].values():
         assert row["states"] == [["DONE", "DONE"]] and row["s"] > 0
-        assert {"send_layer", "_await_data", "_write_part"} <= set(row["stages_s"])
+        assert {"send_layer", "_gather", "_await_data", "_write_part"} <= set(row["stages_s"])
+        wall, cpu, calls = row["stages_s"]["send_layer"]
+        assert wall > 0 and cpu > 0 and calls == 4
+        assert row["device_allocs"] == {"sender": 0, "receiver": 0}  # no CUDA here
     assert r["tandem"]["coalescing off"]["messages"] == 4
