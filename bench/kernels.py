@@ -36,8 +36,29 @@ def torch_paged_decode(q, k_cache, v_cache, table, start, length, scale):
     return torch.einsum("bkgl,blkd->bkgd", s.softmax(-1), v).reshape(b, h, d).to(q.dtype)
 
 
-def decode_attention_rows(bw: float) -> list[tuple]:
-    """Scout heads (40 q / 8 kv, d 128), block size 16, bf16; KV bytes read once is the floor."""
+def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
+    """Scout heads (40 q / 8 kv, d 128), block size 16, bf16; K/V bytes read once is the floor.
+    Each shape runs the engine's call (choose_num_splits, default tiles, validate=False),
+    replayed from a CUDA graph as the engine's decode steps run it (its time gives GB/s) and
+    eagerly (Python launches and allocation included). sweep=True adds graph-replayed rows
+    for other tile configs and split counts, each checked against the default's output:
+        python -c "from bench.kernels import *; print(*decode_attention_rows(ceilings()['copy_GBps'], True), sep='\\n')"
+    """
+    from kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
+
+    def graph_time(fn) -> float:
+        side = torch.cuda.Stream()  # warm up (compile, allocate) outside the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return cuda_time(graph.replay, reps=20)
+
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default = default_config(torch.bfloat16, torch.device("cuda"))
     rows = []
     for batch, ctx in ((64, 8192), (8, 8192), (1, 32768)):
         blocks = ctx // 16
@@ -47,17 +68,32 @@ def decode_attention_rows(bw: float) -> list[tuple]:
         table = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
         start = torch.zeros(batch, device="cuda", dtype=torch.int32)
         length = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-        splits = max(1, 264 // (batch * 8))  # about two programs per SM
+        splits = choose_num_splits(batch, 8, blocks, num_sms)
         args = (q, k, v, table, start, length, 0.088)
-        got = paged_decode_attention(*args, num_splits=splits)
+        nbytes = 2 * batch * ctx * 8 * 128 * 2
+
+        def call(s=splits, cfg=None):
+            return paged_decode_attention(*args, num_splits=s, validate=False, config=cfg)
+
+        got = call()
         ref = paged_decode_attention_reference(*args) if batch * ctx <= 8 * 8192 else torch_paged_decode(*args)
         err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        tt = cuda_time(lambda: paged_decode_attention(*args, num_splits=splits), reps=20)
+        tg, te = graph_time(call), cuda_time(call, reps=20)
         tr = cuda_time(lambda: torch_paged_decode(*args), reps=5)
-        nbytes = 2 * batch * ctx * 8 * 128 * 2
-        rows.append(("paged decode attn", f"B{batch} x {ctx} ctx, {splits} split(s)", f"{err:.1e}",
-                     f"{tt * 1e6:.1f} us", f"{tr * 1e6:.1f} us", f"{nbytes / tt / 1e9:.0f}",
-                     f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
+        rows.append(("paged decode attn", f"B{batch} x {ctx} ctx, {splits} split(s), tiles {tuple(default)}",
+                     f"{err:.1e}", f"{tg * 1e6:.1f} us graph, {te * 1e6:.1f} eager", f"{tr * 1e6:.1f} us",
+                     f"{nbytes / tg / 1e9:.0f}", f"{100 * nbytes / tg / 1e9 / bw:.0f}%"))
+        if not sweep:
+            continue
+        variants = [(cfg, splits) for cfg in (DecodeConfig(64, 8, 3), DecodeConfig(64, 4, 4), DecodeConfig(32, 4, 4),
+                                              DecodeConfig(128, 8, 3))]
+        variants += [(default, s) for s in (2 * splits, splits // 2) if 1 <= s <= 64]
+        for cfg, s in variants:
+            out = call(s, cfg)
+            diff = ((out.float() - got.float()).norm() / got.float().norm()).item()
+            t = graph_time(lambda: call(s, cfg))
+            rows.append(("  sweep", f"B{batch} x {ctx} ctx, {s} split(s), tiles {tuple(cfg)}", f"{diff:.1e} vs dflt",
+                         f"{t * 1e6:.1f} us graph", "", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / 1e9 / bw:.0f}%"))
     return rows
 
 
