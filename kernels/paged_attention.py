@@ -55,16 +55,18 @@ class DecodeConfig(NamedTuple):
 
 def default_config(dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     """Fixed heuristics (no runtime autotuning), checked by compiling for sm_90 with Triton
-    3.6 at Scout's shapes (tests/test_kernels.py). bf16/fp16: 64-key tiles, 4 warps, 3
-    stages: two 32 KiB K+V buffers (70 KiB of shared memory in all), 154 registers, no
-    spills, mma.sync dots; at least two programs fit an SM (choose_num_splits counts on
-    two), each with up to two tiles in flight. fp32 (parity runs, FMA dots): 32-key tiles need 8 warps (4 take
-    255 registers), 74 KiB, 63 registers."""
+    3.6 at Scout's shapes (tests/test_kernels.py). bf16/fp16: 32-key tiles, 4 warps, 4
+    stages (53 KiB of shared memory, 112 registers, no spills, mma.sync dots; three tiles
+    in flight per program, several programs per SM). Picked from a sweep on an H100
+    (BENCHMARKS.md): 100% of copy bandwidth at 64 x 8k (64-key tiles with 3 stages: 78%),
+    88% at 8 x 8k, 77% at 1 x 32k, each the best of the five configs timed. fp32 (parity
+    runs, FMA dots): 32-key tiles need 8 warps (4 take 255 registers), 74 KiB, 63
+    registers."""
     if device.type == "cpu":  # the interpreter: fewer, larger steps; 32 keys still span blocks
         return DecodeConfig(32, 1, 1)
     if dtype == torch.float32:
         return DecodeConfig(32, 8, 3)
-    return DecodeConfig(64, 4, 3)
+    return DecodeConfig(32, 4, 4)
 
 
 @triton.jit
