@@ -68,7 +68,7 @@ def main() -> int:
         from bench.engine import cuda_time
 
         b = next(s for s in graphs.sizes if s >= args.batch)
-        replay = cuda_time(graphs.graphs[b][0].replay, reps=20)
+        replay = cuda_time(graphs.graphs[b].replay, reps=20)
         print(f"graph replay alone (batch padded to {b}): {1e3 * replay:.2f} ms")
     torch.cuda.synchronize()
     prof = cProfile.Profile()

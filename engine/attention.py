@@ -71,8 +71,9 @@ class SeqSpan:
 
 @dataclass
 class HostTables:
-    """The per-request numbers of a step, on the CPU: what build_metadata and the CUDA
-    graph runner both start from."""
+    """The per-request numbers of a step, on the CPU, that build_metadata starts from.
+    (The CUDA graph runner's `_fill` computes the same numbers for its all-decode steps
+    in plain Python: torch CPU ops cost it more than the step's GPU work at batch 1.)"""
 
     table: torch.Tensor  # [B, W] int64 block tables, -1 where released (or past the end)
     q_start: torch.Tensor  # [B] position of each request's first new token

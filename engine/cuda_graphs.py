@@ -58,19 +58,25 @@ class DecodeGraphs:
         g = len(self.groups)
         self.longs = torch.zeros(2 + g, self.max_batch, dtype=torch.long, device=self.device)
         self.ints = torch.zeros(2 * g, self.max_batch, dtype=torch.int32, device=self.device)
+        self.input_ids, self.positions = self.longs[0], self.longs[1]
+        self.slots = {grp: self.longs[2 + k] for k, grp in enumerate(self.groups)}
+        self.kv_start = {grp: self.ints[2 * k] for k, grp in enumerate(self.groups)}
+        self.kv_len = {grp: self.ints[2 * k + 1] for k, grp in enumerate(self.groups)}
         self.tables = {grp: torch.full((self.max_batch, self.width), -1, dtype=torch.int32, device=self.device)
                        for grp in self.groups}
         self.rows = torch.arange(self.max_batch, device=self.device)
         self._fill([], [], {grp: [] for grp in self.groups}, self.max_batch)  # every row padding
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Every graph writes its logits into rows of this one buffer, so the graphs' outputs
+        # do not each hold [b, vocab] of the shared pool.
+        self.logits: torch.Tensor | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if capture:
             self._capture_all()
 
     def _meta(self, grp: str, b: int) -> AttentionMetadata:
-        k = self.groups.index(grp)
-        dec = DecodeBatch(self.rows[:b], self.tables[grp][:b], self.ints[2 * k, :b], self.ints[2 * k + 1, :b],
+        dec = DecodeBatch(self.rows[:b], self.tables[grp][:b], self.kv_start[grp][:b], self.kv_len[grp][:b],
                           self.width * self.block_size)
-        return AttentionMetadata(self.longs[2 + k, :b], dec, [])
+        return AttentionMetadata(self.slots[grp][:b], dec, [])
 
     def _fill(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]], b: int) -> None:
         """Copy a step's numbers into rows [0, n) of the static buffers, and make rows
@@ -113,8 +119,9 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         metas = {g: self._meta(g, b) for g in self.groups}
-        hidden = self.model(self.longs[0, :b], self.longs[1, :b], self.kv_caches, [metas[g] for g in self.layer_group])
-        return self.model.compute_logits(hidden).float()
+        hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches,
+                            [metas[g] for g in self.layer_group])
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -125,13 +132,15 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (Triton compiles here, not in the capture)
                 for _ in range(2):
-                    self._forward(b)
+                    logits = self._forward(b)
             torch.cuda.current_stream().wait_stream(stream)
+            if self.logits is None:
+                self.logits = torch.empty(self.max_batch, logits.shape[1], dtype=torch.float32, device=self.device)
             graph = torch.cuda.CUDAGraph()
             # thread_local: another thread of a service (gRPC, KV transfer) must not spoil the capture.
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = self._forward(b)
-            self.graphs[b] = (graph, out)
+                self.logits[:b].copy_(self._forward(b))
+            self.graphs[b] = graph
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(self.sizes),
                  ",".join(map(str, self.sizes)), time.perf_counter() - t0)
@@ -142,10 +151,11 @@ class DecodeGraphs:
         n = len(ids)
         if not self.fits(n) or any(len(s.block_table) > self.width for g in spans.values() for s in g):
             return None
+        if any(s.num_tokens != 1 for g in spans.values() for s in g):
+            raise ValueError("spans: a graph step decodes exactly one token per row")
         b = next(s for s in self.sizes if s >= n)
         self._fill(ids, positions, spans, b)
         if not self.capture:
-            return self._forward(b)[:n]
-        graph, out = self.graphs[b]
-        graph.replay()
-        return out[:n]
+            return self._forward(b)[:n].float()
+        self.graphs[b].replay()
+        return self.logits[:n]

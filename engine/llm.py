@@ -252,6 +252,7 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
         ops: str = "auto",
+        enforce_eager: bool = False,
         check_integrity: bool = False,
     ):
         cfg = EngineConfig(
@@ -261,7 +262,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
-            device=DeviceConfig(device=device, dtype=dtype),
+            device=DeviceConfig(device=device, dtype=dtype, cuda_graphs=not enforce_eager),
             seed=seed,
         )
         self.engine = LLMEngine(cfg, ops=ops, check_integrity=check_integrity)

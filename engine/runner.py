@@ -71,8 +71,11 @@ class ModelRunner:
         self.layer_group = [LOCAL if cfg.model.is_local_layer(i) else GLOBAL for i in range(cfg.model.num_layers)]
         m, bs = cfg.model, cfg.cache.block_size
         # Each pool has one block more than the cache manager hands out: the scratch block
-        # that padding rows of a CUDA-graph batch write into.
-        self.scratch_block = {GLOBAL: self.num_blocks, LOCAL: self.num_local_blocks}
+        # that padding rows of a CUDA-graph batch write into. kv_transfer's block checks
+        # would accept its id, but a receiver writes only blocks decode's own manager
+        # listed in expect(), and a sender reads only blocks prefill's manager handed out.
+        self.scratch_block = {g: self.num_blocks if g == GLOBAL else self.num_local_blocks
+                              for g in set(self.layer_group)}
         self.kv_caches = [
             torch.zeros(2, self.scratch_block[g] + 1, bs, m.num_kv_heads, m.head_dim,
                         device=self.device, dtype=self.dtype)
@@ -92,7 +95,8 @@ class ModelRunner:
         with self._on_device():
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.layer_group, cfg.model.attention_chunk_size,
                                        cfg.cache.block_size, self.scratch_block, max_len,
-                                       graph_batch_sizes(cfg.scheduler.max_num_seqs), capture=capture)
+                                       graph_batch_sizes(min(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens)),
+                                       capture=capture)
 
     def _available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -130,9 +134,9 @@ class ModelRunner:
             if c.samples:
                 sample_rows.append(row - 1)
                 sampled_reqs.append(req)
-        if (self.graphs is not None and not all_logits and on_layer is None and len(sample_rows) == len(ids)
-                and self.graphs.fits(len(ids))):
-            logits = self.graphs.run(ids, pos, spans)  # every row decodes one token
+        all_decode = all(c.num_tokens == 1 and c.samples for c in plan.chunks)
+        if self.graphs is not None and all_decode and not all_logits and on_layer is None:
+            logits = self.graphs.run(ids, pos, spans)  # None: too many rows or too long a table
             if logits is not None:
                 return self._sample(logits, sampled_reqs, None)
         chunk = self.cfg.model.attention_chunk_size
