@@ -252,12 +252,14 @@ def _merge_splits_kernel(
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int) -> int:
-    """Flash-decoding splits: fill the two program slots per SM that the default config
-    leaves room for in one wave (rounding down: a second, part-filled wave of equal
-    programs would cost as much as the first), but no split shorter than 8 cache blocks
-    (shorter runs cost more in partials and merging than they win)."""
-    want = 2 * num_sms // max(1, batch * kv_heads)
-    return max(1, min(want, -(-max_blocks // 8), MAX_SPLITS))
+    """Flash-decoding splits: fill the two program slots per SM in one wave (rounding
+    down: a second, part-filled wave of equal programs would cost as much as the first),
+    but no split shorter than 8 cache blocks (shorter runs cost more in partials and
+    merging than they win), rounded down to a power of two: the split count is a
+    compile-time constant, so this bounds the kernel's variants at seven instead of one
+    new JIT compile each time a growing context moves the count."""
+    n = max(1, min(2 * num_sms // max(1, batch * kv_heads), -(-max_blocks // 8), MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

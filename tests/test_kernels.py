@@ -154,8 +154,8 @@ def test_paged_decode_attention_default_config_and_engine_splits():
 def test_choose_num_splits_fills_two_programs_per_sm_in_one_wave():
     assert choose_num_splits(64, 8, 513, 132) == 1
     assert choose_num_splits(8, 8, 513, 132) == 4  # 256 programs <= 264 slots
-    assert choose_num_splits(1, 8, 2049, 132) == 33
-    assert choose_num_splits(1, 8, 20, 132) == 3  # no split under 8 blocks
+    assert choose_num_splits(1, 8, 2049, 132) == 32  # 33 rounded down to a power of two
+    assert choose_num_splits(1, 8, 20, 132) == 2  # no split under 8 blocks (3), a power of two
     assert choose_num_splits(1, 1, 10**6, 132) == 64  # the merge kernel's limit
 
 
