@@ -36,25 +36,62 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("preset", ["tiny_llama4_dir", "tiny_maverick_dir"])
+@pytest.mark.parametrize("preset", ["tiny_llama4_dir", "tiny_maverick_dir", "smollm2_dir"])
 def test_padded_static_buffer_path_matches_eager(preset, request):
     path = request.getfixturevalue(preset)
     want_tokens, want_lp = _generate(_llm(path))
     llm = _llm(path)
     runner = llm.engine.runner
     runner.enable_decode_graphs(capture=False)
-    calls = []
-    run = runner.graphs.run
-    runner.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
+    graphs, served = runner.graphs, []
+    run = graphs.run
+
+    def checked_run(ids, positions, spans):
+        """The real run, plus: every cache slot it changed is a live row's new token's
+        slot or the scratch block's first slot (where padding rows write)."""
+        before = [c.clone() for c in runner.kv_caches]
+        logits = run(ids, positions, spans)
+        for i, (old, new) in enumerate(zip(before, runner.kv_caches)):
+            grp, bs = runner.layer_group[i], runner.cfg.cache.block_size
+            changed = (old != new).flatten(3).any(-1).any(0).flatten().nonzero().flatten().tolist()  # slots
+            allowed = {s.block_table[s.q_start // bs] * bs + s.q_start % bs for s in spans[grp]}
+            allowed.add(runner.scratch_block[grp] * bs)
+            assert set(changed) <= allowed, (i, set(changed) - allowed)
+        served.append(len(ids) if logits is not None else None)
+        return logits
+
+    graphs.run = checked_run
     got_tokens, got_lp = _generate(llm)
     assert got_tokens == want_tokens
     for a, b in zip(got_lp, want_lp):
         for (lp_a, top_a), (lp_b, top_b) in zip(a, b, strict=True):
             assert lp_a == pytest.approx(lp_b, abs=1e-4)
             assert [t for t, _ in top_a] == [t for t, _ in top_b]
-    # Every decode step went through the static buffers, at several padded sizes.
-    assert len(calls) > 30 and {3, 5} <= set(calls) and 1 in calls
-    llm.engine.check_integrity()  # the block pools still balance (a stray padding write would have changed tokens above)
+    # Every decode step was served by the static buffers, at several padded sizes.
+    assert None not in served and len(served) > 30 and {3, 5} <= set(served) and 1 in served
+    llm.engine.check_integrity()
+
+
+def test_graph_path_declines_what_it_cannot_serve(tiny_llama4_dir):
+    """Mixed prefill + decode steps run eagerly; a table wider than the buffers falls back."""
+    llm = _llm(tiny_llama4_dir)
+    runner = llm.engine.runner
+    runner.enable_decode_graphs(capture=False, max_len=40)  # tables of at most 4 blocks
+    seen, run = [], runner.graphs.run
+
+    def counted(*args):
+        logits = run(*args)
+        seen.append(logits is not None)
+        return logits
+
+    runner.graphs.run = counted
+    lengths = (12, 4, 4, 4, 12)  # the short prompts go on alone once the long ones finish
+    want, _ = _generate(_llm(tiny_llama4_dir), max_tokens=lengths)
+    got, _ = _generate(llm, max_tokens=lengths)
+    assert got == want
+    # Steps with the 47- or 70-token prompt decoding are too wide: declined, run eagerly;
+    # later steps of the 5- and 3-token prompts alone fit.
+    assert seen[0] is False and seen[-1] is True
 
 
 def test_triton_kernels_in_the_engine_match_torch(tiny_llama4_dir):
