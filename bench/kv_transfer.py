@@ -22,11 +22,9 @@ to decode. Sender on cuda:0, receiver on cuda:1, each its own process. Rows:
   tandem nccl, coalescing off    the same with max_message_bytes = 1 (a message per layer)
 
 Then, per tandem row and side, each stage's wall time per transfer, its thread's CPU time
-in it, its calls and the threads it ran on (stages on different threads overlap; wall far
-above CPU means the stage waited -- for the GIL, a lock, a socket, the driver), and the
-parts messages per transfer. With --profile (GPU), each side's CUDA API calls per thread
-in its last coalesced transfer, from a profiler trace: on NCCL all of them should come
-from one thread a side (the sender's caller, the receiver's completer) plus torch's own. Medians over --reps
+in it, and its calls (stages on different threads overlap; wall far above CPU means the
+stage waited -- for the GIL, a lock, a socket, the driver), and the parts messages per
+transfer. Medians over --reps
 timed repetitions after one warm-up. With --cpu the caches are CPU tensors and the
 process groups gloo (the NCCL backend's control flow on CPU, as the tests run it);
 sizes default smaller there, and the times mean nothing.
@@ -40,7 +38,6 @@ import os
 import queue
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +101,6 @@ def coalesced_groups(blocks: dict[int, int], cap: int) -> list[int]:
 
 
 STAGES: dict[str, list[float]] = {}  # stage -> [wall s, thread CPU s, calls], per process
-THREADS: dict[str, set[str]] = {}  # stage -> the threads it ran on (names without the peer address)
 
 
 def timed(cls, name: str) -> None:
@@ -122,21 +118,8 @@ def timed(cls, name: str) -> None:
             st[0] += time.perf_counter() - t0
             st[1] += time.thread_time() - c0
             st[2] += 1
-            THREADS.setdefault(name, set()).add(threading.current_thread().name.split("-127.")[0])
 
     setattr(cls, name, wrapper)
-
-
-def cuda_calls_by_thread(prof) -> dict[str, int]:
-    """CUDA runtime/driver API calls (cudaLaunchKernel, cudaEventQuery, ...) per thread
-    in a profiler trace: the calls that contend when threads make them at once."""
-    names = {t.native_id: t.name.split("-127.")[0] for t in threading.enumerate()}
-    counts: dict[str, int] = {}
-    for e in prof.events():
-        if e.name.startswith(("cuda", "cu")) and not e.name.startswith("cudnn"):
-            key = names.get(e.thread, f"thread {e.thread}")
-            counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def per_transfer(stages: dict[str, list[float]], transfers: int) -> dict[str, list[float]]:
@@ -153,8 +136,7 @@ def device_allocs(cfg: Config, rank: int) -> int:
 # _stage contains _gather, _send_parts contains _transmit, _on_parts contains _take_data;
 # _reap runs inside send_layer and finish, or on the reader).
 SENDER_STAGES = ("send_layer", "_block_ids", "_stage", "_gather", "_post", "_send_parts", "_transmit", "_reap")
-# _post_data runs on the completer, also inside _await_data (between its polls).
-RECEIVER_STAGES = ("_on_parts", "_take_data", "_post_data", "_await_data", "_write_part", "_reply")
+RECEIVER_STAGES = ("_on_parts", "_take_data", "_await_data", "_write_part", "_reply")
 
 
 def raw_p2p(cfg: Config, rank: int, sizes: list[int]) -> float | None:
@@ -206,7 +188,6 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     to_sender.put(rx.address)
     for variant, _ in VARIANTS:
         STAGES.clear()
-        THREADS.clear()
         for r in range(cfg.reps + 1):
             tid = f"{variant}-{r}"
             rx.expect(tid, {i: list(range(n)) for i, n in cfg.blocks.items()})
@@ -223,14 +204,13 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
                 prof.__exit__(None, None, None)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
                 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
-                print(f"receiver CUDA API calls per thread: {cuda_calls_by_thread(prof)}", flush=True)
             results.put(("rx", variant, r, st.name, t_done))
             to_receiver.get()  # release only after the sender's finish was answered
             rx.release(tid)
             if r == 0:  # after the warm-up
                 allocs = device_allocs(cfg, 1)
         results.put(("stages", variant, "receiver", per_transfer(STAGES, cfg.reps + 1),
-                     (device_allocs(cfg, 1) - allocs) / cfg.reps, {k: sorted(v) for k, v in THREADS.items()}))
+                     (device_allocs(cfg, 1) - allocs) / cfg.reps))
     rx.close()
 
 
@@ -244,7 +224,6 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     tx.connect(address)
     for variant, cap in VARIANTS:
         STAGES.clear()
-        THREADS.clear()
         tx.max_message_bytes = cap
         for r in range(cfg.reps + 1):
             tid = f"{variant}-{r}"
@@ -255,10 +234,6 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             tables = {n: (list(range(0, n, 2)) + list(range(1, n, 2)), list(range(n)))
                       for n in set(cfg.blocks.values())}
             cfg.sync()
-            prof = None
-            if cfg.profile and not cfg.cpu and r == cfg.reps and variant == VARIANTS[0][0]:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                prof.__enter__()
             t0 = time.time()
             for i, n in cfg.blocks.items():
                 src, dst = tables[n]
@@ -266,9 +241,6 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             tx.finish(address, tid, len(cfg.blocks))
             st = tx.wait(tid, 120)
             t_done = time.time()
-            if prof is not None:
-                prof.__exit__(None, None, None)
-                print(f"sender CUDA API calls per thread: {cuda_calls_by_thread(prof)}", flush=True)
             state = st.name + ("" if st.name == "DONE" else f" ({tx.reason(tid)})")
             results.put(("tx", variant, r, state, t0, t_done, tx.stats()["messages_sent"] - messages))
             to_receiver.put("done")
@@ -276,7 +248,7 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             if r == 0:  # after the warm-up
                 allocs = device_allocs(cfg, 0)
         results.put(("stages", variant, "sender", per_transfer(STAGES, cfg.reps + 1),
-                     (device_allocs(cfg, 0) - allocs) / cfg.reps, {k: sorted(v) for k, v in THREADS.items()}))
+                     (device_allocs(cfg, 0) - allocs) / cfg.reps))
     tx.close()
 
 
@@ -303,7 +275,7 @@ def run(cfg: Config) -> dict:
     procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
     for p in procs:
         p.start()
-    raw, tandem, stages, allocs, threads = {}, {}, {}, {}, {}
+    raw, tandem, stages, allocs = {}, {}, {}, {}
     expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
     for _ in range(expected):
         m = next_result(results, procs)
@@ -312,7 +284,6 @@ def run(cfg: Config) -> dict:
         elif m[0] == "stages":
             stages.setdefault(m[1], {}).update(m[3])
             allocs.setdefault(m[1], {})[m[2]] = m[4]
-            threads.setdefault(m[1], {}).update(m[5])
         else:
             tandem.setdefault(m[1], {}).setdefault(m[2], {})[m[0]] = m
     for p in procs:
@@ -327,7 +298,7 @@ def run(cfg: Config) -> dict:
             messages.append(tx[6])
         rows[variant] = {"s": statistics.median(times), "states": sorted(states),
                          "messages": statistics.median(messages), "stages_s": stages.get(variant, {}),
-                         "device_allocs": allocs.get(variant, {}), "threads": threads.get(variant, {})}
+                         "device_allocs": allocs.get(variant, {})}
 
     base = raw["per-layer"]["s"]
     print(f"\n{nbytes / 1e9:.2f} GB in {len(cfg.blocks)} layers; medians of {cfg.reps}\n")
@@ -342,10 +313,9 @@ def run(cfg: Config) -> dict:
     for variant, r in rows.items():
         print(f"{variant}: states {r['states']}; cudaMalloc calls per timed transfer: "
               + ", ".join(f"{side} {n:g}" for side, n in sorted(r["device_allocs"].items())))
-        print("  per transfer, each stage's wall ms (its thread's CPU ms) / calls [its threads]:")
+        print("  per transfer, each stage's wall ms (its thread's CPU ms) / calls:")
         for side, names in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
-            print(f"    {side}: " + ", ".join(f"{k} {1e3 * w:.2f} ({1e3 * c:.2f}) / {n:.3g} "
-                                           f"[{' '.join(r['threads'].get(k, []))}]"
+            print(f"    {side}: " + ", ".join(f"{k} {1e3 * w:.2f} ({1e3 * c:.2f}) / {n:.3g}"
                                            for k in names if k in r["stages_s"]
                                            for w, c, n in [r["stages_s"][k]]))
     return {"bytes": nbytes, "raw": raw, "tandem": rows}
@@ -358,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
-                    help="profile the last coalesced transfer (GPU only): the receiver's op tables, CUDA API calls per thread")
+                    help="print a torch.profiler table of the receiver's last coalesced transfer (GPU only)")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU tensors with gloo (no GPU needed)")
     args = ap.parse_args(argv)
     tokens = args.tokens or (1024 if args.cpu else 32000)

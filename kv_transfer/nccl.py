@@ -34,15 +34,13 @@ is where a part's bytes travel:
              calls rarely overlapped, no cudaMalloc either way). A posted send cannot be
              taken back, so a part whose transfer fails after send_layer still goes
              out (see sender.py).
-    receiver the reader thread only reads: headers and block ids, queued for the
-             completer. The completer makes every CUDA call of the data: as messages
-             arrive it posts one `recv` per part into staging buffers on the receiver's
-             stream (up to `max_queued_messages` messages ahead of the one it is
-             writing, also between the polls of a wait, so the link always has recvs
-             posted); it waits for each part in turn (polling with short sleeps, never
-             spinning, so the reader gets the GIL; polling, so a dead sender is noticed
-             on the TCP socket instead of hanging), enqueues its `index_copy_` into
-             kv_caches[layer][:, dst] on the receiver's stream, and acks the message
+    receiver the reader thread reads the header and ids and at once posts one `recv` per
+             part into staging buffers on the receiver's stream, then goes on to the next
+             header (up to `max_queued_messages` ahead), so the link always has recvs
+             posted. The completer waits for each part in turn (polling with short sleeps,
+             never spinning, so the reader gets the GIL; polling, so a dead sender is
+             noticed on the TCP socket instead of hanging), enqueues its `index_copy_`
+             into kv_caches[layer][:, dst] on the receiver's stream, and acks the message
              once all its parts are handled; it synchronizes only for DONE and FAILED.
     Per connection, NCCL matches sends and recvs in posting order, and both sides post
     in header order, so no tags or ids are needed on the data plane. Data for an unknown
@@ -173,25 +171,21 @@ def _socket_open(sock: socket.socket) -> bool:
         return False
 
 
-def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str,
-               between: Callable[[], None] | None = None) -> None:
+def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
     """NCCL: wait for a p2p op without ever hanging on a dead peer (an NCCL op whose peer
     died never completes); then `work.wait()`, which orders the current stream after it.
     Sleeps between polls, 20 us at first, doubling up to 100 us, and never spins: a
     thread that spins in Python keeps the GIL (a sleep(0) hands it over only if the
     waiter wins the race; otherwise the waiter waits out the 5 ms switch interval), and
-    the reader thread of the same connection needs the GIL to read the next headers.
-    `between` runs after each sleep (the completer posts the recvs of messages that
-    arrived meanwhile). The wait is behind recvs that are already posted, so its latency
-    does not idle the link; it adds at most ~0.15 ms (with the OS timer slack) after the
-    last part. The peer is checked every 10 ms."""
+    the reader thread of the same connection needs the GIL to post the next recvs. The
+    wait is on the completer, behind recvs that are already posted, so its latency does
+    not idle the link; it adds at most ~0.15 ms (with the OS timer slack) after the last
+    part. The peer is checked every 10 ms."""
     start = checked = time.monotonic()
     delay = 2e-5
     while not work.is_completed():
         time.sleep(delay)
         delay = min(2 * delay, 1e-4)
-        if between is not None:
-            between()
         now = time.monotonic()
         if now - checked > 0.01:
             if not alive():
@@ -202,8 +196,7 @@ def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str,
     work.wait()
 
 
-def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str,
-                   between: Callable[[], None] | None = None) -> None:
+def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
     """gloo: its send/recv works only complete inside wait(); gloo's own sockets see a dead
     peer and its timeout bounds the wait."""
     work.wait(datetime.timedelta(seconds=timeout))
@@ -242,31 +235,26 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
         if conn.data is not None:
             conn.data.abort()
 
-    def _wait(self, conn: _Conn, work, what: str, between: Callable[[], None] | None = None) -> None:
-        _WAIT[self.pg_backend](work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what,
-                               between)
+    def _wait(self, conn: _Conn, work, what: str) -> None:
+        _WAIT[self.pg_backend](work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
 
     def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
-        """Reader: nothing to read; the data comes as p2p messages (see _post_data)."""
+        """Post one recv per part, in part order, into a staging buffer allocated on the
+        receiver's stream (the stream _write copies out of it on)."""
         if nbytes:  # a malformed message: its bytes came on TCP, no p2p message follows
             wire.discard(conn.sock, nbytes)
             return f"nccl parts message carries {nbytes} TCP bytes"
-        return None
-
-    def _post_data(self, conn: _Conn, msg: _Message) -> None:
-        """Completer: post one recv per part, in part order (messages in arrival order:
-        the sender's posting order), into a staging buffer allocated on the receiver's
-        stream (the stream _write copies out of it on)."""
         group = conn.data.group
         with _on_device(self.device), _on_stream(self._stream):
             for p in msg.parts:
                 buf = torch.empty(self._part_shape(p), dtype=self.kv_caches[0].dtype, device=self.device)
                 p.data = (buf, group.recv([buf], SENDER_RANK, TAG))
+        return None
 
     def _await_data(self, conn: _Conn, part: _InPart) -> torch.Tensor:
         buf, work = part.data
         with _on_device(self.device), _on_stream(self._stream):  # work.wait() orders this stream after the recv
-            self._wait(conn, work, f"recv of {part.tid!r} layer {part.layer}", lambda: self._start_arrived(conn))
+            self._wait(conn, work, f"recv of {part.tid!r} layer {part.layer}")
         return buf
 
 

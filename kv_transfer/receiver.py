@@ -12,20 +12,14 @@ Receiver lifecycle (decode side), one record per transfer_id:
   Threads: one accept loop; per accepted connection a *reader* and a *completer*, with a
   bounded FIFO of messages between them (`max_queued_messages`):
     reader     reads frames in order. A parts message (wire.py): mark its transfers
-               TRANSFERRING, read the block ids (TCP: and each part's bytes, into
-               staging buffers) and queue it. finish is queued behind it; abort applies
-               at once.
-    completer  takes messages in order and starts their data moving (`_post_data`;
-               NCCL: posts one recv per part) as soon as they arrive, up to
-               `max_queued_messages` messages ahead of the one it is writing, also
-               while it waits for a part; waits for each part's data in turn and writes
+               TRANSFERRING, read the block ids, then start its data moving -- TCP: read
+               each part's bytes into a staging buffer; NCCL: post one recv per part --
+               and queue it. finish is queued behind it; abort applies at once.
+    completer  takes messages in order; waits for each part's data in turn and writes
                it into the cache (checked under the receiver lock), so part j is written
-               while part j+1, and the messages behind, are still arriving; then sends
-               one ack for the message, listing the parts it discarded. Answers finish
-               (DONE or FAILED) after every earlier message. On NCCL the completer is
-               thus the one thread making CUDA calls for the data (allocating staging,
-               posting, polling, writing): threads making CUDA calls at once contend for
-               the driver.
+               while part j+1, and the next messages queued behind, are still arriving;
+               then sends one ack for the message, listing the parts it discarded.
+               Answers finish (DONE or FAILED) after every earlier message.
   A layer may arrive in several parts (chunked prefill), in one message or several.
 
   Cache writes: on CUDA they are enqueued on the receiver's own stream and not waited
@@ -39,7 +33,6 @@ On CUDA caches the TCP data plane moves bytes through pinned host memory on both
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import socket
@@ -89,9 +82,6 @@ class _Conn:
     thread: threading.Thread | None = None  # the reader
     completer: threading.Thread | None = None
     data: Any = None  # the data plane's per-connection state (nccl: the process group)
-    # Completer only: items taken from `arrivals` whose data was started, oldest first
-    # (the head is the one being written); None (stop) may end it.
-    ahead: collections.deque = field(default_factory=collections.deque)
 
 
 @dataclass(eq=False)
@@ -339,47 +329,24 @@ class TcpReceiver(TransferRecords, KVReceiver):
 
     def _complete_loop(self, conn: _Conn) -> None:
         self._use_device()
-        try:
-            while True:
-                if not conn.ahead:
-                    self._start(conn, conn.arrivals.get())
-                item = conn.ahead.popleft()
-                if item is None:
-                    return
+        broken = False
+        while (item := conn.arrivals.get()) is not None:
+            if broken:
+                continue  # the connection is going down; drain so the reader never blocks on a full queue
+            try:
                 if isinstance(item, _Message):
                     self._complete(conn, item)
                 else:
                     self._on_finish(conn, item)
-        except Exception as e:
-            if not self._closed:
-                log.info("KV sender %s: %s: %s", conn.peer, type(e).__name__, e)
-            wire.shutdown(conn.sock)  # the reader sees it and ends the connection
-            stopped = any(item is None for item in conn.ahead)
-            conn.ahead.clear()
-            while not stopped and conn.arrivals.get() is not None:
-                pass  # drain until the stop, so the reader never blocks on a full queue
-
-    def _start(self, conn: _Conn, item: _Message | _Finish | None) -> None:
-        """Completer: start an arrived message's data moving; queue it behind the others."""
-        if isinstance(item, _Message) and item.problem is None:
-            self._post_data(conn, item)
-        conn.ahead.append(item)
-
-    def _start_arrived(self, conn: _Conn) -> None:
-        """Completer: start what the reader has queued since, up to max_queued_messages
-        ahead of the message being written. Called before each part's wait and, by data
-        planes that poll, while waiting, so the link never idles for want of a posted recv."""
-        while len(conn.ahead) < self.max_queued_messages and (not conn.ahead or conn.ahead[-1] is not None):
-            try:
-                item = conn.arrivals.get_nowait()
-            except queue.Empty:
-                return
-            self._start(conn, item)
+            except Exception as e:
+                broken = True
+                if not self._closed:
+                    log.info("KV sender %s: %s: %s", conn.peer, type(e).__name__, e)
+                wire.shutdown(conn.sock)  # the reader sees it and ends the connection
 
     def _complete(self, conn: _Conn, msg: _Message) -> None:
         failed = []
         for j, part in enumerate(msg.parts):
-            self._start_arrived(conn)
             data = None if msg.problem else self._await_data(conn, part)  # [2, n, bs, kvh, d]
             with self._lock:
                 rec = self._transfers.get(part.tid)
@@ -510,9 +477,9 @@ class TcpReceiver(TransferRecords, KVReceiver):
         return (2, part.dst.numel(), *self._block_shape)
 
     def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
-        """Reader: consume the payload's `nbytes` bytes after the block ids (TCP: the
-        parts' data: set each part's `data`). A problem string means the whole
-        message's data was consumed and dropped."""
+        """Reader: start the parts' data moving (`nbytes` more payload bytes are on the
+        socket) and set each part's `data`. A problem string means the whole message's
+        data was consumed and dropped."""
         want = sum(p.dst.numel() for p in msg.parts) * self._block_bytes
         if nbytes != want:
             wire.discard(conn.sock, nbytes)
@@ -521,11 +488,6 @@ class TcpReceiver(TransferRecords, KVReceiver):
             buf = wire.recv_payload(conn.sock, p.dst.numel() * self._block_bytes, pin_memory=self._stream is not None)
             p.data = buf.view(self.kv_caches[0].dtype).view(self._part_shape(p))
         return None
-
-    def _post_data(self, conn: _Conn, msg: _Message) -> None:
-        """Completer, as the message arrives (its data was read without problem): start its
-        parts' data moving and set each part's `data`. TCP: the reader already has the
-        bytes."""
 
     def _await_data(self, conn: _Conn, part: _InPart) -> torch.Tensor:
         """Completer: the part's bytes, [2, n, bs, kvh, d], once they are all here."""

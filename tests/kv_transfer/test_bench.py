@@ -27,7 +27,4 @@ def test_cpu_smoke_run(tmp_path):
         wall, cpu, calls = row["stages_s"]["send_layer"]
         assert wall > 0 and cpu > 0 and calls == 4
         assert row["device_allocs"] == {"sender": 0, "receiver": 0}  # no CUDA here
-        # one thread a side posts the data: the sender's caller, the receiver's completer
-        assert row["threads"]["_post"] == ["MainThread"] and row["threads"]["_transmit"] == ["kv-send-write"]
-        assert row["threads"]["_post_data"] == ["kv-recv-write"]
     assert r["tandem"]["coalescing off"]["messages"] == 4

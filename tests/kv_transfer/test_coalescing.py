@@ -30,8 +30,8 @@ class GatedWriter:
 
 
 class GatedCompleter:
-    """Receiver mixin: the completer writes no message until `gate` is set (the reader
-    still reads headers; the completer has started the first message's data moving)."""
+    """Receiver mixin: the completer handles no message until `gate` is set (the reader
+    still reads headers and starts the data moving)."""
 
     def __init__(self, *args, **kwargs):
         self.gate = threading.Event()
