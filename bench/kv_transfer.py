@@ -132,10 +132,9 @@ def device_allocs(cfg: Config, rank: int) -> int:
     return 0 if cfg.cpu else torch.cuda.memory_stats(rank).get("num_device_alloc", -1)
 
 
-# Timed methods (nested ones included: send_layer contains _block_ids, _stage and _post,
-# _stage contains _gather, _send_parts contains _transmit, _on_parts contains _take_data;
-# _reap runs inside send_layer and finish, or on the reader).
-SENDER_STAGES = ("send_layer", "_block_ids", "_stage", "_gather", "_post", "_send_parts", "_transmit", "_reap")
+# Timed methods (nested ones included: send_layer contains _block_ids and _stage, _stage
+# contains _gather, _send_parts contains _transmit, _on_parts contains _take_data).
+SENDER_STAGES = ("send_layer", "_block_ids", "_stage", "_gather", "_send_parts", "_transmit")
 RECEIVER_STAGES = ("_on_parts", "_take_data", "_await_data", "_write_part", "_reply")
 
 

@@ -14,26 +14,14 @@ is where a part's bytes travel:
     connect time rather than inside the first transfer. There is no global world: each
     pair's group is private, made on first contact and reused for every later transfer.
   a parts message (several layers, maybe of several transfers; see sender.py):
-    sender   ONE thread makes every CUDA call of a part: the caller's, in send_layer. It
-             gathers the part's src blocks into a contiguous [2, n, bs, kvh, d] buffer
-             (index_select on the caller's stream) and posts the part's NCCL `send` at
-             once (the group orders its NCCL stream after the caller's stream, so after
-             the gather: no event of ours, no host wait), then queues the part. The
-             writer thread only writes the header and block ids on TCP, coalescing
-             queued parts as in TCP; a send may thus be posted before the receiver has
-             its header (NCCL holds it on the GPU until the recv is posted). Posting and
-             queueing happen under the sender's data lock, so the sends are posted in
-             header order (see the matching rule below). The buffers and works stay
-             alive until the receiver acks the message; then wait() is called on its
-             sends (so torch drops its own references at once and the memory is reused
-             by the next gathers) -- by the reader right away if no send_layer is
-             running, else by the caller's next send_layer or finish. Why one thread:
-             threads making CUDA calls at once contend for the driver's and the
-             allocator's locks (measured with the writer posting and the reader waiting
-             beside it: the gather's own CPU time 0.21 ms a call, 0.05 ms when the
-             calls rarely overlapped, no cudaMalloc either way). A posted send cannot be
-             taken back, so a part whose transfer fails after send_layer still goes
-             out (see sender.py).
+    sender   send_layer gathers each part's src blocks into a contiguous [2, n, bs, kvh, d]
+             buffer on the GPU (index_select on the caller's stream, then an event taken
+             from a pool). The writer thread sends the header and block ids on TCP, then
+             posts one NCCL `send` per part back to back from the pair's own stream, which
+             first waits for that part's gather event (the event then goes back to the
+             pool): no host wait anywhere. The buffers stay alive until the receiver acks
+             the message; then the reader calls wait() on its sends, so torch drops its
+             own references at once and the memory is reused by the next gathers.
     receiver the reader thread reads the header and ids and at once posts one `recv` per
              part into staging buffers on the receiver's stream, then goes on to the next
              header (up to `max_queued_messages` ahead), so the link always has recvs
@@ -62,8 +50,8 @@ reuse the blocks; and short runs (a fragmented free list) are latency-bound (NOT
 0.8 GB/s at 64 KiB vs 358 GB/s at 256 MiB).
 
 Failure: a peer that dies is seen on the TCP socket (EOF, keepalive); the pair's group is
-then aborted (`abort()`), which ends any NCCL op still waiting for the dead peer (posted
-sends whose headers never went out included), and its transfers turn FAILED as in TCP. The group's own timeout (`pg_timeout`) is a backstop.
+then aborted (`abort()`), which ends any NCCL op still waiting for the dead peer, and its
+transfers turn FAILED as in TCP. The group's own timeout (`pg_timeout`) is a backstop.
 NOTE: torch's NCCL watchdog may terminate the process when an op times out
 (TORCH_NCCL_ASYNC_ERROR_HANDLING); we abort the group long before, but this is untested
 on GPUs so far: kill a peer on the GPU machine before relying on it.
@@ -78,7 +66,6 @@ run this exact control flow on CPU tensors, since this machine has no GPU.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime
 import select
@@ -145,7 +132,7 @@ class _Pair:
     store: Any  # TCPStore: the receiver hosts it, the sender is its client
     prefix: str  # unique per pair: store keys and the group's name
     group: Any = None  # the 2-rank process group (a c10d Backend)
-    stream: Any = None  # sender, CUDA: an idle stream that acked sends are wait()ed on
+    stream: Any = None  # sender, CUDA: the stream its sends are posted from
 
     def abort(self) -> None:
         if self.group is not None:
@@ -260,7 +247,6 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
 
 class NcclSender(_NcclOptions, TcpSender):
     data_plane = "nccl"
-    posts_in_send_layer = True
 
     def _check_data_plane(self) -> None:
         _REQUIRE[self.pg_backend](self.device)
@@ -290,70 +276,52 @@ class NcclSender(_NcclOptions, TcpSender):
             peer.data.abort()
 
     def __init__(self, *args, **kwargs):
-        # Acked messages whose sends are still to be wait()ed, with their pair: see _reap.
-        self._acked: collections.deque[tuple[_Pair, _Sent]] = collections.deque()
+        # CUDA events whose waits the writer has enqueued: free to record again (a stream
+        # waits for the record that was last at the time of its wait_event call).
+        self._free_events: list = []
         super().__init__(*args, **kwargs)
 
     def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
-        return _Staged(self._gather(layer, src_ids))  # [2, n, bs, kvh, d] on the cache's device
-
-    def _before_stage(self) -> None:
-        self._reap()  # this gather may then reuse the memory of acked messages
-
-    def _post(self, peer: _Peer, part: _Part) -> None:
-        """Caller thread, holding _data_lock: post the part's NCCL send now. The group orders
-        its NCCL stream after the current (the caller's) stream, i.e. after the gather just
-        enqueued there: no event of ours, no host wait. A send may be posted before the
-        receiver has its header: NCCL holds it on the GPU until the matching recv is posted."""
-        with _on_device(self.device):
-            part.posted = peer.data.group.send([part.staged.tensor], RECEIVER_RANK, TAG)
+        buf = self._gather(layer, src_ids)  # [2, n, bs, kvh, d] on the cache's device
+        ready = None
+        if buf.is_cuda:  # the sends wait for the gather on the caller's stream
+            try:
+                ready = self._free_events.pop()
+            except IndexError:
+                ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(buf.device))
+        return _Staged(buf, ready)
 
     def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
-        """Writer: the header and block ids on TCP; the parts' sends were posted by
-        send_layer, in this order. No CUDA call here."""
-        nbytes = 0
-        for p in parts:  # alive until the ack (or the pair's teardown)
-            sent.keep += (p.staged.tensor, p.posted)
-            nbytes += p.staged.tensor.nbytes
-            p.staged = p.posted = None  # so the last references are sent.keep's
+        """The header and block ids on TCP, then one NCCL send per part, posted back to
+        back with no host wait (each on the pair's stream after its gather's event)."""
+        pair = peer.data
+        sent.keep.extend(p.staged.tensor for p in parts)  # alive until the ack (or the pair's teardown)
         with peer.write_lock:
-            return nbytes + wire.send_frame(peer.sock, header, ids)
+            nbytes = wire.send_frame(peer.sock, header, ids)
+        with _on_device(self.device), _on_stream(pair.stream):
+            for p in parts:
+                if p.staged.ready is not None:
+                    pair.stream.wait_event(p.staged.ready)
+                    self._free_events.append(p.staged.ready)
+                    p.staged.ready = None
+                sent.keep.append(pair.group.send([p.staged.tensor], RECEIVER_RANK, TAG))
+                nbytes += p.staged.tensor.nbytes
+        return nbytes
 
     def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
-        """Reader: `sent` was acked. Its sends are reaped (_reap) here if no send_layer is
-        running right now, else by the next send_layer or finish: our threads never make
-        CUDA calls at the same time as the caller inside send_layer."""
-        self._acked.append((peer.data, sent))
-        if self._data_lock.acquire(blocking=False):
-            try:
-                self._reap()
-            finally:
-                self._data_lock.release()
-
-    def finish(self, address: str, transfer_id: str, num_layers: int) -> None:
-        with self._data_lock:
-            self._reap()
-        super().finish(address, transfer_id, num_layers)
-
-    def _reap(self) -> None:
-        """Holding _data_lock: `work.wait()` on each send of every acked message, then drop
-        its buffers. The sends are complete (the receiver has every byte); torch's NCCL
-        group stashes a reference to each sent tensor until wait() is called or its
-        watchdog, polling every ~100 ms, reaps the op; unwaited, a transfer's gathered
-        buffers (GBs) would stay allocated that long, and the next transfer's gathers
-        would have to cudaMalloc fresh memory. wait() only orders the current stream
-        (here the pair's idle stream) after the op. A torn-down pair's works ended with
-        its group: they are only dropped."""
-        while self._acked:
-            pair, sent = self._acked.popleft()
-            group = pair.group
-            if group is not None:
-                with _on_device(self.device), _on_stream(pair.stream), contextlib.suppress(Exception):
-                    for obj in sent.keep:
-                        if not isinstance(obj, torch.Tensor):
-                            obj.wait()
-            sent.keep.clear()
+        """`work.wait()` on each send of the acked message (its sends are complete: the
+        receiver has every byte). torch's NCCL group stashes a reference to each sent
+        tensor until wait() is called or its watchdog, polling every ~100 ms, reaps the
+        op; unwaited, a transfer's gathered buffers (GBs) would stay allocated that long,
+        and the next transfer's gathers would have to cudaMalloc fresh memory. wait() only
+        orders the current stream (here the pair's idle stream) after the op."""
+        pair = peer.data
+        with _on_device(self.device), _on_stream(pair.stream if pair is not None else None):
+            for obj in sent.keep:
+                if not isinstance(obj, torch.Tensor):
+                    obj.wait()
 
 
 register_backend("nccl")((NcclSender, NcclReceiver))

@@ -12,37 +12,29 @@ Sender lifecycle (prefill side), one record per transfer_id:
 
   send_layer() checks its arguments, gathers the layer's src blocks (on CUDA: on the
   caller's stream, so the caller may go on and reuse its source blocks once later work
-  on that stream follows), lets the data plane *post* the part (`_post`: NCCL posts its
-  send right there; TCP does nothing) and queues it as one *part*. Gather, post and
-  queueing happen under `_data_lock`, so the order in which parts are posted is the
-  order in which the writer puts them in headers (the data plane relies on it: NCCL
-  matches sends and recvs in posting order). Block ids are checked and converted (src: a
-  device index; dst: wire bytes) once per transfer per distinct (src, dst) pair of
-  lists -- a prefill step passes one pair for all global layers and one for all local
-  layers -- and recognised after that by list equality, which is a pointer comparison
-  per id when the lists are slices of the same block table. So a call costs two list
-  comparisons, a gather launch, the data plane's post and a queue hand-off: no
-  host-to-device copy and no per-id Python.
+  on that stream follows) and queues the result as one *part*. Block ids are checked
+  and converted (src: a device index; dst: wire bytes) once per transfer per distinct
+  (src, dst) pair of lists -- a prefill step passes one pair for all global layers and
+  one for all local layers -- and recognised after that by list equality, which is a
+  pointer comparison per id when the lists are slices of the same block table. So a
+  call costs two list comparisons, a gather launch, an event record and a queue
+  hand-off: no host-to-device copy and no per-id Python.
 
   Coalescing: the writer takes every part already queued for the peer (FIFO, up to
   `max_message_bytes`, at least one) and sends them as ONE parts message (wire.py): one
-  header, then (TCP) the parts' data back to back. A caller that outruns the link
-  therefore gets fewer, larger messages; one that sends a layer per layer-compute gets
-  a message per layer. Parts of different transfers share messages in call order.
-  finish and abort are messages of their own, in queue order, so the receiver answers
-  finish only after every earlier part on the connection: its DONE covers all parts.
-  A part whose transfer is FAILED (aborted, rejected) when the writer takes it is
-  dropped unsent -- unless it was posted (NCCL): its data is already committed to the
-  data plane, so its header still goes out and the receiver receives it and discards
-  it (or writes it, if the sender's abort reaches it later; abort still fails both).
+  header, the parts' data back to back. A caller that outruns the link therefore gets
+  fewer, larger messages; one that sends a layer per layer-compute gets a message per
+  layer. Parts of different transfers share messages in call order. finish and abort
+  are messages of their own, in queue order, so the receiver answers finish only after
+  every earlier part on the connection: its DONE covers all parts. A part whose
+  transfer is FAILED (aborted, rejected) when the writer takes it is dropped unsent.
 
   The receiver acks each parts message once, listing the parts it discarded; each other
   part counts as acked for its transfer (`layers_acked`). A message's data-plane buffers
-  stay alive until its ack (or until the connection is torn down); the reader hands
-  acked messages to the data plane's `_release_sent`. Queued parts hold their gathered
-  buffers until sent: a caller that outruns the link holds up to a request's whole KV
-  in the queue. release() forgets a record. The socket is closed by whichever of the
-  peer's two threads ends last.
+  stay alive until its ack (or until the connection is torn down). Queued parts hold
+  their gathered buffers until sent: a caller that outruns the link holds up to a
+  request's whole KV in the queue. release() forgets a record. The socket is closed by
+  whichever of the peer's two threads ends last.
 
 On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides.
 """
@@ -95,9 +87,6 @@ class _Part:
     layer: int
     dst: bytes  # destination block ids, native int32 (wire.block_ids)
     staged: _Staged
-    # The data plane's handle once send_layer posted the part's data (NCCL: its send's
-    # work); such a part can no longer be dropped: its header must go out.
-    posted: Any = None
 
 
 @dataclass(eq=False)
@@ -158,7 +147,6 @@ class _Outgoing:
 class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
     max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
-    posts_in_send_layer = False  # True: _post commits each part's data, so queued parts are never dropped
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
                  connect_timeout: float = 10.0):
@@ -170,9 +158,6 @@ class TcpSender(TransferRecords, KVSender):
         self._check_data_plane()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # Held by send_layer from its gather to its queue hand-off: posting order equals
-        # header order. Never held while waiting on the peer; taken before _lock, never after.
-        self._data_lock = threading.Lock()
         self._transfers: dict[str, _Outgoing] = {}
         self._peers: dict[str, _Peer] = {}
         self._connect_locks: dict[str, threading.Lock] = {}
@@ -208,32 +193,19 @@ class TcpSender(TransferRecords, KVSender):
                         self._fail(rec, str(e))
                 log.warning("KV transfer %s failed: %s", transfer_id, e)
                 return
-        failure = None
-        with self._data_lock:
-            self._before_stage()
-            part = _Part(transfer_id, layer, ids.dst, self._stage(layer, ids.src))
-            with self._lock:
-                if rec.status.terminal:
-                    return
-                if not peer.alive:
-                    self._fail(rec, f"connection to {address} lost")
-                    return
-                rec.peer = peer
-                rec.layers_queued += 1
-                if rec.status < S.TRANSFERRING:
-                    rec.status = S.TRANSFERRING
-                    self._cond.notify_all()
-            # INVARIANT: per peer, parts are posted (_post) in the order they are queued,
-            # which is the order of their headers on the wire (the writer keeps FIFO order).
-            # The NCCL data plane matches sends to recvs by that order alone.
-            try:
-                self._post(peer, part)
-            except Exception as e:  # the data plane broke: this peer is done for
-                failure = f"posting layer {layer} failed: {type(e).__name__}: {e}"
-            else:
-                peer.queue.put(part)
-        if failure is not None:
-            self._peer_failed(peer, failure)  # fails rec: it is queued on this peer
+        part = _Part(transfer_id, layer, ids.dst, self._stage(layer, ids.src))
+        with self._lock:
+            if rec.status.terminal:
+                return
+            if not peer.alive:
+                self._fail(rec, f"connection to {address} lost")
+                return
+            rec.peer = peer
+            rec.layers_queued += 1
+            if rec.status < S.TRANSFERRING:
+                rec.status = S.TRANSFERRING
+                self._cond.notify_all()
+            peer.queue.put(part)
 
     def finish(self, address: str, transfer_id: str, num_layers: int) -> None:
         with self._lock:
@@ -371,17 +343,11 @@ class TcpSender(TransferRecords, KVSender):
                     self._fail(rec, f"connection to {peer.address} lost: {reason}")
         if reason != "sender closed":
             log.warning("KV connection to %s lost: %s", peer.address, reason)
+        peer.queue.put(None)
         wire.shutdown(peer.sock)
-        # Not under _data_lock: a post blocked on the dead peer must be ended by it.
         self._teardown_data_plane(peer)  # ends data-plane ops still waiting for the peer...
-        while True:  # ...before their buffers may be reused: queued parts,
-            try:
-                peer.queue.get_nowait()
-            except queue.Empty:
-                break
         with self._lock:
-            peer.inflight.clear()  # and messages awaiting their ack
-        peer.queue.put(None)  # stops the writer
+            peer.inflight.clear()  # ...before their buffers may be reused
 
     def _fail(self, rec: _Outgoing, reason: str) -> None:
         """Caller holds the lock."""
@@ -406,11 +372,9 @@ class TcpSender(TransferRecords, KVSender):
                     self._send_control(peer, batch)
                 else:
                     self._send_parts(peer, batch)
-                batch = None  # a part's last reference must not outlive the message here
         except Exception as e:
             self._peer_failed(peer, f"send failed: {type(e).__name__}: {e}")
         finally:
-            peer.held.clear()
             self._thread_done(peer)
 
     def _next_batch(self, peer: _Peer) -> list[_Part] | _Control | None:
@@ -444,7 +408,7 @@ class TcpSender(TransferRecords, KVSender):
             live = []
             for p in parts:
                 rec = self._transfers.get(p.tid)
-                if p.posted is None and (rec is None or rec.status == S.FAILED):
+                if rec is None or rec.status == S.FAILED:
                     self._stats["layers_dropped"] += 1
                 else:
                     live.append(p)
@@ -539,14 +503,6 @@ class TcpSender(TransferRecords, KVSender):
 
     def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
         """Reader, outside the lock: `sent` was acked; its buffers go when this returns."""
-
-    def _before_stage(self) -> None:
-        """send_layer, holding _data_lock, before its gather."""
-
-    def _post(self, peer: _Peer, part: _Part) -> None:
-        """send_layer, holding _data_lock, right before queueing the part: commit its data
-        to the data plane now (setting part.posted) or leave it to _transmit. TCP: the
-        latter."""
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         """On the caller's stream; src_ids is already on the cache's device."""
