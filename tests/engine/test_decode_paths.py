@@ -105,3 +105,15 @@ def test_triton_kernels_in_the_engine_match_torch(tiny_llama4_dir):
     got_tokens, _ = _generate(llm, max_tokens=(8, 5, 8, 6, 9))
     assert seen, "the paged decode kernel never ran"
     assert got_tokens == want_tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_captured_graphs_match_eager_on_cuda(tiny_llama4_dir):
+    """On a GPU: decode steps replayed from captured CUDA graphs (Triton ops) give the
+    tokens of the same ops run eagerly, in fp32."""
+    kw = dict(device="cuda", dtype="float32", ops="triton")
+    want, _ = _generate(_llm(tiny_llama4_dir, enforce_eager=True, **kw))
+    llm = _llm(tiny_llama4_dir, **kw)
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs
+    got, _ = _generate(llm)
+    assert got == want
