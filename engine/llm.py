@@ -70,6 +70,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self._ids = itertools.count()
+        if self.runner.wants_graphs:  # last: a configuration error must not wait for the capture
+            self.runner.enable_decode_graphs(capture=True, max_len=self.max_model_len)
 
     # -- requests ------------------------------------------------------------------------
     def validate_prompt(self, prompt: str | Sequence[int]) -> list[int]:

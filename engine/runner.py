@@ -84,8 +84,8 @@ class ModelRunner:
         log.info("KV cache: %d global blocks%s of %d tokens", self.num_blocks,
                  f" + {self.num_local_blocks} local" if self.num_local_blocks else "", bs)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and cfg.device.cuda_graphs and getattr(ops, "graph_safe", False):
-            self.enable_decode_graphs(capture=True)
+        # Captured by the engine once it has checked the configuration (capture_graphs).
+        self.wants_graphs = self.device.type == "cuda" and cfg.device.cuda_graphs and getattr(ops, "graph_safe", False)
 
     def enable_decode_graphs(self, capture: bool = True, max_len: int | None = None) -> None:
         """Serve all-decode steps of up to max_num_seqs rows from captured CUDA graphs;
