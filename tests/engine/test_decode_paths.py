@@ -9,6 +9,8 @@
 Prompts cross tiny-llama4's 32-token attention chunks, and the batch shrinks as requests
 finish (so padded sizes change under running requests)."""
 
+import os
+
 import pytest
 import torch
 
@@ -107,10 +109,13 @@ def test_triton_kernels_in_the_engine_match_torch(tiny_llama4_dir):
     assert got_tokens == want_tokens
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a GPU and compiled Triton: TRITON_INTERPRET=0 pytest -k captured")
 def test_captured_graphs_match_eager_on_cuda(tiny_llama4_dir):
     """On a GPU: decode steps replayed from captured CUDA graphs (Triton ops) give the
-    tokens of the same ops run eagerly, in fp32."""
+    tokens of the same ops run eagerly, in fp32 (passed on an H100, 2026-11-27).
+    conftest.py turns Triton's interpreter on for the CPU kernel tests, so this runs
+    alone: `TRITON_INTERPRET=0 pytest tests/engine/test_decode_paths.py -k captured`."""
     kw = dict(device="cuda", dtype="float32", ops="triton")
     want, _ = _generate(_llm(tiny_llama4_dir, enforce_eager=True, **kw))
     llm = _llm(tiny_llama4_dir, **kw)
