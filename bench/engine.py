@@ -45,6 +45,23 @@ def cuda_time(fn, reps: int = 10, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def print_table(rows: list[tuple]) -> None:
+    """Rows of cells (the first is the header) as aligned ' | '-separated columns."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def divergence(a: list[int], b: list[int], gaps_a: list[float], gaps_b: list[float], name_a: str,
+               name_b: str) -> tuple[int, str]:
+    """(how many leading tokens of two greedy outputs agree, and where they part the
+    top-2 logit gap of each side: a near-tie, or a real difference)."""
+    same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    if same == len(a):
+        return same, ""
+    return same, f"; at token {same} the top-2 logit gap is {gaps_a[same]:.3f} ({name_a}), {gaps_b[same]:.3f} ({name_b})"
+
+
 def ceilings() -> dict:
     n = 1 << 29  # 1 GiB of bf16
     x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -226,28 +243,18 @@ def main() -> int:
                      f"{floor_s * 1e3:,.1f} ms (matmul FLOPs)", f"{100 * floor_s / p:.1f}% MFU",
                      f"{hp / p:.1f}x" if hp else "-"))
     head = ("measure", "ops", "tandem", "transformers", "ceiling", "tandem/ceiling", "tandem/transformers")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     print()
-    for r in [head] + rows:
-        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print_table([head] + rows)
     ours = runs[all_ops[0]]
     if len(runs) > 1:
         other = runs[all_ops[1]]
         for i, (a, b) in enumerate(zip(ours["ops_greedy"], other["ops_greedy"])):
-            same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            gap = ""
-            if same < len(a):
-                gap = (f"; at token {same} the top-2 logit gap is {ours['ops_gaps'][i][same]:.3f} ({all_ops[0]}), "
-                       f"{other['ops_gaps'][i][same]:.3f} ({all_ops[1]})")
+            same, gap = divergence(a, b, ours["ops_gaps"][i], other["ops_gaps"][i], all_ops[0], all_ops[1])
             print(f"ops check prompt {i} ({len(OPS_PROMPTS[i])} tokens): first {same}/{len(a)} greedy tokens of "
                   f"{all_ops[0]} and {all_ops[1]} identical{gap}")
     if hf:
         for i, (a, b) in enumerate(zip(hf["greedy"], ours["greedy"])):
-            same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            gap = ""
-            if same < len(a):
-                gap = (f"; at token {same} the top-2 logit gap is {hf['gaps'][i][same]:.3f} (transformers), "
-                       f"{ours['gaps'][i][same]:.3f} (tandem)")
+            same, gap = divergence(a, b, hf["gaps"][i], ours["gaps"][i], "transformers", "tandem")
             print(f"greedy check prompt {i}: first {same}/16 tokens identical to transformers (bf16){gap}")
     if args.json:
         Path(args.json).write_text(json.dumps({"ceilings": ceil, "transformers": hf, "tandem": runs,

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import ceilings, cuda_time  # noqa: E402
+from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
 from kernels.rope import rope, rope_reference  # noqa: E402
@@ -148,9 +148,7 @@ def main() -> int:
                      f"{tr * 1e6:.1f} us", f"{nbytes / tt / 1e9:.0f}", f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
     rows += decode_attention_rows(bw)
     rows += optional_rows(ceil)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(rows)
     return 0
 
 

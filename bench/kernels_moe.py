@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import ceilings, cuda_time  # noqa: E402
+from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from engine.ops import TorchOps  # noqa: E402
 from kernels.moe import GemmTiles, MoeTiles, fused_moe, fused_moe_reference  # noqa: E402
 
@@ -147,9 +147,7 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     table = [("kernel", "shape", "rel err", "triton", "torch path", "achieved", "% of ceiling")]
     table += rows(ceil["copy_GBps"], ceil["matmul_TFLOPs"])
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(table)
     if "--sweep" in sys.argv[1:]:
         sweep()
     return 0

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import ceilings, cuda_time  # noqa: E402
+from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from kernels.prefill_attention import PrefillConfig, default_config, prefill_attention  # noqa: E402
 
 H, KVH, D, BS = 40, 8, 128, 16  # Llama 4 Scout heads; the engine's default block size
@@ -185,9 +185,7 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     table = [("kernel", "shape", "rel err", "triton", "SDPA flash", "achieved", "vs SDPA")]
     table += rows(ceil["matmul_TFLOPs"])
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(table)
     if "--sweep" in sys.argv[1:]:
         sweep()
     return 0

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import ceilings, cuda_time  # noqa: E402
+from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from engine.ops import TorchOps  # noqa: E402
 from kernels.kv_write import quantize_fp8_reference, write_kv, write_kv_reference  # noqa: E402
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_reference  # noqa: E402
@@ -158,9 +158,7 @@ def main() -> int:
     bw = ceilings()["copy_GBps"]
     print(f"copy ceiling {bw:.0f} GB/s")
     table = [("kernel", "shape", "rel err", "triton", "torch ref", "triton GB/s", "% of copy")] + rows(bw)
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(table)
     return 0
 
 
