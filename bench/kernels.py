@@ -15,25 +15,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
+from engine.attention import DecodeBatch  # noqa: E402
+from engine.ops import TorchOps  # noqa: E402
 from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
 from kernels.rope import rope, rope_reference  # noqa: E402
 
 
-def torch_paged_decode(q, k_cache, v_cache, table, start, length, scale):
-    """The engine's pure-torch decode path (engine/ops.py): gather the visible keys, then
-    grouped fp32 matmuls. The baseline the kernel must beat."""
-    b, h, d = q.shape
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    j = torch.arange(int(length.max()), device=q.device)
-    mask = j[None, :] < length[:, None]
-    pos = torch.where(mask, start[:, None] + j[None, :], start[:, None]).long()
-    slots = table.long().gather(1, pos // bs) * bs + pos % bs
-    k = k_cache.view(-1, kvh, d)[slots].float()
-    v = v_cache.view(-1, kvh, d)[slots].float()
-    s = torch.einsum("bkgd,blkd->bkgl", q.view(b, kvh, h // kvh, d).float(), k) * scale
-    s.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    return torch.einsum("bkgl,blkd->bkgd", s.softmax(-1), v).reshape(b, h, d).to(q.dtype)
+def torch_paged_decode(q, kv_cache, table, start, length, scale):
+    """The engine's pure-torch decode path (`TorchOps.decode_attention`: gather the visible
+    keys, then grouped fp32 matmuls), the baseline the kernel must beat."""
+    dec = DecodeBatch(torch.arange(q.shape[0], device=q.device), table, start, length, int(length.max()))
+    return TorchOps().decode_attention(q, kv_cache, dec, scale)
 
 
 def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
@@ -62,8 +55,8 @@ def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
     rows = []
     for batch, ctx in ((64, 8192), (8, 8192), (1, 32768)):
         blocks = ctx // 16
-        k = torch.randn(batch * blocks, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
+        kv = torch.randn(2, batch * blocks, 16, 8, 128, device="cuda", dtype=torch.bfloat16)  # a layer's cache
+        k, v = kv
         q = torch.randn(batch, 40, 128, device="cuda", dtype=torch.bfloat16)
         table = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
         start = torch.zeros(batch, device="cuda", dtype=torch.int32)
@@ -76,10 +69,11 @@ def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
             return paged_decode_attention(*args, num_splits=s, validate=False, config=cfg)
 
         got = call()
-        ref = paged_decode_attention_reference(*args) if batch * ctx <= 8 * 8192 else torch_paged_decode(*args)
+        engine_torch = (q, kv, table, start, length, 0.088)
+        ref = paged_decode_attention_reference(*args) if batch * ctx <= 8 * 8192 else torch_paged_decode(*engine_torch)
         err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         tg, te = graph_time(call), cuda_time(call, reps=20)
-        tr = cuda_time(lambda: torch_paged_decode(*args), reps=5)
+        tr = cuda_time(lambda: torch_paged_decode(*engine_torch), reps=5)
         rows.append(("paged decode attn", f"B{batch} x {ctx} ctx, {splits} split(s), tiles {tuple(default)}",
                      f"{err:.1e}", f"{tg * 1e6:.1f} us graph, {te * 1e6:.1f} eager", f"{tr * 1e6:.1f} us",
                      f"{nbytes / tg / 1e9:.0f}", f"{100 * nbytes / tg / 1e9 / bw:.0f}%"))
