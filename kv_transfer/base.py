@@ -5,10 +5,29 @@ a decode process's (the receiver's) paged KV cache. Each side's cache is a list 
 per-layer tensors `kv_caches[layer]`, `[2, num_blocks, block_size, num_kv_heads, head_dim]`
 (K and V; num_blocks may differ between layers: Llama 4's local and global layer groups
 have separate pools). For each layer the transfer names `src_blocks` on the sender and the
-same-length `dst_blocks` on the receiver. Each `send_layer` call makes one *part*: the
-layer's src blocks gathered into a contiguous `[2, n, bs, kvh, d]`. Parts travel in
-messages that may carry several parts, of several transfers (sender.py: coalescing);
-a layer may take several parts (chunked prefill sends its blocks as they fill).
+same-length `dst_blocks` on the receiver. Each `send_layer` call makes one *part*. Parts
+travel in messages that may carry several parts, of several transfers (sender.py:
+coalescing); a layer may take several parts (chunked prefill sends its blocks as they fill).
+
+Direct runs and staged blocks. A part's block lists split into maximal *runs* where
+both the src and the dst ids step by one (`direct_runs`). A run of at least
+`min_direct_blocks` blocks travels DIRECT: K blocks s..s+n-1 of a layer are one
+contiguous region `kv_caches[layer][0, s:s+n]` (V likewise), so the sender sends those
+cache views as they are and the receiver receives straight into its own cache views,
+no copy on either side. The other blocks are STAGED: gathered into a contiguous
+`[2, m, bs, kvh, d]` on the sender, received into a buffer and scattered into the cache
+on the receiver. A fresh pool hands out consecutive ids, so a long prompt's layers are
+usually one run each; a fragmented pool gives short runs, which stay staged (a p2p op
+per two short regions would be latency-bound).
+
+Two rules follow from reading and writing caches in place:
+  - sender: a direct run is read when its message goes out, not at send_layer. Before
+    the caller writes into a block it passed (a freed block reused by a later request),
+    it calls `fence()`: copies what is still queued and orders the caller's stream
+    after the sends already posted (KVSender.fence);
+  - receiver: bytes may land in a transfer's blocks only while it is live, and
+    `abort()` and `release()` return only once no recv into its blocks is in flight,
+    waiting for them if need be (KVReceiver.abort).
 
 Who knows what (one sender per (receiver, transfer)):
   - the receiver learns the transfer's layers and destination blocks from `expect()`
@@ -164,6 +183,21 @@ def check_blocks(kv_caches: Sequence[torch.Tensor], layer: int, blocks: Sequence
     return ids
 
 
+def direct_runs(src: torch.Tensor, dst: torch.Tensor, min_blocks: int) -> list[tuple[int, int]]:
+    """The maximal runs (offset, count) of positions where both `src` and `dst` (1-D
+    integer tensors of one length) step by one, keeping those of at least `min_blocks`
+    positions, in order. Vectorised: a fragmented 32k-token layer has ~2,000 runs."""
+    n = src.numel()
+    if n < min_blocks:
+        return []
+    steps = ((src[1:] - src[:-1]) == 1) & ((dst[1:] - dst[:-1]) == 1)  # [n - 1]: i+1 continues i's run
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.nonzero(~steps).flatten() + 1,
+                        torch.full((1,), n, dtype=torch.int64)])
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    keep = counts >= min_blocks
+    return list(zip(starts[keep].tolist(), counts[keep].tolist()))
+
+
 class TransferRecords:
     """poll / reason / wait over `self._transfers` (transfer id -> a record with `status`
     and `reason`), guarded by `self._lock` and its condition `self._cond`: the part of
@@ -231,7 +265,9 @@ class KVEndpoint(abc.ABC):
 
 class KVReceiver(KVEndpoint):
     """Decode side. Constructed with (layout, kv_caches, host, port); listens at once.
-    `abort`: FAILED from now on; no byte of it is written into the cache after it returns."""
+    `abort`: FAILED from now on; no byte of it is written into the cache after it
+    returns (it waits for recvs already landing in the transfer's blocks). `release`
+    waits the same way, so a caller may free the blocks once either has returned."""
 
     @property
     @abc.abstractmethod
@@ -253,7 +289,16 @@ class KVSender(KVEndpoint):
     @abc.abstractmethod
     def send_layer(self, address: str, transfer_id: str, layer: int,
                    src_blocks: list[int], dst_blocks: list[int]) -> None:
-        """Gather the layer's src blocks now (stream-ordered), send in the background."""
+        """Send the layer's blocks in the background: staged blocks are gathered now
+        (stream-ordered), direct runs are read when their message goes out (fence())."""
+
+    @abc.abstractmethod
+    def fence(self) -> None:
+        """Call before writing into any block passed to send_layer (from the thread, and
+        on CUDA the stream, that writes it): afterwards no send reads a source block
+        later than that write. Parts still queued get their direct runs copied now;
+        sends already posted are waited for (CUDA: the current stream waits; CPU: this
+        thread waits for the receiver's ack)."""
 
     @abc.abstractmethod
     def finish(self, address: str, transfer_id: str, num_layers: int) -> None:

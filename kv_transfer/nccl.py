@@ -2,57 +2,67 @@
 over NCCL send/recv.
 
 Everything but the bytes of a part goes exactly as in the TCP backend: the handshake,
-parts headers with their block ids, acks, finish, aborts and all failure handling (see
-the lifecycles in receiver.py and sender.py, the message list in wire.py). What changes
-is where a part's bytes travel:
+parts headers with their block ids and direct runs, acks, finish, aborts and all failure
+handling (see the lifecycles in receiver.py and sender.py, the message list in wire.py).
+What changes is where a part's bytes travel:
 
   pair set-up (once per connection, i.e. per sender-GPU / receiver-GPU pair):
     the receiver answers the hello with the port of a fresh `TCPStore` it hosts for this
-    connection alone plus a unique key prefix; both sides build a 2-rank
-    `ProcessGroupNCCL` on that store (rank 0 = sender, rank 1 = receiver) and exchange a
-    one-element warm-up send/recv, so NCCL communicator set-up (and its errors) happen at
-    connect time rather than inside the first transfer. There is no global world: each
-    pair's group is private, made on first contact and reused for every later transfer.
+    connection alone, a unique key prefix, and whether the pair groups its ops (below);
+    both sides build a 2-rank `ProcessGroupNCCL` on that store (rank 0 = sender, rank 1
+    = receiver) and exchange a one-element warm-up send/recv, posted the way data will
+    be, so NCCL communicator set-up (and its errors) happen at connect time rather than
+    inside the first transfer. There is no global world: each pair's group is private,
+    made on first contact and reused for every later transfer.
   a parts message (several layers, maybe of several transfers; see sender.py):
-    sender   send_layer gathers each part's src blocks into a contiguous [2, n, bs, kvh, d]
-             buffer on the GPU (index_select on the caller's stream, then an event taken
-             from a pool). The writer thread sends the header and block ids on TCP, then
-             posts one NCCL `send` per part back to back from the pair's own stream, which
-             first waits for that part's gather event (the event then goes back to the
-             pool): no host wait anywhere. The buffers stay alive until the receiver acks
-             the message; then the reader calls wait() on its sends, so torch drops its
-             own references at once and the memory is reused by the next gathers.
-    receiver the reader thread reads the header and ids and at once posts one `recv` per
-             part into staging buffers on the receiver's stream, then goes on to the next
-             header (up to `max_queued_messages` ahead), so the link always has recvs
-             posted. The completer waits for each part in turn (polling with short sleeps,
-             never spinning, so the reader gets the GIL; polling, so a dead sender is
-             noticed on the TCP socket instead of hanging), enqueues its `index_copy_`
+    sender   send_layer gathers each part's staged blocks into a contiguous
+             [2, m, bs, kvh, d] buffer on the GPU (index_select on the caller's stream)
+             and takes its direct runs as views of the cache, K and V of each run one
+             contiguous region; then records an event from a pool on the caller's stream.
+             The writer thread sends the header and block ids on TCP, then posts the
+             message's p2p sends -- per part: the staged buffer, then K and V of each run
+             -- from the pair's own stream, which first waits for each part's event (the
+             event then goes back to the pool): no host wait anywhere. Then the pair's
+             stream waits for the sends (`work.wait()`: a stream wait, not a host one),
+             so an event recorded on it later marks them complete: that is what fence()
+             makes the caller's stream wait for. The staged buffers stay alive until the
+             receiver acks the message.
+    receiver the reader thread reads the header and ids, claims the direct runs it may
+             write (receiver.py), and at once posts the message's recvs, on the
+             receiver's stream: staged blocks into a staging buffer, a claimed run's K
+             and V straight into `kv_caches[layer][0|1, d:d+n]`, an unclaimed run into
+             scratch; then goes on to the next header (up to `max_queued_messages`
+             ahead), so the link always has recvs posted. The completer waits for each
+             part in turn (polling with short sleeps, never spinning, so the reader gets
+             the GIL; polling, so a dead sender is noticed on the TCP socket instead of
+             hanging), settles its claim, enqueues the `index_copy_` of its staged blocks
              into kv_caches[layer][:, dst] on the receiver's stream, and acks the message
              once all its parts are handled; it synchronizes only for DONE and FAILED.
     Per connection, NCCL matches sends and recvs in posting order, and both sides post
-    in header order, so no tags or ids are needed on the data plane. Data for an unknown
-    or aborted transfer is still received (into staging) to keep that order, then dropped.
-    One NCCL op per part, not one per message: the parts are separate gathers, and a
-    per-layer message (30-130 MB for a 32k-token Scout prompt) is already near link
-    bandwidth; bench/kv_transfer.py times raw NCCL both ways.
+    in header order with the same sizes, so no tags or ids are needed on the data plane.
+    Data for an unknown or aborted transfer is still received (into staging or scratch)
+    to keep that order, then dropped.
 
-Staging copies: one device-side copy on each side (the sender's gather, the receiver's
-index_copy_ out of the staging buffer), each at HBM speed (~3-4 TB/s, far above the
-NVLink/RDMA link) and overlapped with the link, but each costs memory: a queued part on
-the sender, up to (max_queued_messages + 1) messages of staging on the receiver. Not
-done: receiving straight into the cache. NCCL needs contiguous buffers and the cache is
-[2, num_blocks, ...], so a run of consecutive destination blocks is two contiguous
-regions (K and V); both sides could split each part by the runs of its dst ids (the
-sender knows them) and post two ops per run. But a recv posted into the cache cannot be
-cancelled, so abort() would have to wait for a slow or dead sender before decode may
-reuse the blocks; and short runs (a fragmented free list) are latency-bound (NOTES.md:
-0.8 GB/s at 64 KiB vs 358 GB/s at 256 MiB).
+  grouped ops (`group_ops`, the receiver's choice, told to the sender at hello): a
+    message's ops are posted as one NCCL group (torch's `_start_coalescing` /
+    `_end_coalescing` on the pair's group: ncclGroupStart/End), one launch and one work
+    for the lot instead of one per op; a direct run doubles a part's ops (K and V), so
+    a 48-layer transfer of fresh blocks is ~96 ops in ~12 messages. torch runs grouped
+    p2p on another communicator than single p2p, so both sides must agree, warm-up
+    included. gloo cannot group, and runs one op at a time.
+
+Copies: a staged block costs one device-side copy on each side (the sender's gather,
+the receiver's index_copy_ out of staging), each at HBM speed (~3-4 TB/s, far above the
+NVLink/RDMA link) and overlapped with the link, plus memory: a queued part on the
+sender, up to (max_queued_messages + 1) messages of staging on the receiver. A direct
+run costs neither. A fresh pool gives consecutive ids, so most transfers go direct; a
+fragmented one falls back to staging, run by run.
 
 Failure: a peer that dies is seen on the TCP socket (EOF, keepalive); the pair's group is
-then aborted (`abort()`), which ends any NCCL op still waiting for the dead peer, and its
-transfers turn FAILED as in TCP. The group's own timeout (`pg_timeout`) is a backstop.
-NOTE: torch's NCCL watchdog may terminate the process when an op times out
+then aborted (`abort()`), which ends any NCCL op still waiting for the dead peer (NCCL's
+comm abort stops the comm's kernels before it returns: no recv writes after that), and
+its transfers turn FAILED as in TCP. The group's own timeout (`pg_timeout`) is a
+backstop. NOTE: torch's NCCL watchdog may terminate the process when an op times out
 (TORCH_NCCL_ASYNC_ERROR_HANDLING); we abort the group long before, but this is untested
 on GPUs so far: kill a peer on the GPU machine before relying on it.
 
@@ -60,8 +70,9 @@ Environment: NCCL_* variables already set are respected; this module sets none (
 particular never NCCL_NVLS_ENABLE: NVLink multicast stays off). Sender and receiver must
 use different GPUs (NCCL cannot pair a device with itself).
 
-The process-group factory is a small registry keyed by `pg_backend`; tests use "gloo" to
-run this exact control flow on CPU tensors, since this machine has no GPU.
+The process-group backends are a small registry (`PG_BACKENDS`, keyed by `pg_backend`);
+tests use "gloo" to run this exact control flow on CPU tensors, since this machine has
+no GPU, and register a gloo that emulates grouping to run the grouped flow.
 """
 
 from __future__ import annotations
@@ -79,8 +90,8 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import TransferError, register_backend
-from kv_transfer.receiver import TcpReceiver, _Conn, _InPart, _Message
-from kv_transfer.sender import TcpSender, _Part, _Peer, _Sent, _Staged
+from kv_transfer.receiver import TcpReceiver, _Arrived, _Conn, _InPart, _Message
+from kv_transfer.sender import TcpSender, _Part, _Payload, _Peer, _Sent
 
 SENDER_RANK, RECEIVER_RANK, WORLD = 0, 1, 2
 TAG = 0
@@ -92,7 +103,7 @@ def _dist():
     return dist
 
 
-# ---- per-backend requirements and process-group factories (registries, keyed by pg_backend)
+# ---- process-group backends: requirements, factory, how to wait for an op
 
 def _require_nccl(device: torch.device) -> None:
     dist = _dist()
@@ -120,33 +131,6 @@ def _nccl_group(store, rank: int, name: str, timeout: datetime.timedelta):
 
 def _gloo_group(store, rank: int, name: str, timeout: datetime.timedelta):
     return _dist().ProcessGroupGloo(store, rank, WORLD, timeout=timeout)
-
-
-_REQUIRE: dict[str, Callable[[torch.device], None]] = {"nccl": _require_nccl, "gloo": _require_gloo}
-_GROUP: dict[str, Callable[..., Any]] = {"nccl": _nccl_group, "gloo": _gloo_group}
-
-
-@dataclass
-class _Pair:
-    """One connection's data plane."""
-    store: Any  # TCPStore: the receiver hosts it, the sender is its client
-    prefix: str  # unique per pair: store keys and the group's name
-    group: Any = None  # the 2-rank process group (a c10d Backend)
-    stream: Any = None  # sender, CUDA: the stream its sends are posted from
-
-    def abort(self) -> None:
-        if self.group is not None:
-            with contextlib.suppress(Exception):  # abort is best effort on a broken group
-                self.group.abort()
-            self.group = None
-
-
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _on_stream(stream):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _socket_open(sock: socket.socket) -> bool:
@@ -189,84 +173,167 @@ def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str) -
     work.wait(datetime.timedelta(seconds=timeout))
 
 
-_WAIT: dict[str, Callable[..., None]] = {"nccl": _poll_work, "gloo": _block_on_work}
+@dataclass(frozen=True)
+class PgBackend:
+    """How the pair's process group is made and used, per `pg_backend`."""
+    require: Callable[[torch.device], None]  # TransferError unless the caches' device can use it
+    make_group: Callable[..., Any]  # (store, rank, name, timeout) -> a 2-rank c10d Backend
+    wait: Callable[..., None]  # (work, alive, timeout s, what): until the op completed, never hanging
+    can_group: bool  # posts several p2p ops as one launch (_start_coalescing / _end_coalescing)
+
+
+PG_BACKENDS: dict[str, PgBackend] = {
+    "nccl": PgBackend(_require_nccl, _nccl_group, _poll_work, can_group=True),
+    "gloo": PgBackend(_require_gloo, _gloo_group, _block_on_work, can_group=False),
+}
+
+
+@dataclass
+class _Pair:
+    """One connection's data plane."""
+    store: Any  # TCPStore: the receiver hosts it, the sender is its client
+    prefix: str  # unique per pair: store keys and the group's name
+    grouped: bool  # a message's ops go as one group (both sides alike)
+    group: Any = None  # the 2-rank process group (a c10d Backend)
+    stream: Any = None  # sender, CUDA: the stream its sends are posted from
+
+    def post(self, tensors: list[torch.Tensor], send: bool) -> list:
+        """One p2p op per tensor, in order, on the current stream: sends to the receiver or
+        recvs from the sender. Returns their works: one per op, or one for the group."""
+        op, peer = (self.group.send, RECEIVER_RANK) if send else (self.group.recv, SENDER_RANK)
+        if not self.grouped:
+            return [op([t], peer, TAG) for t in tensors]
+        self.group._start_coalescing()
+        for t in tensors:
+            op([t], peer, TAG)  # inside a group torch returns no work per op
+        return [self.group._end_coalescing()]
+
+    def abort(self) -> None:
+        if self.group is not None:
+            with contextlib.suppress(Exception):  # abort is best effort on a broken group
+                self.group.abort()
+            self.group = None
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 class _NcclOptions:
-    pg_backend = "nccl"  # which _GROUP factory builds the pair's group
+    pg_backend = "nccl"  # which PG_BACKENDS entry builds and waits on the pair's group
     pg_timeout = datetime.timedelta(seconds=120)  # backstop; dead peers are seen on TCP first
     store_timeout = datetime.timedelta(seconds=30)
+
+    @property
+    def _pg(self) -> PgBackend:
+        return PG_BACKENDS[self.pg_backend]
 
 
 class NcclReceiver(_NcclOptions, TcpReceiver):
     data_plane = "nccl"
+    group_ops = True  # post each message's recvs as one NCCL group, where the pg backend can
 
     def _check_data_plane(self) -> None:
-        _REQUIRE[self.pg_backend](self.device)
+        self._pg.require(self.device)
 
     def _accept_data_plane(self, conn: _Conn, hello: dict[str, Any]) -> dict[str, Any]:
         host = self.address.rpartition(":")[0]
         store = _dist().TCPStore(host, 0, None, True, self.store_timeout, wait_for_workers=False)
-        conn.data = _Pair(store, f"tandem-kv/{uuid.uuid4().hex}/")
-        return {"store_port": store.port, "store_prefix": conn.data.prefix}
+        conn.data = _Pair(store, f"tandem-kv/{uuid.uuid4().hex}/", self.group_ops and self._pg.can_group)
+        return {"store_port": store.port, "store_prefix": conn.data.prefix, "grouped": conn.data.grouped}
 
     def _connect_data_plane(self, conn: _Conn) -> None:
         pair = conn.data
         store = _dist().PrefixStore(pair.prefix, pair.store)
         with _on_device(self.device):
-            pair.group = _GROUP[self.pg_backend](store, RECEIVER_RANK, pair.prefix, self.pg_timeout)
+            pair.group = self._pg.make_group(store, RECEIVER_RANK, pair.prefix, self.pg_timeout)
             probe = torch.empty(1, dtype=torch.uint8, device=self.device)
-            self._wait(conn, pair.group.recv([probe], SENDER_RANK, TAG), "warm-up recv")
+            (work,) = pair.post([probe], send=False)
+            self._wait(conn, work, "warm-up recv")
 
     def _teardown_data_plane(self, conn: _Conn) -> None:
         if conn.data is not None:
             conn.data.abort()
 
     def _wait(self, conn: _Conn, work, what: str) -> None:
-        _WAIT[self.pg_backend](work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
+        self._pg.wait(work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
+
+    def _receives_in_place(self) -> bool:
+        return True
+
+    def _recv_targets(self, part: _InPart) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Reader, on the receiver's stream: the part's staging buffer, and every tensor its
+        recvs write into, in wire order (a claimed run's K and V are cache views)."""
+        dtype, cache = self.kv_caches[0].dtype, self.kv_caches[part.layer]
+        staged = None
+        if part.num_staged:
+            staged = torch.empty(self._staged_shape(part), dtype=dtype, device=self.device)
+        targets = [] if staged is None else [staged]
+        for first, n in part.run_dst():
+            if part.claim is not None:
+                targets += [cache[0, first:first + n], cache[1, first:first + n]]
+            else:
+                scratch = torch.empty((2, n, *self._block_shape), dtype=dtype, device=self.device)
+                targets += [scratch[0], scratch[1]]
+        return staged, targets
 
     def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
-        """Post one recv per part, in part order, into a staging buffer allocated on the
-        receiver's stream (the stream _write copies out of it on)."""
+        """Post the message's recvs, in wire order, on the receiver's stream (the stream
+        _write copies staging out on)."""
         if nbytes:  # a malformed message: its bytes came on TCP, no p2p message follows
             wire.discard(conn.sock, nbytes)
             return f"nccl parts message carries {nbytes} TCP bytes"
-        group = conn.data.group
+        pair = conn.data
         with _on_device(self.device), _on_stream(self._stream):
-            for p in msg.parts:
-                buf = torch.empty(self._part_shape(p), dtype=self.kv_caches[0].dtype, device=self.device)
-                p.data = (buf, group.recv([buf], SENDER_RANK, TAG))
+            targets = [self._recv_targets(p) for p in msg.parts]
+            works = pair.post([t for _, ts in targets for t in ts], send=False)
+            per_op = iter(works)
+            for p, (staged, ts) in zip(msg.parts, targets):
+                # Grouped: every part shares the list holding the group's one work, and the
+                # first part to wait for it empties it (a work is waited for once: a second
+                # wait() on a gloo work never returns). Else: the part's own ops' works.
+                mine = works if pair.grouped else [next(per_op) for _ in ts]
+                p.data = (staged, ts, mine)  # ts: the scratch buffers live until the recvs are done
         return None
 
-    def _await_data(self, conn: _Conn, part: _InPart) -> torch.Tensor:
-        buf, work = part.data
+    def _await_data(self, conn: _Conn, part: _InPart) -> _Arrived:
+        staged, _, works = part.data
         with _on_device(self.device), _on_stream(self._stream):  # work.wait() orders this stream after the recv
-            self._wait(conn, work, f"recv of {part.tid!r} layer {part.layer}")
-        return buf
+            while works:
+                self._wait(conn, works[0], f"recv of {part.tid!r} layer {part.layer}")
+                works.pop(0)
+        return _Arrived(staged)
 
 
 class NcclSender(_NcclOptions, TcpSender):
     data_plane = "nccl"
 
     def _check_data_plane(self) -> None:
-        _REQUIRE[self.pg_backend](self.device)
+        self._pg.require(self.device)
 
     def _connect_data_plane(self, peer: _Peer, reply: dict[str, Any]) -> None:
         dist = _dist()
         host = wire.parse_address(peer.address)[0]
         pair = _Pair(dist.TCPStore(host, reply["store_port"], None, False, self.store_timeout),
-                     reply["store_prefix"])
+                     reply["store_prefix"], bool(reply.get("grouped")))
+        if pair.grouped and not self._pg.can_group:
+            raise TransferError(f"KV receiver at {peer.address} groups its ops; pg backend "
+                                f"{self.pg_backend!r} cannot")
         peer.data = pair
         try:
             with _on_device(self.device):
                 if self.device.type == "cuda":
                     pair.stream = torch.cuda.Stream(self.device)
-                pair.group = _GROUP[self.pg_backend](dist.PrefixStore(pair.prefix, pair.store),
-                                                     SENDER_RANK, pair.prefix, self.pg_timeout)
+                pair.group = self._pg.make_group(dist.PrefixStore(pair.prefix, pair.store),
+                                                 SENDER_RANK, pair.prefix, self.pg_timeout)
                 probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
-                work = pair.group.send([probe], RECEIVER_RANK, TAG)
-                _WAIT[self.pg_backend](work, lambda: _socket_open(peer.sock), self.pg_timeout.total_seconds(),
-                                       f"warm-up send to {peer.address}")
+                (work,) = pair.post([probe], send=True)
+                self._pg.wait(work, lambda: _socket_open(peer.sock), self.pg_timeout.total_seconds(),
+                              f"warm-up send to {peer.address}")
         except Exception:
             pair.abort()
             raise
@@ -281,47 +348,78 @@ class NcclSender(_NcclOptions, TcpSender):
         self._free_events: list = []
         super().__init__(*args, **kwargs)
 
-    def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
-        buf = self._gather(layer, src_ids)  # [2, n, bs, kvh, d] on the cache's device
+    def _stage(self, layer: int, ids) -> _Payload:
+        """Staged blocks gathered on the caller's stream, direct runs as cache views; one
+        event on the caller's stream orders the sends after both."""
+        staged = None if ids.staged is None else self._gather(layer, ids.staged)  # [2, m, bs, kvh, d]
+        runs = self._run_views(layer, ids)
         ready = None
-        if buf.is_cuda:  # the sends wait for the gather on the caller's stream
+        if self.device.type == "cuda":
             try:
                 ready = self._free_events.pop()
             except IndexError:
                 ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(buf.device))
-        return _Staged(buf, ready)
+            ready.record(torch.cuda.current_stream(self.device))
+        return _Payload(staged, runs, ready, views=bool(runs))
 
     def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
-        """The header and block ids on TCP, then one NCCL send per part, posted back to
-        back with no host wait (each on the pair's stream after its gather's event)."""
+        """The header and block ids on TCP, then the message's p2p sends posted back to
+        back (or as one group) with no host wait, on the pair's stream after each part's
+        event."""
         pair = peer.data
-        sent.keep.extend(p.staged.tensor for p in parts)  # alive until the ack (or the pair's teardown)
         with peer.write_lock:
             nbytes = wire.send_frame(peer.sock, header, ids)
-        with _on_device(self.device), _on_stream(pair.stream):
+        with self._lock:  # from here fence() can no longer copy these parts' runs
+            tensors = self._take(peer, parts, sent)
+            readies = [p.payload.ready for p in parts]
             for p in parts:
-                if p.staged.ready is not None:
-                    pair.stream.wait_event(p.staged.ready)
-                    self._free_events.append(p.staged.ready)
-                    p.staged.ready = None
-                sent.keep.append(pair.group.send([p.staged.tensor], RECEIVER_RANK, TAG))
-                nbytes += p.staged.tensor.nbytes
-        return nbytes
+                p.payload.ready = None
+        sent.keep.extend(tensors)  # alive until the ack (or the pair's teardown)
+        with _on_device(self.device), _on_stream(pair.stream):
+            for ready in readies:
+                if ready is not None:
+                    pair.stream.wait_event(ready)
+                    self._free_events.append(ready)
+            works = pair.post(tensors, send=True)
+            sent.keep.extend(works)
+            if self.device.type == "cuda":
+                # The pair's stream now follows the sends (fence() records an event on it),
+                # and torch drops its own references to the sent tensors at once; ours in
+                # `keep` hold them until the ack, when the receiver has every byte.
+                for work in works:
+                    work.wait()
+        with self._lock:
+            sent.posted = True
+            self._cond.notify_all()
+        return nbytes + sum(t.nbytes for t in tensors)
+
+    def _fence_sent(self) -> None:
+        """CUDA: the caller's stream waits for every posted send that reads the cache (an
+        event on each such pair's stream, which follows its sends); no host wait, except
+        for a message the writer is posting right now. gloo (CPU): the acks, as in TCP."""
+        if self.device.type != "cuda":
+            return super()._fence_sent()
+        with self._cond:
+            posted = self._cond.wait_for(lambda: all(s.posted for s in self._reading), timeout=self.fence_timeout)
+            stuck = {s.peer for s in self._reading if not s.posted}
+            caller = torch.cuda.current_stream(self.device)
+            for peer in {s.peer for s in self._reading if s.posted} - stuck:
+                done = torch.cuda.Event()
+                done.record(peer.data.stream)
+                caller.wait_event(done)
+        if not posted:
+            for peer in stuck:
+                self._peer_failed(peer, f"fence(): sends not posted within {self.fence_timeout:g} s")
 
     def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
-        """`work.wait()` on each send of the acked message (its sends are complete: the
-        receiver has every byte). torch's NCCL group stashes a reference to each sent
-        tensor until wait() is called or its watchdog, polling every ~100 ms, reaps the
-        op; unwaited, a transfer's gathered buffers (GBs) would stay allocated that long,
-        and the next transfer's gathers would have to cudaMalloc fresh memory. wait() only
-        orders the current stream (here the pair's idle stream) after the op."""
-        pair = peer.data
-        with _on_device(self.device), _on_stream(pair.stream if pair is not None else None):
-            for obj in sent.keep:
-                if not isinstance(obj, torch.Tensor):
-                    obj.wait()
+        """gloo: `work.wait()` on each send of the acked message (gloo's works complete
+        only inside wait()). CUDA: waited for when posted (see _transmit)."""
+        if self.device.type == "cuda":
+            return
+        for obj in sent.keep:
+            if not isinstance(obj, torch.Tensor):
+                obj.wait()
 
 
 register_backend("nccl")((NcclSender, NcclReceiver))

@@ -12,23 +12,42 @@ Receiver lifecycle (decode side), one record per transfer_id:
   Threads: one accept loop; per accepted connection a *reader* and a *completer*, with a
   bounded FIFO of messages between them (`max_queued_messages`):
     reader     reads frames in order. A parts message (wire.py): mark its transfers
-               TRANSFERRING, read the block ids, then start its data moving -- TCP: read
-               each part's bytes into a staging buffer; NCCL: post one recv per part --
-               and queue it. finish is queued behind it; abort applies at once.
-    completer  takes messages in order; waits for each part's data in turn and writes
-               it into the cache (checked under the receiver lock), so part j is written
-               while part j+1, and the next messages queued behind, are still arriving;
-               then sends one ack for the message, listing the parts it discarded.
-               Answers finish (DONE or FAILED) after every earlier message.
+               TRANSFERRING, read the block ids, *claim* the parts' direct runs (below),
+               then start its data moving -- TCP: read each part's bytes, staged blocks
+               into a staging buffer and claimed runs straight into the cache; NCCL: post
+               one recv per region, likewise -- and queue it. finish is queued behind it;
+               abort applies at once.
+    completer  takes messages in order; waits for each part's data in turn, settles its
+               claim and writes its staged blocks into the cache (checked under the
+               receiver lock), so part j is written while part j+1, and the next
+               messages queued behind, are still arriving; then sends one ack for the
+               message, listing the parts it discarded. Answers finish (DONE or FAILED)
+               after every earlier message.
   A layer may arrive in several parts (chunked prefill), in one message or several.
 
-  Cache writes: on CUDA they are enqueued on the receiver's own stream and not waited
-  for one by one. Two transitions wait for them (under the lock, where every write is
-  enqueued): DONE, so DONE is never visible before the last byte landed; and FAILED
-  (abort included), so after abort() returns no byte of the transfer lands any more.
-  An ack means "written, or enqueued to be written unless the transfer fails".
+  Direct runs land in the cache before the completer has looked at the part, so the
+  reader checks first, under the lock: a part's runs go into the cache only if its
+  transfer is live (WAITING or TRANSFERRING) and the whole part fits its expected,
+  unwritten blocks (the completer's own check), and each run's destination ids are
+  consecutive (else the stream is broken). Such a part is *claimed*: it counts in its
+  transfer's `direct_inflight` until the completer has seen its data complete, or the
+  connection was torn down (which ends its posted recvs). Runs that may not land are
+  received into scratch and dropped, keeping the stream in step. The rule that makes
+  freeing blocks safe: abort() and release() wait until the transfer's direct_inflight
+  is 0 -- no claim can start once it is FAILED or forgotten -- and a transfer turns DONE
+  only with nothing in flight. The wait is bounded: after `abort_wait` seconds the
+  connections feeding the transfer are torn down (failing their other transfers too;
+  the pair's data stream could not be trusted after abandoning a recv), which ends
+  the recvs.
 
-On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides.
+  Cache writes of staged blocks: on CUDA they are enqueued on the receiver's own stream
+  and not waited for one by one. Two transitions wait for them (under the lock, where
+  every write is enqueued): DONE, so DONE is never visible before the last byte landed;
+  and FAILED (abort included), so after abort() returns no byte of the transfer lands
+  any more. An ack means "written, or enqueued to be written unless the transfer fails".
+
+On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides,
+direct runs included (the completer copies them in, like staged blocks).
 """
 
 from __future__ import annotations
@@ -56,7 +75,39 @@ class _InPart:
     tid: str
     layer: int
     dst: torch.Tensor  # destination block ids, int32 on the CPU, [n]
+    runs: wire.Runs  # direct runs: (offset into dst, count), consecutive destination ids
     data: Any = None  # the data plane's handle on the part's bytes (see _take_data)
+    claim: _Incoming | None = None  # the live transfer its runs land in, until settled
+    unclaimed: str | None = None  # why its runs could not land in the cache (received into scratch)
+
+    @property
+    def num_direct(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    @property
+    def num_staged(self) -> int:
+        return self.dst.numel() - self.num_direct
+
+    def run_dst(self) -> list[tuple[int, int]]:
+        """(first destination block, count) of each run."""
+        return [(int(self.dst[offset]), n) for offset, n in self.runs]
+
+    def staged_dst(self) -> torch.Tensor:
+        """The destination ids of the staged blocks, in wire order."""
+        if not self.runs:
+            return self.dst
+        keep = torch.ones(self.dst.numel(), dtype=torch.bool)
+        for offset, n in self.runs:
+            keep[offset:offset + n] = False
+        return self.dst[keep]
+
+
+@dataclass(eq=False)
+class _Arrived:
+    """A part's data once it is all here."""
+    staged: torch.Tensor | None  # [2, m, bs, kvh, d]: the staged blocks, to scatter into the cache
+    runs: list[torch.Tensor] = field(default_factory=list)  # [2, count, bs, kvh, d] per run, to copy in
+    # (TCP on CUDA); empty where the runs were received in place
 
 
 @dataclass(eq=False)
@@ -82,6 +133,7 @@ class _Conn:
     thread: threading.Thread | None = None  # the reader
     completer: threading.Thread | None = None
     data: Any = None  # the data plane's per-connection state (nccl: the process group)
+    claims: set[_InPart] = field(default_factory=set)  # parts whose runs may still be landing
 
 
 @dataclass(eq=False)
@@ -92,6 +144,7 @@ class _Incoming:
     written: set[int] = field(default_factory=set)  # layers whose every expected block arrived
     pending: dict[int, set[int]] = field(default_factory=dict)  # layers partly written -> blocks still missing
     parts_written: int = 0  # a layer may come in several parts, one per prefill chunk
+    direct_inflight: int = 0  # claimed parts whose runs may still be landing in its blocks
     unsynced: bool = False  # cache writes enqueued on the receiver's stream, not yet waited for
     conns: set[_Conn] = field(default_factory=set)  # connections that sent data for it
     reason: str = ""
@@ -100,6 +153,8 @@ class _Incoming:
 class TcpReceiver(TransferRecords, KVReceiver):
     data_plane = "tcp"
     max_queued_messages = 2  # per connection: messages read ahead of the one being written
+    abort_wait = 2.0  # s: abort()/release() wait this long for direct recvs before tearing their connection down
+    teardown_wait = 30.0  # s: ...and this long more once it is torn down (a backstop; see _await_direct)
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
                  host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
@@ -149,23 +204,32 @@ class TcpReceiver(TransferRecords, KVReceiver):
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; unknown ids are ignored. Holding the lock that every
-        cache write holds, and waiting for the writes already enqueued, so no byte of
-        this transfer lands after this returns."""
+        cache write holds, and waiting for the writes already enqueued and the direct
+        recvs already landing (see the module docstring), so no byte of this transfer
+        lands after this returns."""
         with self._lock:
             rec = self._transfers.get(transfer_id)
-            if rec is not None and not rec.status.terminal:
+            if rec is None:
+                return
+            if not rec.status.terminal:
                 self._fail(rec, "aborted by the receiver")
+            self._await_direct(transfer_id, rec)
 
     def release(self, transfer_id: str) -> None:
+        """Forget the transfer; returns once no recv lands in its blocks any more."""
         with self._lock:
-            self._transfers.pop(transfer_id, None)
+            rec = self._transfers.pop(transfer_id, None)
+            if rec is not None:
+                self._await_direct(transfer_id, rec)
 
     def stats(self) -> dict[str, int]:
-        """layers_*: parts (a layer's share of a message); messages_received: parts messages."""
+        """layers_*: parts (a layer's share of a message); messages_received: parts messages;
+        blocks_direct / blocks_staged: blocks of the parts written, by path (a direct block
+        was received in place, or on CUDA over TCP copied in from host memory)."""
         with self._lock:
             out = dict.fromkeys(("bytes_received", "layers_received", "layers_discarded", "messages_received",
-                                 "transfers_done", "transfers_failed", "connections_accepted",
-                                 "connections_refused"), 0)
+                                 "blocks_direct", "blocks_staged", "transfers_done", "transfers_failed",
+                                 "connections_accepted", "connections_refused"), 0)
             out.update(self._stats)
             out["connections"] = len(self._conns)
             return out
@@ -268,13 +332,16 @@ class TcpReceiver(TransferRecords, KVReceiver):
 
     def _drop(self, conn: _Conn, reason: str) -> None:
         """The reader ends the connection: stop the completer (tearing the data plane
-        down first ends any wait of it on a dead peer), then fail the transfers it fed."""
+        down first ends any wait of it on a dead peer, and any recv still posted), then
+        settle the claims left and fail the transfers it fed."""
         wire.shutdown(conn.sock)
         self._teardown_data_plane(conn)
         if conn.completer is not None:
             conn.arrivals.put(None)
             conn.completer.join()
         with self._lock:
+            for part in list(conn.claims):
+                self._settle(conn, part)
             self._conns.discard(conn)
             for rec in self._transfers.values():
                 if conn in rec.conns and not rec.status.terminal:
@@ -293,6 +360,21 @@ class TcpReceiver(TransferRecords, KVReceiver):
         self._stats["transfers_failed"] += 1
         self._cond.notify_all()
 
+    def _await_direct(self, tid: str, rec: _Incoming) -> None:
+        """Caller holds the lock; rec is FAILED or forgotten, so no new claim on it can
+        start. Wait until no claimed part of it is landing; after abort_wait, tear down
+        the connections feeding it (their readers settle the claims once their data
+        plane is down) and wait for that."""
+        if self._cond.wait_for(lambda: rec.direct_inflight == 0, timeout=self.abort_wait):
+            return
+        log.warning("KV transfer %s: %d direct recvs still landing after %g s; dropping its connections",
+                    tid, rec.direct_inflight, self.abort_wait)
+        for conn in rec.conns:
+            wire.shutdown(conn.sock)
+        if not self._cond.wait_for(lambda: rec.direct_inflight == 0, timeout=self.teardown_wait):
+            log.error("KV transfer %s: %d direct recvs still not settled after tearing down their connections",
+                      tid, rec.direct_inflight)
+
     def _sync(self, rec: _Incoming) -> None:
         """Caller holds the lock."""
         if rec.unsynced:
@@ -307,7 +389,14 @@ class TcpReceiver(TransferRecords, KVReceiver):
         if payload_len < ids_bytes:
             raise ConnectionError(f"parts message {seq}: payload of {payload_len} bytes cannot hold its block ids")
         dsts = wire.recv_block_ids(conn.sock, lens)
-        msg = _Message(seq, [_InPart(tid, layer, dsts[d]) for tid, layer, d in rows])
+        msg = _Message(seq, [_InPart(tid, layer, dsts[d], runs) for tid, layer, d, runs in rows])
+        for part in msg.parts:
+            for offset, n in part.runs:
+                ids = part.dst[offset:offset + n]
+                if not torch.equal(ids - ids[0], torch.arange(n, dtype=ids.dtype)):
+                    raise ConnectionError(f"parts message {seq}: run [{offset}, {offset + n}) of a {part.tid!r} "
+                                          "part has destination ids that are not consecutive")
+        in_place = self._receives_in_place()
         with self._lock:
             for part in msg.parts:
                 rec = self._transfers.get(part.tid)
@@ -316,8 +405,29 @@ class TcpReceiver(TransferRecords, KVReceiver):
                     if rec.status == S.WAITING:
                         rec.status = S.TRANSFERRING
                         self._cond.notify_all()
+                if part.runs and in_place:
+                    self._claim(conn, rec, part)
         msg.problem = self._take_data(conn, msg, payload_len - ids_bytes)
         return msg
+
+    def _claim(self, conn: _Conn, rec: _Incoming | None, part: _InPart) -> None:
+        """Caller holds the lock. May the part's runs land in the cache? Only if the part
+        would pass the completer's check now, on a live transfer."""
+        problem = self._part_problem(rec, part)
+        if problem is not None:
+            part.unclaimed = problem
+            return
+        part.claim = rec
+        rec.direct_inflight += 1
+        conn.claims.add(part)
+
+    def _settle(self, conn: _Conn, part: _InPart) -> None:
+        """Caller holds the lock: the part's runs have landed (or their recvs were ended)."""
+        rec, part.claim = part.claim, None
+        if rec is not None:
+            conn.claims.discard(part)
+            rec.direct_inflight -= 1
+            self._cond.notify_all()
 
     def _on_abort(self, conn: _Conn, header: dict[str, Any]) -> None:
         with self._lock:
@@ -347,10 +457,11 @@ class TcpReceiver(TransferRecords, KVReceiver):
     def _complete(self, conn: _Conn, msg: _Message) -> None:
         failed = []
         for j, part in enumerate(msg.parts):
-            data = None if msg.problem else self._await_data(conn, part)  # [2, n, bs, kvh, d]
+            data = None if msg.problem else self._await_data(conn, part)
             with self._lock:
+                self._settle(conn, part)
                 rec = self._transfers.get(part.tid)
-                problem = msg.problem or self._part_problem(rec, part)
+                problem = msg.problem or part.unclaimed or self._part_problem(rec, part)
                 if problem is None:
                     self._write_part(rec, part, data)
                 else:
@@ -391,11 +502,14 @@ class TcpReceiver(TransferRecords, KVReceiver):
             fits = len(set(ids)) == len(ids) and pending.issuperset(ids)
         return None if fits else f"layer {layer}: destination blocks not expected by expect(), or already written"
 
-    def _write_part(self, rec: _Incoming, part: _InPart, data: torch.Tensor) -> None:
-        """Caller holds the lock; _part_problem found nothing."""
+    def _write_part(self, rec: _Incoming, part: _InPart, data: _Arrived) -> None:
+        """Caller holds the lock; _part_problem found nothing. Bookkeeping, and the
+        writes of what did not land in place."""
         layer = part.layer
+        index = None
         if self._whole(rec, part):
-            index = rec.dst[layer]
+            if not part.runs:
+                index = rec.dst[layer]
             rec.written.add(layer)
         else:
             pending = rec.pending.setdefault(layer, set(rec.dst_ids[layer].tolist()))
@@ -403,13 +517,17 @@ class TcpReceiver(TransferRecords, KVReceiver):
             if not pending:
                 del rec.pending[layer]
                 rec.written.add(layer)
-            index = self._index(part.dst)
-        self._write(layer, index, data)
+        if data.staged is not None:
+            self._write(layer, self._index(part.staged_dst()) if index is None else index, data.staged)
+        for (first, n), buf in zip(part.run_dst(), data.runs):
+            self._write_run(layer, first, buf)
         rec.unsynced = self._stream is not None
         rec.parts_written += 1
         self._stats["layers_received"] += 1
-        self._stats["bytes_received"] += data.nbytes
-        if len(rec.written) == len(rec.dst_ids):
+        self._stats["bytes_received"] += part.dst.numel() * self._block_bytes
+        self._stats["blocks_direct"] += part.num_direct
+        self._stats["blocks_staged"] += part.num_staged
+        if len(rec.written) == len(rec.dst_ids) and rec.direct_inflight == 0:
             self._sync(rec)
             rec.status = S.DONE
             self._stats["transfers_done"] += 1
@@ -459,6 +577,12 @@ class TcpReceiver(TransferRecords, KVReceiver):
         with torch.cuda.stream(self._stream):
             cache.index_copy_(1, index, data.to(self.device, non_blocking=True))
 
+    def _write_run(self, layer: int, first: int, data: torch.Tensor) -> None:
+        """Caller holds the lock: a run that did not land in place ([2, n, bs, kvh, d],
+        TCP on CUDA: pinned host memory) into blocks first..first+n-1."""
+        with torch.cuda.stream(self._stream):
+            self.kv_caches[layer][:, first:first + data.shape[1]].copy_(data, non_blocking=True)
+
     # ---- data plane hooks (TCP: the parts' bytes follow the block ids in the frame's payload)
 
     def _check_data_plane(self) -> None:
@@ -473,23 +597,43 @@ class TcpReceiver(TransferRecords, KVReceiver):
     def _teardown_data_plane(self, conn: _Conn) -> None:
         pass
 
-    def _part_shape(self, part: _InPart) -> tuple[int, ...]:
-        return (2, part.dst.numel(), *self._block_shape)
+    def _receives_in_place(self) -> bool:
+        """Does the data plane put a claimed part's runs straight into the cache? TCP: on
+        CPU caches (recv_into the cache's memory); on CUDA they come through host memory."""
+        return self._stream is None
+
+    def _staged_shape(self, part: _InPart) -> tuple[int, ...]:
+        return (2, part.num_staged, *self._block_shape)
 
     def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
         """Reader: start the parts' data moving (`nbytes` more payload bytes are on the
         socket) and set each part's `data`. A problem string means the whole message's
-        data was consumed and dropped."""
+        data was consumed and dropped. TCP: read it all now: staged blocks into a
+        buffer, claimed runs into the cache (CPU), others into host buffers or dropped."""
         want = sum(p.dst.numel() for p in msg.parts) * self._block_bytes
         if nbytes != want:
             wire.discard(conn.sock, nbytes)
             return f"payload of {nbytes} bytes after the block ids, want {want}"
+        pin = self._stream is not None
+        dtype = self.kv_caches[0].dtype
         for p in msg.parts:
-            buf = wire.recv_payload(conn.sock, p.dst.numel() * self._block_bytes, pin_memory=self._stream is not None)
-            p.data = buf.view(self.kv_caches[0].dtype).view(self._part_shape(p))
+            staged = None
+            if p.num_staged:
+                buf = wire.recv_payload(conn.sock, p.num_staged * self._block_bytes, pin_memory=pin)
+                staged = buf.view(dtype).view(self._staged_shape(p))
+            runs = []
+            for first, n in p.run_dst():
+                if p.claim is not None:  # CPU: in place
+                    for kv in (0, 1):
+                        wire.recv_exact_into(conn.sock, wire.tensor_bytes(self.kv_caches[p.layer][kv, first:first + n]))
+                elif pin:  # CUDA: through host memory, written by the completer if the part passes
+                    buf = wire.recv_payload(conn.sock, n * self._block_bytes, pin_memory=True)
+                    runs.append(buf.view(dtype).view(2, n, *self._block_shape))
+                else:  # CPU, may not land: dropped
+                    wire.discard(conn.sock, n * self._block_bytes)
+            p.data = _Arrived(staged, runs)
         return None
 
-    def _await_data(self, conn: _Conn, part: _InPart) -> torch.Tensor:
-        """Completer: the part's bytes, [2, n, bs, kvh, d], once they are all here."""
+    def _await_data(self, conn: _Conn, part: _InPart) -> _Arrived:
+        """Completer: the part's data, once it is all here."""
         return part.data
-

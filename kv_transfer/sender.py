@@ -10,15 +10,33 @@ Sender lifecycle (prefill side), one record per transfer_id:
   Per peer address: one connection, opened on first contact and cached; a writer thread
   drains the peer's FIFO queue and a reader thread applies the receiver's answers.
 
-  send_layer() checks its arguments, gathers the layer's src blocks (on CUDA: on the
-  caller's stream, so the caller may go on and reuse its source blocks once later work
-  on that stream follows) and queues the result as one *part*. Block ids are checked
-  and converted (src: a device index; dst: wire bytes) once per transfer per distinct
-  (src, dst) pair of lists -- a prefill step passes one pair for all global layers and
-  one for all local layers -- and recognised after that by list equality, which is a
-  pointer comparison per id when the lists are slices of the same block table. So a
-  call costs two list comparisons, a gather launch, an event record and a queue
-  hand-off: no host-to-device copy and no per-id Python.
+  send_layer() checks its arguments and queues one *part*. Block ids are checked and
+  converted once per transfer per distinct (src, dst) pair of lists -- a prefill step
+  passes one pair for all global layers and one for all local layers -- and recognised
+  after that by list equality, which is a pointer comparison per id when the lists are
+  slices of the same block table. The conversion also splits the lists into direct runs
+  and staged blocks (base.py): runs of at least `min_direct_blocks` consecutive ids on
+  both sides go direct, the rest is staged.
+    staged blocks  gathered now into one contiguous buffer (on CUDA: on the caller's
+                   stream, so the caller may go on and reuse those source blocks once
+                   later work on that stream follows);
+    direct runs    NOT copied: the part holds views `kv_caches[layer][0|1, s:s+n]`, read
+                   when the writer sends the message (on CUDA: by NCCL, ordered after
+                   the caller's stream as it was at send_layer). The caller must call
+                   fence() before it writes into such a block (a freed block reused by a
+                   later request): fence() copies the runs of parts still queued, and
+                   orders the caller after the sends already posted (CUDA: its stream
+                   waits for them; CPU: it waits for the receiver's ack).
+  So a call costs two list comparisons, at most one gather launch, an event record and a
+  queue hand-off: no host-to-device copy and no per-id Python.
+
+  Default `min_direct_blocks`: enough blocks for 2 MiB of K per run (64 blocks of a
+  Scout layer: 16 tokens x 8 heads x 128 x bf16 = 32 KiB of K a block). A run costs two
+  p2p ops (K and V) instead of its share of one; an op carries a fixed cost of a few us
+  inside a grouped NCCL launch (and ~50 us alone: NOTES.md measures 68 GB/s at 4 MiB
+  against 358 GB/s at 256 MiB), while 2 MiB crosses a 350 GB/s link in ~6 us; what a
+  run saves is its gather and its scatter, each ~4 MiB of HBM reads and writes per 2 MiB
+  of K (~3 us at ~3 TB/s). Below ~2 MiB the op's overhead outweighs the copies saved.
 
   Coalescing: the writer takes every part already queued for the peer (FIFO, up to
   `max_message_bytes`, at least one) and sends them as ONE parts message (wire.py): one
@@ -27,16 +45,20 @@ Sender lifecycle (prefill side), one record per transfer_id:
   layer. Parts of different transfers share messages in call order. finish and abort
   are messages of their own, in queue order, so the receiver answers finish only after
   every earlier part on the connection: its DONE covers all parts. A part whose
-  transfer is FAILED (aborted, rejected) when the writer takes it is dropped unsent.
+  transfer is FAILED (aborted, rejected) when the writer takes it is dropped unsent;
+  once a message's header is on the wire its data follows whatever happens to its
+  transfers (the receiver's posted recvs must be matched, in order).
 
   The receiver acks each parts message once, listing the parts it discarded; each other
   part counts as acked for its transfer (`layers_acked`). A message's data-plane buffers
   stay alive until its ack (or until the connection is torn down). Queued parts hold
-  their gathered buffers until sent: a caller that outruns the link holds up to a
+  their staged buffers until sent: a caller that outruns the link holds up to a
   request's whole KV in the queue. release() forgets a record. The socket is closed by
   whichever of the peer's two threads ends last.
 
-On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides.
+On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides
+(direct runs included: they are copied to host at send_layer, so fence() has nothing to
+do there).
 """
 
 from __future__ import annotations
@@ -53,26 +75,29 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import (CacheLayout, KVSender, LayoutMismatch, TransferError, TransferStatus,
-                              check_blocks, TransferRecords)
+                              check_blocks, direct_runs, TransferRecords)
 
 log = logging.getLogger(__name__)
 S = TransferStatus
 
-
-@dataclass
-class _Staged:
-    tensor: torch.Tensor  # [2, n, bs, kvh, d], contiguous
-    ready: Any = None  # torch.cuda.Event recorded after the gather/copy; None on CPU
+DIRECT_MIN_K_BYTES = 2 << 20  # default min_direct_blocks: this many K bytes per run (see above)
 
 
 @dataclass(eq=False)
 class _BlockIds:
-    """A (src, dst) pair of block lists as send_layer saw it, checked and converted."""
+    """A (src, dst) pair of block lists as send_layer saw it, checked, converted and split."""
     num_blocks: int  # of the layer's pool: the src ids were checked against it
     src_blocks: list[int]  # copies of the caller's lists
     dst_blocks: list[int]
-    src: torch.Tensor  # [n] int64 index on the cache's device
     dst: bytes  # the destination ids as they travel (wire.block_ids)
+    runs: wire.Runs  # direct runs, (offset into the lists, count), as they travel
+    run_src: list[int]  # the first src block of each run
+    staged: torch.Tensor | None  # [m] int64 index of the staged src blocks, on the cache's device; None if m = 0
+    num_staged: int
+
+    @property
+    def num_direct(self) -> int:
+        return len(self.src_blocks) - self.num_staged
 
     def matches(self, num_blocks: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> bool:
         # Lists only: `==` on an array or a tensor compares element-wise.
@@ -81,12 +106,29 @@ class _BlockIds:
 
 
 @dataclass(eq=False)
+class _Payload:
+    """What one part puts on the wire, in wire order: its staged blocks, then K and V of
+    each direct run."""
+    staged: torch.Tensor | None  # [2, m, bs, kvh, d], contiguous; None if every block is in a run
+    runs: list[torch.Tensor]  # [count, bs, kvh, d] each, contiguous: K then V of each run
+    ready: Any = None  # CUDA: event recorded on the caller's stream once the tensors may be read
+    views: bool = False  # runs are views of the cache, read when sent (fence() copies them)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return ([] if self.staged is None else [self.staged]) + self.runs
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+
+@dataclass(eq=False)
 class _Part:
     """One send_layer call, queued for its peer's writer."""
     tid: str
     layer: int
-    dst: bytes  # destination block ids, native int32 (wire.block_ids)
-    staged: _Staged
+    ids: _BlockIds
+    payload: _Payload
 
 
 @dataclass(eq=False)
@@ -99,8 +141,11 @@ class _Control:
 @dataclass(eq=False)
 class _Sent:
     """A parts message awaiting its ack."""
+    peer: _Peer
     parts: list[tuple[str, int]]  # (tid, layer) of each part, in message order
     keep: list = field(default_factory=list)  # data-plane objects that must live until the ack
+    reads_cache: bool = False  # its data-plane ops read cache views (direct runs): fence() orders after them
+    posted: bool = False  # its data-plane ops are all posted (the NCCL data plane sets it)
 
 
 @dataclass(eq=False)
@@ -117,6 +162,9 @@ class _Peer:
     data: Any = None  # the data plane's per-connection state
     next_seq: int = 0  # the next parts message's number
     inflight: dict[int, _Sent] = field(default_factory=dict)  # seq -> message, until acked
+    # Queued parts whose payload holds cache views, until the writer hands them to the data
+    # plane (an insertion-ordered set): the parts fence() may still copy.
+    unposted: dict[_Part, None] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -147,20 +195,30 @@ class _Outgoing:
 class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
     max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
+    fence_timeout = 30.0  # s; a peer whose posted sends fence() waits on longer than this is torn down
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, min_direct_blocks: int | None = None):
+        """min_direct_blocks: the shortest run of consecutive ids (on both sides) that
+        travels direct; None: DIRECT_MIN_K_BYTES of K per run."""
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
         self.device = self.kv_caches[0].device
         self.connect_timeout = connect_timeout
+        k_bytes = self.kv_caches[0][0, 0].nbytes  # K of one block of one layer
+        if min_direct_blocks is None:
+            min_direct_blocks = max(1, -(-DIRECT_MIN_K_BYTES // k_bytes))
+        if type(min_direct_blocks) is not int or min_direct_blocks < 1:
+            raise ValueError(f"min_direct_blocks: must be an integer >= 1, got {min_direct_blocks!r}")
+        self.min_direct_blocks = min_direct_blocks
         self._check_data_plane()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._transfers: dict[str, _Outgoing] = {}
         self._peers: dict[str, _Peer] = {}
         self._connect_locks: dict[str, threading.Lock] = {}
+        self._reading: set[_Sent] = set()  # messages sent or being sent whose data plane may still read cache views
         self._stats: Counter[str] = Counter()
         self._closed = False
 
@@ -172,7 +230,8 @@ class TcpSender(TransferRecords, KVSender):
     def send_layer(self, address: str, transfer_id: str, layer: int,
                    src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Returns at once; failures (unreachable peer included) show as FAILED in poll().
-        Call connect() first to get them raised instead."""
+        Call connect() first to get them raised instead. Direct runs are read later:
+        call fence() before writing into a block passed here."""
         ids = self._block_ids(transfer_id, layer, src_blocks, dst_blocks)
         with self._lock:
             rec = self._transfers.setdefault(transfer_id, _Outgoing(address))
@@ -193,7 +252,7 @@ class TcpSender(TransferRecords, KVSender):
                         self._fail(rec, str(e))
                 log.warning("KV transfer %s failed: %s", transfer_id, e)
                 return
-        part = _Part(transfer_id, layer, ids.dst, self._stage(layer, ids.src))
+        part = _Part(transfer_id, layer, ids, self._stage(layer, ids))
         with self._lock:
             if rec.status.terminal:
                 return
@@ -205,7 +264,21 @@ class TcpSender(TransferRecords, KVSender):
             if rec.status < S.TRANSFERRING:
                 rec.status = S.TRANSFERRING
                 self._cond.notify_all()
+            if part.payload.views:
+                peer.unposted[part] = None
             peer.queue.put(part)
+
+    def fence(self) -> None:
+        """See KVSender.fence. Cheap when nothing is pending: one lock and a scan of the
+        peers. Call it from the thread (CUDA: with the stream current) that writes the
+        blocks next."""
+        with self._lock:
+            for peer in self._peers.values():  # a dead peer's queued parts are never sent
+                for part in peer.unposted:
+                    self._detach(part.payload)
+                self._stats["parts_fenced"] += len(peer.unposted)
+                peer.unposted.clear()
+        self._fence_sent()
 
     def finish(self, address: str, transfer_id: str, num_layers: int) -> None:
         with self._lock:
@@ -222,7 +295,9 @@ class TcpSender(TransferRecords, KVSender):
             rec.peer.queue.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
 
     def abort(self, transfer_id: str) -> None:
-        """FAILED unless already DONE; queued parts are dropped and the receiver is told."""
+        """FAILED unless already DONE; queued parts are dropped and the receiver is told.
+        Parts already on the wire complete (the pair's data stream must stay in step);
+        the receiver drops them, since the abort message follows them."""
         with self._lock:
             rec = self._transfers.get(transfer_id)
             if rec is None or rec.status.terminal:
@@ -236,10 +311,13 @@ class TcpSender(TransferRecords, KVSender):
             self._transfers.pop(transfer_id, None)
 
     def stats(self) -> dict[str, int]:
-        """layers_*: parts (send_layer calls); messages_sent: parts messages on the wire."""
+        """layers_*: parts (send_layer calls); messages_sent: parts messages on the wire;
+        blocks_direct / blocks_staged: blocks of the parts sent, by path; parts_fenced:
+        queued parts whose direct runs fence() copied."""
         with self._lock:
             out = dict.fromkeys(("bytes_sent", "layers_sent", "layers_acked", "layers_dropped", "messages_sent",
-                                 "transfers_done", "transfers_failed", "connections_opened"), 0)
+                                 "blocks_direct", "blocks_staged", "parts_fenced", "transfers_done",
+                                 "transfers_failed", "connections_opened"), 0)
             out.update(self._stats)
             out["connections"] = sum(p.alive for p in self._peers.values())
             return out
@@ -259,7 +337,8 @@ class TcpSender(TransferRecords, KVSender):
     def _block_ids(self, transfer_id: str, layer: int, src_blocks: Sequence[int],
                    dst_blocks: Sequence[int]) -> _BlockIds:
         """The call's block lists, checked and converted: looked up among the transfer's
-        recent lists, or (first call with these lists) checked and converted now."""
+        recent lists, or (first call with these lists) checked, converted and split into
+        direct runs and staged blocks now."""
         if not 0 <= layer < len(self.kv_caches):
             raise ValueError(f"layer: {layer} out of range [0, {len(self.kv_caches)})")
         num_blocks = self.kv_caches[layer].shape[1]
@@ -272,12 +351,21 @@ class TcpSender(TransferRecords, KVSender):
         if len(dst_blocks) != len(src_blocks):
             raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
         dst = wire.block_ids(dst_blocks, "dst_blocks")
-        if self.device.type == "cuda":
+        runs = direct_runs(src, torch.frombuffer(bytearray(dst), dtype=torch.int32), self.min_direct_blocks)
+        staged = src
+        if runs:
+            keep = torch.ones(len(src), dtype=torch.bool)
+            for offset, count in runs:
+                keep[offset:offset + count] = False
+            staged = src[keep]
+        num_staged = staged.numel()
+        if num_staged and self.device.type == "cuda":
             # From pinned memory the copy is truly asynchronous. From pageable memory it
             # would block this thread until the caller's stream drained -- in a prefill
             # that is until the layer just enqueued has finished computing.
-            src = src.pin_memory().to(self.device, non_blocking=True)
-        return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), src, dst)
+            staged = staged.pin_memory().to(self.device, non_blocking=True)
+        return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), dst, runs,
+                         [int(src[offset]) for offset, _ in runs], staged if num_staged else None, num_staged)
 
     # ---- connections
 
@@ -336,6 +424,7 @@ class TcpSender(TransferRecords, KVSender):
             if not peer.alive:
                 return
             peer.alive = False
+            peer.unposted.clear()  # its queue is never sent
             if self._peers.get(peer.address) is peer:
                 del self._peers[peer.address]
             for rec in self._transfers.values():
@@ -346,8 +435,10 @@ class TcpSender(TransferRecords, KVSender):
         peer.queue.put(None)
         wire.shutdown(peer.sock)
         self._teardown_data_plane(peer)  # ends data-plane ops still waiting for the peer...
-        with self._lock:
-            peer.inflight.clear()  # ...before their buffers may be reused
+        with self._lock:  # ...before their buffers may be reused, and the cache views they read rewritten
+            self._reading.difference_update(peer.inflight.values())
+            peer.inflight.clear()
+            self._cond.notify_all()
 
     def _fail(self, rec: _Outgoing, reason: str) -> None:
         """Caller holds the lock."""
@@ -383,17 +474,17 @@ class TcpSender(TransferRecords, KVSender):
         item = peer.held.pop() if peer.held else peer.queue.get()
         if not isinstance(item, _Part):
             return item
-        parts, nbytes = [item], item.staged.tensor.nbytes
+        parts, nbytes = [item], item.payload.nbytes
         while True:
             try:
                 item = peer.queue.get_nowait()
             except queue.Empty:
                 return parts
-            if not isinstance(item, _Part) or nbytes + item.staged.tensor.nbytes > self.max_message_bytes:
+            if not isinstance(item, _Part) or nbytes + item.payload.nbytes > self.max_message_bytes:
                 peer.held.append(item)  # a control message, a stop, or the next message's first part
                 return parts
             parts.append(item)
-            nbytes += item.staged.tensor.nbytes
+            nbytes += item.payload.nbytes
 
     def _send_control(self, peer: _Peer, item: _Control) -> None:
         with self._lock:
@@ -410,18 +501,43 @@ class TcpSender(TransferRecords, KVSender):
                 rec = self._transfers.get(p.tid)
                 if rec is None or rec.status == S.FAILED:
                     self._stats["layers_dropped"] += 1
+                    peer.unposted.pop(p, None)
                 else:
                     live.append(p)
             if not live:
                 return
             seq, peer.next_seq = peer.next_seq, peer.next_seq + 1
-            sent = peer.inflight[seq] = _Sent([(p.tid, p.layer) for p in live])  # before the ack can come
-        header, ids = wire.parts_header(seq, [(p.tid, p.layer, p.dst) for p in live])
+            sent = peer.inflight[seq] = _Sent(peer, [(p.tid, p.layer) for p in live])  # before the ack can come
+        header, ids = wire.parts_header(seq, [(p.tid, p.layer, p.ids.dst, p.ids.runs) for p in live])
         nbytes = self._transmit(peer, header, ids, live, sent)
         with self._lock:
             self._stats["messages_sent"] += 1
             self._stats["layers_sent"] += len(live)
             self._stats["bytes_sent"] += nbytes
+            self._stats["blocks_direct"] += sum(p.ids.num_direct for p in live)
+            self._stats["blocks_staged"] += sum(p.ids.num_staged for p in live)
+
+    def _take(self, peer: _Peer, parts: list[_Part], sent: _Sent) -> list[torch.Tensor]:
+        """Caller holds the lock. The data plane is about to read the parts' tensors: from
+        now on fence() cannot copy them, and orders after the message instead. Returns
+        the message's tensors in wire order."""
+        for p in parts:
+            peer.unposted.pop(p, None)
+        if any(p.payload.views for p in parts):
+            sent.reads_cache = True
+            self._reading.add(sent)
+        return [t for p in parts for t in p.payload.tensors()]
+
+    def _fence_sent(self) -> None:
+        """fence(), second half: wait until no message in flight may still read cache
+        views. The default (CPU caches) waits for their acks; a peer that does not ack
+        within fence_timeout is torn down, which ends its reads."""
+        with self._cond:
+            if self._cond.wait_for(lambda: not self._reading, timeout=self.fence_timeout):
+                return
+            stuck = {s.peer for s in self._reading}
+        for peer in stuck:
+            self._peer_failed(peer, f"fence(): no ack within {self.fence_timeout:g} s")
 
     # ---- the reader: the receiver's answers
 
@@ -451,6 +567,9 @@ class TcpSender(TransferRecords, KVSender):
         sent = peer.inflight.pop(msg["seq"], None)
         if sent is None:
             raise ConnectionError(f"ack for message {msg['seq']}, which is not in flight")
+        if sent.reads_cache:  # the receiver has every byte: nothing reads the cache for it any more
+            self._reading.discard(sent)
+            self._cond.notify_all()
         failed = dict(msg["failed"])  # part index -> reason
         for j, (tid, layer) in enumerate(sent.parts):
             rec = self._transfers.get(tid)
@@ -487,7 +606,7 @@ class TcpSender(TransferRecords, KVSender):
             peer.sock.close()
 
     # ---- data plane hooks (TCP: the parts' bytes follow the block ids in the frame's
-    # payload, through pinned host memory)
+    # payload; on CUDA through pinned host memory)
 
     def _check_data_plane(self) -> None:
         pass
@@ -506,24 +625,42 @@ class TcpSender(TransferRecords, KVSender):
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         """On the caller's stream; src_ids is already on the cache's device."""
-        return self.kv_caches[layer].index_select(1, src_ids)  # [2, n, bs, kvh, d], contiguous
+        return self.kv_caches[layer].index_select(1, src_ids)  # [2, m, bs, kvh, d], contiguous
 
-    def _stage(self, layer: int, src_ids: torch.Tensor) -> _Staged:
-        buf = self._gather(layer, src_ids)
-        if not buf.is_cuda:
-            return _Staged(buf)
-        host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
-        host.copy_(buf, non_blocking=True)  # ordered after the gather on the caller's stream
+    def _run_views(self, layer: int, ids: _BlockIds) -> list[torch.Tensor]:
+        """K and V of each direct run: contiguous views of the cache, no copy."""
+        cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
+        return [cache[kv, s:s + n] for s, (_, n) in zip(ids.run_src, ids.runs) for kv in (0, 1)]
+
+    def _stage(self, layer: int, ids: _BlockIds) -> _Payload:
+        """On the caller's thread and stream. CPU: the staged blocks gathered, the runs as
+        views (read when sent). CUDA: everything copied into pinned host memory now."""
+        staged = None if ids.staged is None else self._gather(layer, ids.staged)
+        runs = self._run_views(layer, ids)
+        if self.device.type != "cuda":
+            return _Payload(staged, runs, views=bool(runs))
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in ([] if staged is None else [staged]) + runs]
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(buf.device))
-        return _Staged(host, ready)
+        ready.record(torch.cuda.current_stream(self.device))
+        return _Payload(None if staged is None else host[0], host[staged is not None:], ready)
+
+    def _detach(self, payload: _Payload) -> None:
+        """Caller holds the lock (fence()): copy the runs out of the cache, on the current
+        stream, so the part no longer reads blocks the caller is about to reuse."""
+        payload.runs = [t.clone() for t in payload.runs]
+        payload.views = False
+        if payload.ready is not None:
+            payload.ready.record(torch.cuda.current_stream(self.device))
 
     def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
         """Write one parts message (header, the block ids, then each part's data);
         returns the bytes it moved."""
         for p in parts:
-            if p.staged.ready is not None:
-                p.staged.ready.synchronize()
+            if p.payload.ready is not None:
+                p.payload.ready.synchronize()
+        with self._lock:
+            tensors = self._take(peer, parts, sent)
         with peer.write_lock:
-            return wire.send_frame(peer.sock, header, ids + [wire.tensor_bytes(p.staged.tensor) for p in parts])
+            return wire.send_frame(peer.sock, header, ids + [wire.tensor_bytes(t) for t in tensors])

@@ -5,15 +5,25 @@ backend's data plane.
 Messages (header "op"):
   sender -> receiver
     hello   {layout, data_plane, proto}   first message on a connection
-    parts   {seq, parts: [[tid, layer, d], ...], dst_lens: [n_0, n_1, ...]}
-            one message carries one or more *parts*: a part is one send_layer call, the
-            layer's blocks gathered into [2, n, bs, kvh, d]. Parts of several transfers
-            may share a message. Destination block ids travel as binary, not JSON:
-            the payload starts with the distinct destination lists back to back as
-            native int32 (list i has dst_lens[i] ids); part j writes into list
-            parts[j][2], so its block count n is that list's length. Then, TCP data
-            plane only, each part's bytes in part order; on the NCCL data plane one
-            p2p message per part follows, in part order, on the pair's process group.
+    parts   {seq, parts: [[tid, layer, d(, runs)], ...], dst_lens: [n_0, n_1, ...]}
+            one message carries one or more *parts*: a part is one send_layer call,
+            the layer's n blocks. Parts of several transfers may share a message.
+            Destination block ids travel as binary, not JSON: the payload starts with
+            the distinct destination lists back to back as native int32 (list i has
+            dst_lens[i] ids); part j writes into list parts[j][2], so its block count n
+            is that list's length.
+            runs (present only when non-empty): the part's DIRECT runs, [[offset,
+            count], ...] in increasing order, non-overlapping: positions
+            offset..offset+count-1 of the part's list, whose source and destination
+            ids both step by one. Every other block is STAGED. The sender decides;
+            the receiver checks that each run's destination ids are consecutive.
+            A part's data is, in this order: its staged blocks gathered into
+            [2, m, bs, kvh, d] (m = n minus the run blocks; absent when m = 0), then
+            for each run its K blocks [count, bs, kvh, d] and its V blocks, each of
+            which is one contiguous region of a cache on both sides (see sender.py).
+            On the TCP data plane these come as the frame's payload after the block
+            ids, part after part; on the NCCL data plane each is one p2p op, in the
+            same order, on the pair's process group.
     finish  {tid, num_layers}             num_layers: the parts sent for tid
     abort   {tid}
   receiver -> sender
@@ -34,7 +44,7 @@ from typing import Any, Sequence
 
 import torch
 
-PROTO_VERSION = 2  # 2: coalesced parts messages, binary block ids
+PROTO_VERSION = 3  # 2: coalesced parts messages, binary block ids; 3: direct runs
 _PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 64 << 20  # a header lists block ids; 64 MiB is far beyond any real one
 _CHUNK = 8 << 20  # bytes per recv call
@@ -150,25 +160,52 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
     return header
 
 
-def parts_header(seq: int, parts: Sequence[tuple[str, int, bytes]]) -> tuple[dict[str, Any], list[memoryview]]:
+Runs = list[tuple[int, int]]  # a part's direct runs: (offset into its block list, count)
+
+
+def parts_header(seq: int, parts: Sequence[tuple[str, int, bytes, Runs]]) -> tuple[dict[str, Any], list[memoryview]]:
     """A parts message's header and the block ids that start its payload, for parts
-    given as (tid, layer, destination ids as block_ids() bytes). Identical destination
-    lists (every global layer of a step has the same) travel once."""
+    given as (tid, layer, destination ids as block_ids() bytes, direct runs).
+    Identical destination lists (every global layer of a step has the same) travel once."""
     dsts: dict[bytes, int] = {}
-    rows = [[tid, layer, dsts.setdefault(dst, len(dsts))] for tid, layer, dst in parts]
+    rows = []
+    for tid, layer, dst, runs in parts:
+        row = [tid, layer, dsts.setdefault(dst, len(dsts))]
+        if runs:
+            row.append([list(r) for r in runs])
+        rows.append(row)
     header = {"op": "parts", "seq": seq, "parts": rows, "dst_lens": [len(d) // ID_BYTES for d in dsts]}
     return header, [memoryview(d) for d in dsts]
 
 
-def parse_parts_header(header: dict[str, Any]) -> tuple[int, list[tuple[str, int, int]], list[int]]:
-    """(seq, [(tid, layer, dst list index)], dst_lens) of a parts header; ConnectionError
-    if it is malformed (the stream cannot be trusted after that)."""
+def _runs_ok(runs: Any, n: int) -> bool:
+    """Increasing, non-overlapping [offset, count] pairs inside a list of n ids."""
+    if not isinstance(runs, list) or not runs:
+        return False
+    end = 0
+    for r in runs:
+        if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)):
+            return False
+        offset, count = r
+        if offset < end or count < 1:
+            return False
+        end = offset + count
+    return end <= n
+
+
+def parse_parts_header(header: dict[str, Any]) -> tuple[int, list[tuple[str, int, int, Runs]], list[int]]:
+    """(seq, [(tid, layer, dst list index, runs)], dst_lens) of a parts header;
+    ConnectionError if it is malformed (the stream cannot be trusted after that)."""
     try:
         seq, lens = header["seq"], header["dst_lens"]
-        rows = [(tid, layer, d) for tid, layer, d in header["parts"]]
-        ok = (isinstance(seq, int) and rows and all(isinstance(n, int) and n > 0 for n in lens)
-              and all(isinstance(tid, str) and isinstance(layer, int) and isinstance(d, int) and 0 <= d < len(lens)
-                      for tid, layer, d in rows))
+        ok = isinstance(seq, int) and all(isinstance(n, int) and n > 0 for n in lens)
+        rows = []
+        for row in header["parts"]:
+            tid, layer, d, *rest = row
+            ok = ok and (isinstance(tid, str) and isinstance(layer, int) and isinstance(d, int)
+                         and 0 <= d < len(lens) and len(rest) <= 1 and (not rest or _runs_ok(rest[0], lens[d])))
+            rows.append((tid, layer, d, [tuple(r) for r in rest[0]] if rest and ok else []))
+        ok = ok and bool(rows)
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import random
@@ -15,6 +16,9 @@ from typing import Callable
 import torch
 
 from kv_transfer import CacheLayout, NcclReceiver, NcclSender, TcpReceiver, TcpSender
+from kv_transfer.base import direct_runs
+from kv_transfer.nccl import PG_BACKENDS
+
 
 class GlooSender(NcclSender):
     """The NCCL backend's exact control flow, its pair's group built by gloo on CPU tensors."""
@@ -25,7 +29,101 @@ class GlooReceiver(NcclReceiver):
     pg_backend = "gloo"
 
 
+class _AllOf:
+    """One work standing for several, as ProcessGroupNCCL's _end_coalescing returns."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self, timeout=None):
+        for w in self.works:
+            w.wait() if timeout is None else w.wait(timeout)
+        return True
+
+    def is_completed(self):
+        return all(w.is_completed() for w in self.works)
+
+
+class GroupingGloo:
+    """A gloo pair group that takes NCCL's grouping calls the way ProcessGroupNCCL does:
+    ops between _start_coalescing and _end_coalescing return no work, and
+    _end_coalescing one work for all of them. So the grouped flow runs on CPU."""
+
+    def __init__(self, group):
+        self.group = group
+        self.pending = None
+
+    def _start_coalescing(self):
+        assert self.pending is None, "groups do not nest"
+        self.pending = []
+
+    def _end_coalescing(self):
+        works, self.pending = self.pending, None
+        return _AllOf(works)
+
+    def _op(self, work):
+        if self.pending is None:
+            return work
+        self.pending.append(work)
+        return None
+
+    def send(self, tensors, dst, tag):
+        return self._op(self.group.send(tensors, dst, tag))
+
+    def recv(self, tensors, src, tag):
+        return self._op(self.group.recv(tensors, src, tag))
+
+    def abort(self):
+        self.group.abort()
+
+
+_gloo = PG_BACKENDS["gloo"]
+PG_BACKENDS.setdefault("gloo-grouped", dataclasses.replace(
+    _gloo, make_group=lambda *args: GroupingGloo(_gloo.make_group(*args)), can_group=True))
+
+
+class GroupedGlooSender(NcclSender):
+    pg_backend = "gloo-grouped"
+
+
+class GroupedGlooReceiver(NcclReceiver):
+    pg_backend = "gloo-grouped"
+
+
 BACKENDS = {"tcp": (TcpSender, TcpReceiver), "gloo": (GlooSender, GlooReceiver)}  # what the CPU tests run
+# ...and for the direct path, the NCCL flow with grouped ops too
+DIRECT_BACKENDS = {**BACKENDS, "gloo-grouped": (GroupedGlooSender, GroupedGlooReceiver)}
+
+
+class GatedWriter:
+    """Sender mixin: the writer takes nothing from its queue until `gate` is set, so all
+    parts queued before fill one message (up to max_message_bytes)."""
+
+    def __init__(self, *args, **kwargs):
+        self.gate = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _next_batch(self, peer):
+        self.gate.wait()
+        return super()._next_batch(peer)
+
+
+class GatedCompleter:
+    """Receiver mixin: the completer handles no message until `gate` is set (the reader
+    still reads headers and starts the data moving)."""
+
+    def __init__(self, *args, **kwargs):
+        self.gate = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _complete(self, conn, msg):
+        self.gate.wait()
+        return super()._complete(conn, msg)
+
+
+def gated(sender_cls, receiver_cls):
+    return (type("GatedSender", (GatedWriter, sender_cls), {}),
+            type("GatedReceiver", (GatedCompleter, receiver_cls), {}))
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_BLOCKS = (24, 16, 24, 16)  # two layer groups with separate pools, as in Llama 4
@@ -59,6 +157,48 @@ def make_plan(seed: int, layers=(0, 1, 2, 3), num_blocks=NUM_BLOCKS, n=5,
         free = [b for b in range(nb) if b not in (exclude or {}).get(layer, set())]
         plan[layer] = (rng.sample(range(nb), n), rng.sample(free, n))
     return plan
+
+
+def segments(rng: random.Random, ids: range, lengths) -> list[int]:
+    """One segment of consecutive ids per length, listed in the order of `lengths`, laid
+    out in `ids` in a random order with random gaps between them."""
+    place = list(range(len(lengths)))
+    rng.shuffle(place)
+    cuts = sorted(rng.randint(0, len(ids) - sum(lengths)) for _ in lengths)  # gaps so far, before each segment
+    segs, at, prev = [None] * len(lengths), 0, 0
+    for cut, i in zip(cuts, place):
+        at += cut - prev
+        prev = cut
+        segs[i] = list(ids[at:at + lengths[i]])
+        at += lengths[i]
+    return [b for seg in segs for b in seg]
+
+
+def run_plan(seed: int, lengths=(4, 1, 3, 1, 2), layers=(0, 1, 2, 3), num_blocks=NUM_BLOCKS,
+             dst_range: tuple[float, float] = (0.0, 1.0)) -> dict[int, tuple[list[int], list[int]]]:
+    """layer -> (src_blocks, dst_blocks) made of segments of the given lengths (in a random
+    order), consecutive on both sides, placed independently on each side (dst within the
+    given fraction of each pool): so runs long and short."""
+    rng = random.Random(seed)
+    plan = {}
+    for layer in layers:
+        nb = num_blocks[layer]
+        lens = list(lengths)
+        rng.shuffle(lens)
+        lo, hi = int(dst_range[0] * nb), int(dst_range[1] * nb)
+        plan[layer] = (segments(rng, range(nb), lens), segments(rng, range(lo, hi), lens))
+    return plan
+
+
+def count_blocks(plans, min_blocks: int) -> tuple[int, int]:
+    """(direct, staged) blocks of the plans' parts, by the sender's rule."""
+    direct = total = 0
+    for plan in plans:
+        for src, dst in plan.values():
+            runs = direct_runs(torch.tensor(src), torch.tensor(dst), min_blocks)
+            direct += sum(n for _, n in runs)
+            total += len(src)
+    return direct, total - direct
 
 
 def dst_of(plan) -> dict[int, list[int]]:

@@ -6,51 +6,25 @@ parts queued before fill one message (up to max_message_bytes); GatedReceiver li
 holds its completer, so a test can act while a message's data is in flight."""
 
 import socket
-import threading
 
 import pytest
 import torch
 
 from kv_transfer import TransferStatus as S, wire
-from tests.kv_transfer.helpers import BACKENDS, check_written, dst_of, eventually, layout_of, make_caches, make_plan
+from tests.kv_transfer.helpers import (BACKENDS, check_written, dst_of, eventually, gated, layout_of, make_caches,
+                                       make_plan)
 
 PART_BYTES = 2 * 5 * 4 * 2 * 8 * 4  # [2, n=5, bs=4, kvh=2, d=8] fp32: make_plan's default part
-
-
-class GatedWriter:
-    """Sender mixin: the writer takes nothing from its queue until `gate` is set."""
-
-    def __init__(self, *args, **kwargs):
-        self.gate = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    def _next_batch(self, peer):
-        self.gate.wait()
-        return super()._next_batch(peer)
-
-
-class GatedCompleter:
-    """Receiver mixin: the completer handles no message until `gate` is set (the reader
-    still reads headers and starts the data moving)."""
-
-    def __init__(self, *args, **kwargs):
-        self.gate = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    def _complete(self, conn, msg):
-        self.gate.wait()
-        return super()._complete(conn, msg)
 
 
 @pytest.fixture(params=list(BACKENDS))
 def pair(request):
     """(sender, receiver, src_caches, dst_caches, dst_before); the sender's writer and the
     receiver's completer are gated shut."""
-    sender_cls, receiver_cls = BACKENDS[request.param]
+    sender_cls, receiver_cls = gated(*BACKENDS[request.param])
     src, dst = make_caches(torch.float32, seed=41), make_caches(torch.float32, seed=None)
     layout = layout_of(src)
-    rx = type("GatedReceiver", (GatedCompleter, receiver_cls), {})(layout, dst)
-    tx = type("GatedSender", (GatedWriter, sender_cls), {})(layout, src)
+    rx, tx = receiver_cls(layout, dst), sender_cls(layout, src)
     yield tx, rx, src, dst, [c.clone() for c in dst]
     tx.gate.set()
     rx.gate.set()
