@@ -1,33 +1,42 @@
 """KV transfer throughput on two GPUs: tandem's NCCL backend against raw NCCL send/recv,
 all timed in this call by the same two processes.
 
-    python bench/kv_transfer.py [--tokens 32000] [--layers 48] [--reps 5] [--json OUT] [--profile]
+    python bench/kv_transfer.py [--tokens 32000] [--layers 48] [--reps 5] [--min-direct-blocks N]
+                                [--json OUT] [--profile]
     python bench/kv_transfer.py --cpu            # smoke run of the same code on CPU, gloo
 
 The workload is one Scout-shaped prompt of --tokens tokens: 8 KV heads x 128 x bf16,
-16-token blocks (64 KiB a block per layer). Global layers (every 4th) carry every block;
-the chunked-local layers only the last 8192-token chunk's blocks -- what prefill pushes
-to decode. Sender on cuda:0, receiver on cuda:1, each its own process. Rows:
+16-token blocks (64 KiB a block per layer, 32 KiB of it K). Global layers (every 4th)
+carry every block; the chunked-local layers only the last 8192-token chunk's blocks --
+what prefill pushes to decode. Sender on cuda:0, receiver on cuda:1, each its own
+process. Rows:
 
   raw NCCL, per-layer messages   one 2-rank group, one send/recv per layer, back to back:
-                                 the ceiling for tandem's data plane (one NCCL op a part)
+                                 the baseline ("vs raw")
   raw NCCL, coalesced messages   the same bytes, layers grouped as the sender coalesces
                                  them when all are queued (up to max_message_bytes), one
-                                 op per group: what one buffer per message would buy
-  tandem nccl, coalescing on     NcclSender/NcclReceiver (what make_sender("nccl") builds):
-                                 first send_layer of a transfer -> DONE on both sides (the
-                                 later of the two); send_layer called back to back for
-                                 every layer with fresh slices of one block table per
-                                 layer group (as prefill does), then finish
-  tandem nccl, coalescing off    the same with max_message_bytes = 1 (a message per layer)
+                                 op per group
+  tandem nccl, fresh pool        NcclSender/NcclReceiver (what make_sender("nccl")
+                                 builds) with consecutive block ids on both sides, as a
+                                 fresh pool hands them out: every layer is one direct run
+                                 (no gather, no staging), a message's ops one NCCL group
+  tandem nccl, fragmented pool   src ids shuffled, dst ids descending: no run at all, every
+                                 block staged (gathered, sent, scattered), as before
+                                 direct runs existed
+  tandem nccl, fresh pool, ungrouped   the first row with one NCCL launch per op
+                                 (NcclReceiver.group_ops = False)
+For each tandem row: first send_layer of a transfer -> DONE on both sides (the later of
+the two); send_layer called back to back for every layer with fresh slices of one block
+table per layer group (as prefill does), then finish. Rows that group alike share one
+sender/receiver pair (the receiver decides the grouping at connect).
 
 Then, per tandem row and side, each stage's wall time per transfer, its thread's CPU time
 in it, and its calls (stages on different threads overlap; wall far above CPU means the
-stage waited -- for the GIL, a lock, a socket, the driver), and the parts messages per
-transfer. Medians over --reps
-timed repetitions after one warm-up. With --cpu the caches are CPU tensors and the
-process groups gloo (the NCCL backend's control flow on CPU, as the tests run it);
-sizes default smaller there, and the times mean nothing.
+stage waited -- for the GIL, a lock, a socket, the driver), the blocks that went direct
+and staged per transfer, and the parts messages per transfer. Medians over --reps timed
+repetitions after one warm-up. With --cpu the caches are CPU tensors and the process
+groups gloo (the NCCL backend's control flow on CPU, as the tests run it, which cannot
+group ops); sizes default smaller there, and the times mean nothing.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ class Config:
     reps: int
     cpu: bool
     profile: bool
+    min_direct_blocks: int | None  # the sender's option; None: its default
 
     def device(self, rank: int) -> str:
         return "cpu" if self.cpu else f"cuda:{rank}"
@@ -76,8 +86,31 @@ class Config:
             torch.cuda.synchronize()
 
 
-# (row name, sender max_message_bytes) for the tandem rows
-VARIANTS = (("coalescing on", NcclSender.max_message_bytes), ("coalescing off", 1))
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    ids: str  # "consecutive" (a fresh pool) or "fragmented"
+    group_ops: bool  # NcclReceiver.group_ops
+
+
+# Rows in this order; rows with the same grouping share one sender/receiver pair.
+VARIANTS = (Variant("fresh pool", "consecutive", True),
+            Variant("fragmented pool", "fragmented", True),
+            Variant("fresh pool, ungrouped", "consecutive", False))
+
+
+def block_tables(blocks: dict[int, int], ids: str) -> dict[int, tuple[list[int], list[int]]]:
+    """Per pool size n (one pool per layer group): the (src, dst) block tables of the
+    prompt, both processes alike. consecutive: 0..n-1 on both sides. fragmented: src a
+    seeded shuffle, dst descending, so no neighbours are consecutive on both sides."""
+    tables = {}
+    for n in sorted(set(blocks.values())):
+        if ids == "consecutive":
+            tables[n] = (list(range(n)), list(range(n)))
+        else:
+            src = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+            tables[n] = (src, list(range(n - 1, -1, -1)))
+    return tables
 
 
 def plan(tokens: int, layers: int) -> dict[int, int]:
@@ -178,20 +211,32 @@ def caches(cfg: Config, rank: int) -> list[torch.Tensor]:
             for n in cfg.blocks.values()]
 
 
+def by_path(before: dict[str, int], after: dict[str, int], transfers: int) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / transfers for k in ("blocks_direct", "blocks_staged")}
+
+
 def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     raw_rows(cfg, 1, port, results)
     for name in RECEIVER_STAGES:
         timed(NcclReceiver, name)
     kv = caches(cfg, 1)
-    rx = (GlooReceiver if cfg.cpu else NcclReceiver)(CacheLayout.from_caches("bench", kv), kv)
-    to_sender.put(rx.address)
-    for variant, _ in VARIANTS:
+    rx = None
+    for v in VARIANTS:
+        if rx is None or rx.group_ops != v.group_ops:  # a new pair: the receiver groups or not at connect
+            if rx is not None:
+                assert to_receiver.get() == "closed"  # the sender hung up first: no 'connection lost' noise
+                rx.close()
+            rx = (GlooReceiver if cfg.cpu else NcclReceiver)(CacheLayout.from_caches("bench", kv), kv)
+            rx.group_ops = v.group_ops
+            to_sender.put(rx.address)
+        tables = block_tables(cfg.blocks, v.ids)
         STAGES.clear()
+        counts = rx.stats()
         for r in range(cfg.reps + 1):
-            tid = f"{variant}-{r}"
-            rx.expect(tid, {i: list(range(n)) for i, n in cfg.blocks.items()})
+            tid = f"{v.name}-{r}"
+            rx.expect(tid, {i: tables[n][1][:n] for i, n in cfg.blocks.items()})
             prof = None
-            if cfg.profile and not cfg.cpu and r == cfg.reps and variant == VARIANTS[0][0]:
+            if cfg.profile and not cfg.cpu and r == cfg.reps and v == VARIANTS[0]:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                           torch.profiler.ProfilerActivity.CUDA])
                 prof.__enter__()
@@ -203,13 +248,14 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
                 prof.__exit__(None, None, None)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
                 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
-            results.put(("rx", variant, r, st.name, t_done))
+            results.put(("rx", v.name, r, st.name, t_done))
             to_receiver.get()  # release only after the sender's finish was answered
             rx.release(tid)
             if r == 0:  # after the warm-up
                 allocs = device_allocs(cfg, 1)
-        results.put(("stages", variant, "receiver", per_transfer(STAGES, cfg.reps + 1),
-                     (device_allocs(cfg, 1) - allocs) / cfg.reps))
+        results.put(("stages", v.name, "receiver", per_transfer(STAGES, cfg.reps + 1),
+                     (device_allocs(cfg, 1) - allocs) / cfg.reps, by_path(counts, rx.stats(), cfg.reps + 1)))
+    assert to_receiver.get() == "closed"
     rx.close()
 
 
@@ -218,20 +264,25 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     for name in SENDER_STAGES:
         timed(NcclSender, name)
     kv = caches(cfg, 0)
-    tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv)
-    address = to_sender.get()
-    tx.connect(address)
-    for variant, cap in VARIANTS:
+    tx, grouped = None, None
+    for v in VARIANTS:
+        if tx is None or grouped != v.group_ops:  # the receiver opened a new pair
+            if tx is not None:
+                tx.close()
+                to_receiver.put("closed")
+            tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv,
+                                                         min_direct_blocks=cfg.min_direct_blocks)
+            grouped = v.group_ops
+            address = to_sender.get()
+            tx.connect(address)
+        tables = block_tables(cfg.blocks, v.ids)
         STAGES.clear()
-        tx.max_message_bytes = cap
+        counts = tx.stats()
         for r in range(cfg.reps + 1):
-            tid = f"{variant}-{r}"
+            tid = f"{v.name}-{r}"
             assert to_sender.get() == "ready"
             messages = tx.stats()["messages_sent"]
-            # Block tables as a prefill step holds them (src shuffled-ish: every other block,
-            # then the rest); each call passes fresh slices of them, as prefill_service/push.py does.
-            tables = {n: (list(range(0, n, 2)) + list(range(1, n, 2)), list(range(n)))
-                      for n in set(cfg.blocks.values())}
+            # fresh slices of the tables per call, as prefill_service/push.py passes them
             cfg.sync()
             t0 = time.time()
             for i, n in cfg.blocks.items():
@@ -241,14 +292,15 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             st = tx.wait(tid, 120)
             t_done = time.time()
             state = st.name + ("" if st.name == "DONE" else f" ({tx.reason(tid)})")
-            results.put(("tx", variant, r, state, t0, t_done, tx.stats()["messages_sent"] - messages))
+            results.put(("tx", v.name, r, state, t0, t_done, tx.stats()["messages_sent"] - messages))
             to_receiver.put("done")
             tx.release(tid)
             if r == 0:  # after the warm-up
                 allocs = device_allocs(cfg, 0)
-        results.put(("stages", variant, "sender", per_transfer(STAGES, cfg.reps + 1),
-                     (device_allocs(cfg, 0) - allocs) / cfg.reps))
+        results.put(("stages", v.name, "sender", per_transfer(STAGES, cfg.reps + 1),
+                     (device_allocs(cfg, 0) - allocs) / cfg.reps, by_path(counts, tx.stats(), cfg.reps + 1)))
     tx.close()
+    to_receiver.put("closed")
 
 
 def next_result(results, procs, timeout: float = 600):
@@ -274,7 +326,7 @@ def run(cfg: Config) -> dict:
     procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
     for p in procs:
         p.start()
-    raw, tandem, stages, allocs = {}, {}, {}, {}
+    raw, tandem, stages, allocs, paths = {}, {}, {}, {}, {}
     expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
     for _ in range(expected):
         m = next_result(results, procs)
@@ -283,6 +335,7 @@ def run(cfg: Config) -> dict:
         elif m[0] == "stages":
             stages.setdefault(m[1], {}).update(m[3])
             allocs.setdefault(m[1], {})[m[2]] = m[4]
+            paths.setdefault(m[1], {})[m[2]] = m[5]
         else:
             tandem.setdefault(m[1], {}).setdefault(m[2], {})[m[0]] = m
     for p in procs:
@@ -297,21 +350,25 @@ def run(cfg: Config) -> dict:
             messages.append(tx[6])
         rows[variant] = {"s": statistics.median(times), "states": sorted(states),
                          "messages": statistics.median(messages), "stages_s": stages.get(variant, {}),
-                         "device_allocs": allocs.get(variant, {})}
+                         "device_allocs": allocs.get(variant, {}), "blocks": paths.get(variant, {})}
 
     base = raw["per-layer"]["s"]
     print(f"\n{nbytes / 1e9:.2f} GB in {len(cfg.blocks)} layers; medians of {cfg.reps}\n")
-    print("| what | messages | time | GB/s | vs raw per-layer |\n|---|---|---|---|---|")
+    print("| what | messages | time | GB/s | vs raw per-layer | blocks direct / staged |\n|---|---|---|---|---|---|")
     for name, r in raw.items():
         print(f"| raw {'gloo' if cfg.cpu else 'NCCL'}, {name} messages | {r['messages']} | {r['s'] * 1e3:.1f} ms "
-              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% |")
+              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% | |")
     for variant, r in rows.items():
-        print(f"| tandem nccl backend, {variant} | {r['messages']:g} | {r['s'] * 1e3:.1f} ms "
-              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% |")
+        b = r["blocks"].get("sender", {})
+        print(f"| tandem nccl, {variant} | {r['messages']:g} | {r['s'] * 1e3:.1f} ms "
+              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% "
+              f"| {b.get('blocks_direct', 0):g} / {b.get('blocks_staged', 0):g} |")
     print()
     for variant, r in rows.items():
         print(f"{variant}: states {r['states']}; cudaMalloc calls per timed transfer: "
-              + ", ".join(f"{side} {n:g}" for side, n in sorted(r["device_allocs"].items())))
+              + ", ".join(f"{side} {n:g}" for side, n in sorted(r["device_allocs"].items()))
+              + "; blocks direct/staged per transfer: "
+              + ", ".join(f"{side} {b['blocks_direct']:g}/{b['blocks_staged']:g}" for side, b in sorted(r["blocks"].items())))
         print("  per transfer, each stage's wall ms (its thread's CPU ms) / calls:")
         for side, names in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
             print(f"    {side}: " + ", ".join(f"{k} {1e3 * w:.2f} ({1e3 * c:.2f}) / {n:.3g}"
@@ -325,18 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, help="prompt tokens whose KV moves (default 32000; 1024 with --cpu)")
     ap.add_argument("--layers", type=int, help="layers (default 48, Scout; 8 with --cpu)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
+    ap.add_argument("--min-direct-blocks", type=int,
+                    help="the sender's shortest direct run (default: its own, 2 MiB of K = 64 blocks here)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
-                    help="print a torch.profiler table of the receiver's last coalesced transfer (GPU only)")
+                    help="print a torch.profiler table of the receiver's last fresh-pool transfer (GPU only)")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU tensors with gloo (no GPU needed)")
     args = ap.parse_args(argv)
     tokens = args.tokens or (1024 if args.cpu else 32000)
     layers = args.layers or (8 if args.cpu else 48)
-    if args.reps < 1 or tokens < 1 or layers < 1:
-        ap.error("--reps, --tokens and --layers must be >= 1")
+    if args.reps < 1 or tokens < 1 or layers < 1 or (args.min_direct_blocks is not None and args.min_direct_blocks < 1):
+        ap.error("--reps, --tokens, --layers and --min-direct-blocks must be >= 1")
     if not args.cpu and torch.cuda.device_count() < 2:
         ap.error(f"needs 2 GPUs, found {torch.cuda.device_count()} (use --cpu for a smoke run)")
-    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile)
+    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile, args.min_direct_blocks)
     where = "CPU, gloo" if args.cpu else f"{torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}"
     print(f"{where}; {tokens} tokens, {layers} layers; torch {torch.__version__}", flush=True)
     out = run(cfg)

@@ -91,7 +91,7 @@ import torch
 from kv_transfer import wire
 from kv_transfer.base import TransferError, register_backend
 from kv_transfer.receiver import TcpReceiver, _Arrived, _Conn, _InPart, _Message
-from kv_transfer.sender import TcpSender, _Part, _Payload, _Peer, _Sent
+from kv_transfer.sender import TcpSender, _BlockIds, _Part, _Payload, _Peer, _Sent
 
 SENDER_RANK, RECEIVER_RANK, WORLD = 0, 1, 2
 TAG = 0
@@ -348,7 +348,7 @@ class NcclSender(_NcclOptions, TcpSender):
         self._free_events: list = []
         super().__init__(*args, **kwargs)
 
-    def _stage(self, layer: int, ids) -> _Payload:
+    def _stage(self, layer: int, ids: _BlockIds) -> _Payload:
         """Staged blocks gathered on the caller's stream, direct runs as cache views; one
         event on the caller's stream orders the sends after both."""
         staged = None if ids.staged is None else self._gather(layer, ids.staged)  # [2, m, bs, kvh, d]

@@ -106,8 +106,9 @@ class _InPart:
 class _Arrived:
     """A part's data once it is all here."""
     staged: torch.Tensor | None  # [2, m, bs, kvh, d]: the staged blocks, to scatter into the cache
-    runs: list[torch.Tensor] = field(default_factory=list)  # [2, count, bs, kvh, d] per run, to copy in
-    # (TCP on CUDA); empty where the runs were received in place
+    # [2, count, bs, kvh, d] per run, to copy into the cache (TCP on CUDA: they came through
+    # host memory); empty where the runs were received in place
+    runs: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(eq=False)

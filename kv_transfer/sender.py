@@ -639,11 +639,15 @@ class TcpSender(TransferRecords, KVSender):
         runs = self._run_views(layer, ids)
         if self.device.type != "cuda":
             return _Payload(staged, runs, views=bool(runs))
+        payload = _Payload(staged, runs)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for t in ([] if staged is None else [staged]) + runs]
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
-        return _Payload(None if staged is None else host[0], host[staged is not None:], ready)
+                for t in payload.tensors()]
+        if staged is not None:
+            payload.staged, host = host[0], host[1:]
+        payload.runs = host
+        payload.ready = torch.cuda.Event()
+        payload.ready.record(torch.cuda.current_stream(self.device))
+        return payload
 
     def _detach(self, payload: _Payload) -> None:
         """Caller holds the lock (fence()): copy the runs out of the cache, on the current

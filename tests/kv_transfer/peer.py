@@ -3,10 +3,11 @@
     python -m tests.kv_transfer.peer receiver DTYPE PLAN_JSON OUT_FILE [BACKEND]
         poisoned caches; expect("t", plan); print "ADDRESS host:port"; wait for the
         transfer; save the caches to OUT_FILE; print "STATUS n"
-    python -m tests.kv_transfer.peer sender DTYPE SEED PLAN_JSON ADDRESS N [BACKEND]
+    python -m tests.kv_transfer.peer sender DTYPE SEED PLAN_JSON ADDRESS N [BACKEND [MIN_DIRECT_BLOCKS]]
         random caches (SEED); send the plan's first N layers of transfer "t"; print "SENT"
         once they are acked; then sleep until killed
 BACKEND: a key of helpers.BACKENDS, "tcp" (default) or "gloo" (the NCCL control flow on CPU).
+MIN_DIRECT_BLOCKS: the sender's option (default: its own, far above these tiny plans).
 """
 
 import sys
@@ -28,9 +29,11 @@ def receiver(dtype: str, plan_json: str, out_file: str, backend: str = "tcp") ->
     rx.close()
 
 
-def sender(dtype: str, seed: str, plan_json: str, address: str, n: str, backend: str = "tcp") -> None:
+def sender(dtype: str, seed: str, plan_json: str, address: str, n: str, backend: str = "tcp",
+           min_direct_blocks: str | None = None) -> None:
     caches = make_caches(getattr(torch, dtype), seed=int(seed))
-    tx = BACKENDS[backend][0](layout_of(caches), caches)
+    tx = BACKENDS[backend][0](layout_of(caches), caches,
+                              min_direct_blocks=None if min_direct_blocks is None else int(min_direct_blocks))
     plan = plan_from_json(plan_json)
     for layer in sorted(plan)[: int(n)]:
         src, dst = plan[layer]

@@ -8,7 +8,7 @@ import torch
 
 from kv_transfer import TcpSender, TransferStatus as S
 from tests.kv_transfer.helpers import (BACKENDS, Peer, check_written, dst_of, eventually, layout_of, make_caches, make_plan,
-                                       plan_to_json)
+                                       plan_to_json, run_plan)
 
 
 @pytest.fixture
@@ -60,19 +60,27 @@ def test_receiver_killed_mid_transfer_sender_fails(peers, tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sender_killed_mid_transfer_receiver_fails(peers, backend):
+@pytest.mark.parametrize("path", ["staged", "direct"])
+def test_sender_killed_mid_transfer_receiver_fails(peers, backend, path):
+    """direct: the plan has runs of 4 blocks, which go direct (min_direct_blocks 2)."""
     dst = make_caches(torch.bfloat16, seed=None)
     before = [c.clone() for c in dst]
-    plan = make_plan(seed=23)
+    plan = make_plan(seed=23) if path == "staged" else run_plan(23, lengths=(4, 1, 4))
     with BACKENDS[backend][1](layout_of(dst), dst) as rx:
         rx.expect("t", dst_of(plan))
-        tx = peers("sender", "bfloat16", "23", plan_to_json(plan), rx.address, "2", backend)
+        tx = peers("sender", "bfloat16", "23", plan_to_json(plan), rx.address, "2", backend,
+                   *(["2"] if path == "direct" else []))
         tx.expect_line("SENT")
         assert rx.poll("t") == S.TRANSFERRING
         tx.kill()
         assert rx.wait("t", 10) == S.FAILED
         assert "disconnected" in rx.reason("t")
+        t0 = time.monotonic()
+        rx.abort("t")  # nothing can be landing: returns at once
+        assert time.monotonic() - t0 < 1
         # the two layers that arrived are complete; the others were never touched
         src = make_caches(torch.bfloat16, seed=23)
         check_written(dst, before, src, [plan], layers_written={0, 1})
-        assert rx.stats()["transfers_failed"] == 1 and rx.stats()["connections"] == 0
+        stats = rx.stats()
+        assert stats["transfers_failed"] == 1 and stats["connections"] == 0
+        assert stats["blocks_direct"] == (16 if path == "direct" else 0)
