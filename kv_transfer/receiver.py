@@ -460,9 +460,12 @@ class TcpReceiver(TransferRecords, KVReceiver):
         for j, part in enumerate(msg.parts):
             data = None if msg.problem else self._await_data(conn, part)
             with self._lock:
+                claimed = part.claim
                 self._settle(conn, part)
                 rec = self._transfers.get(part.tid)
                 problem = msg.problem or part.unclaimed or self._part_problem(rec, part)
+                if problem is None and claimed is not None and claimed is not rec:  # released, then expected anew
+                    problem = f"transfer {part.tid!r} was released while its data arrived"
                 if problem is None:
                     self._write_part(rec, part, data)
                 else:

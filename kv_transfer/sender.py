@@ -296,8 +296,9 @@ class TcpSender(TransferRecords, KVSender):
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; queued parts are dropped and the receiver is told.
-        Parts already on the wire complete (the pair's data stream must stay in step);
-        the receiver drops them, since the abort message follows them."""
+        A message already on the wire is completed (the pair's data stream must stay in
+        step); the receiver may write its parts, then fails the transfer when the abort
+        message, which follows them, arrives."""
         with self._lock:
             rec = self._transfers.get(transfer_id)
             if rec is None or rec.status.terminal:
