@@ -16,15 +16,15 @@ process. Rows:
   raw NCCL, coalesced messages   the same bytes, layers grouped as the sender coalesces
                                  them when all are queued (up to max_message_bytes), one
                                  op per group
-  tandem nccl, fresh pool        NcclSender/NcclReceiver (what make_sender("nccl")
-                                 builds) with consecutive block ids on both sides, as a
-                                 fresh pool hands them out: every layer is one direct run
-                                 (no gather, no staging), a message's ops one NCCL group
+  tandem nccl, fresh pool, ungrouped   NcclSender/NcclReceiver with consecutive block ids
+                                 on both sides, as a fresh pool hands them out: every
+                                 layer is one direct run (no gather, no staging); one NCCL
+                                 launch per op (NcclReceiver.group_ops = False)
+  tandem nccl, fresh pool        the same with a message's ops as one NCCL group (what
+                                 make_sender("nccl") / make_receiver("nccl") build)
   tandem nccl, fragmented pool   src ids shuffled, dst ids descending: no run at all, every
                                  block staged (gathered, sent, scattered), as before
-                                 direct runs existed
-  tandem nccl, fresh pool, ungrouped   the first row with one NCCL launch per op
-                                 (NcclReceiver.group_ops = False)
+                                 direct runs existed; ops grouped
 For each tandem row: first send_layer of a transfer -> DONE on both sides (the later of
 the two); send_layer called back to back for every layer with fresh slices of one block
 table per layer group (as prefill does), then finish. Rows that group alike share one
@@ -93,10 +93,11 @@ class Variant:
     group_ops: bool  # NcclReceiver.group_ops
 
 
-# Rows in this order; rows with the same grouping share one sender/receiver pair.
-VARIANTS = (Variant("fresh pool", "consecutive", True),
-            Variant("fragmented pool", "fragmented", True),
-            Variant("fresh pool, ungrouped", "consecutive", False))
+# Rows in this order (one launch per op first: the calls the staged path always made);
+# consecutive rows that group alike share one sender/receiver pair.
+VARIANTS = (Variant("fresh pool, ungrouped", "consecutive", False),
+            Variant("fresh pool", "consecutive", True),
+            Variant("fragmented pool", "fragmented", True))
 
 
 def block_tables(blocks: dict[int, int], ids: str) -> dict[int, tuple[list[int], list[int]]]:
@@ -317,8 +318,21 @@ def next_result(results, procs, timeout: float = 600):
                 raise TimeoutError(f"no result from the bench processes in {timeout:.0f} s") from None
 
 
+def row_of(cfg: Config, reps: dict, stages: dict, allocs: dict, paths: dict) -> dict:
+    """A tandem row from its per-rep results (the warm-up, rep 0, left out)."""
+    times, states, messages = [], set(), []
+    for r in range(1, cfg.reps + 1):
+        tx, rx = reps[r]["tx"], reps[r]["rx"]
+        times.append(max(tx[5], rx[4]) - tx[4])
+        states.add((tx[3], rx[3]))
+        messages.append(tx[6])
+    return {"s": statistics.median(times), "states": sorted(states), "messages": statistics.median(messages),
+            "stages_s": stages, "device_allocs": allocs, "blocks": paths}
+
+
 def run(cfg: Config) -> dict:
-    """Both processes, every row; returns the results (also printed as a table)."""
+    """Both processes, every row; returns the results. Each table row is printed as soon
+    as it is complete, so a row that fails still leaves the ones before it."""
     nbytes = sum(cfg.blocks.values()) * BLOCK_BYTES
     ctx = mp.get_context("spawn")
     results, to_sender, to_receiver = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -326,43 +340,34 @@ def run(cfg: Config) -> dict:
     procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
     for p in procs:
         p.start()
-    raw, tandem, stages, allocs, paths = {}, {}, {}, {}, {}
+    raw, tandem, stages, allocs, paths, rows = {}, {}, {}, {}, {}, {}
     expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
     for _ in range(expected):
         m = next_result(results, procs)
         if m[0] == "raw":
             raw[m[1]] = {"messages": m[2], "s": m[3]}
+            if len(raw) == 2:
+                print(f"\n{nbytes / 1e9:.2f} GB in {len(cfg.blocks)} layers; medians of {cfg.reps}\n")
+                print("| what | messages | time | GB/s | vs raw per-layer | blocks direct / staged |\n"
+                      "|---|---|---|---|---|---|")
+                for name, r in raw.items():
+                    print(f"| raw {'gloo' if cfg.cpu else 'NCCL'}, {name} messages | {r['messages']} | "
+                          f"{r['s'] * 1e3:.1f} ms | {nbytes / r['s'] / 1e9:.1f} | "
+                          f"{100 * raw['per-layer']['s'] / r['s']:.0f}% | |", flush=True)
         elif m[0] == "stages":
             stages.setdefault(m[1], {}).update(m[3])
             allocs.setdefault(m[1], {})[m[2]] = m[4]
             paths.setdefault(m[1], {})[m[2]] = m[5]
+            if len(paths[m[1]]) == 2:  # both sides are done with this row
+                r = rows[m[1]] = row_of(cfg, tandem[m[1]], stages[m[1]], allocs[m[1]], paths[m[1]])
+                b = r["blocks"]["sender"]
+                print(f"| tandem nccl, {m[1]} | {r['messages']:g} | {r['s'] * 1e3:.1f} ms "
+                      f"| {nbytes / r['s'] / 1e9:.1f} | {100 * raw['per-layer']['s'] / r['s']:.0f}% "
+                      f"| {b['blocks_direct']:g} / {b['blocks_staged']:g} |", flush=True)
         else:
             tandem.setdefault(m[1], {}).setdefault(m[2], {})[m[0]] = m
     for p in procs:
         p.join(timeout=60)
-    rows = {}
-    for variant, reps in tandem.items():
-        times, states, messages = [], set(), []
-        for r in range(1, cfg.reps + 1):
-            tx, rx = reps[r]["tx"], reps[r]["rx"]
-            times.append(max(tx[5], rx[4]) - tx[4])
-            states.add((tx[3], rx[3]))
-            messages.append(tx[6])
-        rows[variant] = {"s": statistics.median(times), "states": sorted(states),
-                         "messages": statistics.median(messages), "stages_s": stages.get(variant, {}),
-                         "device_allocs": allocs.get(variant, {}), "blocks": paths.get(variant, {})}
-
-    base = raw["per-layer"]["s"]
-    print(f"\n{nbytes / 1e9:.2f} GB in {len(cfg.blocks)} layers; medians of {cfg.reps}\n")
-    print("| what | messages | time | GB/s | vs raw per-layer | blocks direct / staged |\n|---|---|---|---|---|---|")
-    for name, r in raw.items():
-        print(f"| raw {'gloo' if cfg.cpu else 'NCCL'}, {name} messages | {r['messages']} | {r['s'] * 1e3:.1f} ms "
-              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% | |")
-    for variant, r in rows.items():
-        b = r["blocks"].get("sender", {})
-        print(f"| tandem nccl, {variant} | {r['messages']:g} | {r['s'] * 1e3:.1f} ms "
-              f"| {nbytes / r['s'] / 1e9:.1f} | {100 * base / r['s']:.0f}% "
-              f"| {b.get('blocks_direct', 0):g} / {b.get('blocks_staged', 0):g} |")
     print()
     for variant, r in rows.items():
         print(f"{variant}: states {r['states']}; cudaMalloc calls per timed transfer: "
@@ -386,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the sender's shortest direct run (default: its own, 2 MiB of K = 64 blocks here)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
-                    help="print a torch.profiler table of the receiver's last fresh-pool transfer (GPU only)")
+                    help="print a torch.profiler table of the receiver's last transfer of the first tandem row "
+                         "(GPU only)")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU tensors with gloo (no GPU needed)")
     args = ap.parse_args(argv)
     tokens = args.tokens or (1024 if args.cpu else 32000)
