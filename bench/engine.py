@@ -5,7 +5,9 @@
 
 Without --model it writes `scout-slice --layers N` (random bf16 weights at Scout's real
 dimensions) to /tmp first. It prints one table:
-  - decode tok/s at batch 1 and 32 (steady state, prefill excluded) for both engines;
+  - decode tok/s at each --batches size (steady state, prefill excluded) for both
+    engines; on CUDA tandem runs with async scheduling (the next step launched while the
+    GPU runs this one) and each size is timed again without it;
   - the decode roofline: weight bytes a step must read (attention, router, shared
     expert, the experts the batch touches, lm_head) over the measured copy bandwidth;
   - prefill time for an 8k-token prompt, with MFU against the measured bf16 matmul rate;
@@ -142,7 +144,7 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
               max_num_batched_tokens=max(prefill_len, prompt_len * max(batches)), enable_prefix_caching=False, ops=ops)
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=2 * steps + 8, temperature=0, ignore_eos=True)
     out = {"decode": {}, "prefill_s": None}
     llm.generate(torch.randint(0, 200000, (32,), generator=g).tolist(), SamplingParams(max_tokens=4))  # warm-up
     greedy = llm.generate(CHECK_PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2))
@@ -156,13 +158,22 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
             eng.add_request(torch.randint(0, 200000, (prompt_len,), generator=g).tolist(), params)
         while any(not r.output_token_ids for r in eng.scheduler.requests.values()):
             eng.step()  # prefill everyone; from here each step is a pure decode step
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        torch.cuda.synchronize()
-        out["decode"][b] = b * steps / (time.perf_counter() - t0)
+
+        def timed() -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+            return b * steps / (time.perf_counter() - t0)
+
+        out["decode"][b] = timed()
         print(f"  tandem batch {b}: {out['decode'][b]:.1f} tok/s", flush=True)
+        if eng.async_scheduling:  # the same steps, each waiting for its tokens before the next
+            eng.async_scheduling = False
+            out.setdefault("decode_sync", {})[b] = timed()
+            eng.async_scheduling = True
+            print(f"  tandem batch {b}, async scheduling off: {out['decode_sync'][b]:.1f} tok/s", flush=True)
         for rid in list(eng.scheduler.requests):
             eng.abort(rid)
     times = []
@@ -230,6 +241,10 @@ def main() -> int:
             rows.append((f"decode batch {b}", ops, f"{t:,.1f} tok/s", f"{hf.get(b, float('nan')):,.1f} tok/s",
                          f"{roof:,.0f} tok/s ({nbytes / 1e9:.2f} GB/step)", f"{100 * t / roof:.1f}%",
                          f"{t / hf[b]:.1f}x" if b in hf else "-"))
+            if b in ours.get("decode_sync", {}):
+                t = ours["decode_sync"][b]
+                rows.append((f"decode batch {b}, no async scheduling", ops, f"{t:,.1f} tok/s", "-", "",
+                             f"{100 * t / roof:.1f}%", "-"))
     _, active = weight_bytes_per_step(cfg, 1)
     head, n = cfg.vocab_size * cfg.hidden_size, args.prefill_len
     # Linear layers for every token (lm_head only for the last), plus causal attention

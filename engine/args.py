@@ -33,6 +33,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="launch every step's kernels from Python; by default, with --ops triton on CUDA, "
                         "all-decode steps replay CUDA graphs captured at start-up (one per padded batch size)")
+    g.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's sampled tokens before scheduling the next; by default, on CUDA, "
+                        "the next step is scheduled and launched while the GPU runs this one (its stop checks "
+                        "then happen one step late, and a request that stops computes one token it discards)")
     g.add_argument("--global-seed", type=int, default=0,
                    help="seed of the engine's RNG, used by requests that bring no seed of their own (default 0)")
 
@@ -46,6 +50,7 @@ def engine_config(args) -> EngineConfig:
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
-        device=DeviceConfig(device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager),
+        device=DeviceConfig(device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager,
+                            async_scheduling=False if args.no_async_scheduling else None),
         seed=args.global_seed,
     )

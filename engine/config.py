@@ -250,6 +250,9 @@ class DeviceConfig:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the ops allow it
+    # Schedule and launch step N+1 while the GPU runs step N (engine/llm.py). None: on for
+    # CUDA; True also on CPU (where nothing overlaps: tests use it to check the bookkeeping).
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -145,9 +145,11 @@ class DecodeGraphs:
         log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(self.sizes),
                  ",".join(map(str, self.sizes)), time.perf_counter() - t0)
 
-    def run(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]]) -> torch.Tensor | None:
-        """Logits [B, vocab] (fp32) of a step where every row decodes one token; None when
-        the step does not fit the buffers (the caller runs it eagerly)."""
+    def prepare(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]]) -> int | None:
+        """Fill the static buffers for a step where every row decodes one token; returns
+        the padded batch size to replay, or None when the step does not fit the buffers
+        (the caller runs it eagerly). The caller may still change `input_ids[:len(ids)]`
+        on the device before `replay`."""
         n = len(ids)
         if not self.fits(n) or any(len(s.block_table) > self.width for g in spans.values() for s in g):
             return None
@@ -155,7 +157,16 @@ class DecodeGraphs:
             raise ValueError("spans: a graph step decodes exactly one token per row")
         b = next(s for s in self.sizes if s >= n)
         self._fill(ids, positions, spans, b)
+        return b
+
+    def replay(self, b: int, n: int) -> torch.Tensor:
+        """Logits [n, vocab] (fp32) of the prepared step."""
         if not self.capture:
             return self._forward(b)[:n].float()
         self.graphs[b].replay()
         return self.logits[:n]
+
+    def run(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]]) -> torch.Tensor | None:
+        """prepare + replay: the logits, or None when the step does not fit."""
+        b = self.prepare(ids, positions, spans)
+        return None if b is None else self.replay(b, len(ids))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.config import cdiv
+from engine.request import PENDING
 
 if TYPE_CHECKING:
     from engine.request import Request
@@ -159,11 +160,13 @@ class KVCacheManager:
     def update_hashes(self, req: Request) -> None:
         """Extend req.block_hashes to cover every full block of its tokens."""
         bs = self.block_size
-        tokens = req.all_token_ids
-        while (len(req.block_hashes) + 1) * bs <= len(tokens):
+        n = req.num_tokens
+        if req.output_token_ids and req.output_token_ids[-1] == PENDING:
+            n -= 1  # not sampled yet (async scheduling): no full block ends on it
+        while (len(req.block_hashes) + 1) * bs <= n:
             i = len(req.block_hashes)
             parent = req.block_hashes[-1] if req.block_hashes else b""
-            req.block_hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+            req.block_hashes.append(hash_block(parent, req.token_ids(i * bs, bs)))
 
     def acquire_prefix(self, req: Request) -> int:
         """Give a request with no blocks the longest cached prefix; returns its length in

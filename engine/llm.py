@@ -5,6 +5,21 @@
     scheduler.update(plan, out)      # counters, appended tokens
     ... then stop checks and outputs.
 
+Async scheduling (on CUDA by default) overlaps the host's share of a step with the
+GPU's: step N+1 is scheduled and launched before step N's sampled ids are read back.
+
+    plan = scheduler.schedule()      # step N+1; step N's tokens are still PENDING
+    launched = runner.launch(plan)   # PENDING inputs are copied from step N's ids on the GPU
+    read back step N's ids           # waits for step N only; N+1 is already queued
+    ... stop checks and outputs of step N
+    scheduler.update(plan, None)     # step N+1's tokens appended as PENDING
+
+So outputs come one step later, and a request that stops at step N (EOS, a stop
+string) has computed step N+1 too: that token is dropped, its KV slot freed with the
+request's blocks. One that must end at step N (max_tokens, max_model_len) is not
+scheduled again. A step that samples a prompt's first token is read back at once, so
+time to first token does not wait a step. Greedy results are the same either way.
+
 `LLMEngine` is the step-by-step interface the services drive; `LLM` is the offline
 batch API (`LLM(model_dir).generate(prompts, SamplingParams(...))`).
 """
@@ -23,10 +38,10 @@ from engine.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, 
 from engine.kv_cache import KVCacheManager
 from engine.ops import make_ops
 from engine.output import OutputProcessor, RequestOutput
-from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner, min_local_blocks
+from engine.request import PENDING, Request, RequestStatus
+from engine.runner import LaunchedStep, ModelRunner, RunnerOutput, min_local_blocks
 from engine.sampling import SamplingParams, make_generator, skip_draw
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +85,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self._ids = itertools.count()
+        a = config.device.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if a is None else a
+        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, not yet read back
         if self.runner.wants_graphs:  # last: a configuration error must not wait for the capture
             self.runner.enable_decode_graphs(capture=True, max_len=self.max_model_len)
 
@@ -146,6 +164,11 @@ class LLMEngine:
         request (its `num_cached_tokens` and `block_tables` say what to send where), or
         None when the cache is short right now (nothing is held then)."""
         req = self._make_request(prompt, params, request_id)
+        if self._inflight is not None:
+            # A launched step may still write the last slot of a request that has ended
+            # meanwhile; its blocks must not go to a transfer, written from another stream,
+            # before that step is done.
+            self._inflight[1].wait()
         if not self.scheduler.reserve(req):
             return None
         self.outputs.add(req)
@@ -184,33 +207,83 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
+
+    @property
+    def has_work(self) -> bool:
+        """A step now would do something: compute, or read back a launched step."""
+        return self.scheduler.has_schedulable or self._inflight is not None
 
     # -- the step --------------------------------------------------------------------------
     def step(self, hook=None) -> list[RequestOutput]:
         """hook (optional): `hook.begin(plan)` returns an on_layer(i) callback run as each
-        layer finishes; `hook.end()` runs after the forward (the prefill role's KV push)."""
+        layer finishes; `hook.end()` runs after the forward (the prefill role's KV push).
+        Steps with a hook are never overlapped."""
+        if hook is not None or not self.async_scheduling:
+            return self._step_sync(hook)
         plan = self.scheduler.schedule()
         if plan.empty:
-            return []
+            return self._read_back()
+        launched = self.runner.launch(plan)
+        results = self._read_back()  # the previous step's tokens, while this one runs
+        self.scheduler.update(plan, None)
+        for c in plan.chunks:
+            req = c.request
+            if c.samples and not req.is_finished:
+                p = req.sampling_params
+                req.last_token_pending = (len(req.output_token_ids) >= p.max_tokens
+                                          or req.num_tokens >= self.max_model_len)
+        self._inflight = (plan, launched)
+        if any(c.samples and c.num_tokens > 1 for c in plan.chunks):
+            results += self._read_back()  # a prompt's first token goes out now, not a step late
+        elif self.check_integrity_each_step:
+            self.scheduler.check_integrity()
+        return results
+
+    def _step_sync(self, hook) -> list[RequestOutput]:
+        results = self._read_back()
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return results
         out = self.runner.run(plan, on_layer=hook.begin(plan) if hook is not None else None)
         if hook is not None:
             hook.end()
         self.scheduler.update(plan, out.sampled)
-        results = []
         for c in plan.chunks:
-            req = c.request
-            if not c.samples or req.is_finished:
-                continue
-            if req.request_id in out.logprobs:
-                req.logprobs.append(out.logprobs[req.request_id])
-            status = self.outputs.check_stop(req)
-            if status is not None:
-                self.scheduler.finish(req, status)
-            results.append(self.outputs.make_output(req))
+            if c.samples and not c.request.is_finished:
+                results.append(self._after_token(c.request, out))
         if self.check_integrity_each_step:
             self.scheduler.check_integrity()
         return results
+
+    def _read_back(self) -> list[RequestOutput]:
+        """Wait for the launched step's sampled ids; put them in place of its PENDING
+        tokens; stop checks and outputs."""
+        if self._inflight is None:
+            return []
+        plan, launched = self._inflight
+        self._inflight = None
+        out = launched.result()
+        results = []
+        for c in plan.chunks:
+            req = c.request
+            if not c.samples or req.is_finished:  # finished: a step late, or aborted
+                continue
+            assert req.output_token_ids[-1] == PENDING, req.request_id
+            req.output_token_ids[-1] = out.sampled[req.request_id]
+            req.last_token_pending = False
+            results.append(self._after_token(req, out))
+        if self.check_integrity_each_step:
+            self.scheduler.check_integrity()
+        return results
+
+    def _after_token(self, req: Request, out: RunnerOutput) -> RequestOutput:
+        if req.request_id in out.logprobs:
+            req.logprobs.append(out.logprobs[req.request_id])
+        status = self.outputs.check_stop(req)
+        if status is not None:
+            self.scheduler.finish(req, status)
+        return self.outputs.make_output(req)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
@@ -219,6 +292,8 @@ class LLMEngine:
         """Every position's logits [len(prompt), vocab] (fp32) for one prompt, computed
         through the scheduler as any request is (chunked under the token budget). For
         parity checks and scoring; run it on an idle engine."""
+        if self._inflight is not None:
+            raise RuntimeError("prompt_logits: a launched step has not been read back; run it on an idle engine")
         rid = self.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
         req = self.scheduler.requests[rid]
         rows = []
@@ -255,6 +330,7 @@ class LLM:
         seed: int = 0,
         ops: str = "auto",
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
         check_integrity: bool = False,
     ):
         cfg = EngineConfig(
@@ -264,7 +340,8 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
-            device=DeviceConfig(device=device, dtype=dtype, cuda_graphs=not enforce_eager),
+            device=DeviceConfig(device=device, dtype=dtype, cuda_graphs=not enforce_eager,
+                                async_scheduling=async_scheduling),
             seed=seed,
         )
         self.engine = LLMEngine(cfg, ops=ops, check_integrity=check_integrity)

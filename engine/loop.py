@@ -152,7 +152,7 @@ class EngineLoop:
             while True:
                 self._let_handlers_in()
                 with self.lock:
-                    while not self._stop and not self.engine.scheduler.has_schedulable:
+                    while not self._stop and not self.engine.has_work:
                         self.wake.wait(timeout=1.0)
                     if self._stop:
                         return

@@ -5,6 +5,10 @@ num_tokens). A fresh prompt, a chunked prefill, a prefix hit (num_computed start
 above 0), a decode step (one token) and a recompute after preemption (num_computed
 reset to 0 with the output kept) are all "catch num_computed_tokens up to num_tokens".
 When it has caught up, the step's last logits are sampled and the new token appended.
+
+With async scheduling (engine/llm.py) the token is appended as `PENDING` when its step
+is launched, and replaced by the sampled id one step later: the next step is scheduled
+and launched meanwhile, and reads that token from the device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling import SamplingParams
+
+
+PENDING = -1  # an output token whose step is launched but not yet read back
 
 
 class RequestStatus(enum.Enum):
@@ -49,10 +56,22 @@ class Request:
     # Per generated token: (chosen logprob, top-n [(id, logprob)]) when logprobs were asked.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # Its PENDING token is the last one it may have (max_tokens, max_model_len): the
+    # scheduler gives it no further step.
+    last_token_pending: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """all_token_ids[start : start + n] without concatenating the whole list."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : start - p + n]
+        if start + n <= p:
+            return self.prompt_token_ids[start : start + n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: start + n - p]
 
     @property
     def num_tokens(self) -> int:

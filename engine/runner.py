@@ -19,6 +19,7 @@ from engine.config import EngineConfig, cdiv
 from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine.kv_cache import GLOBAL, LOCAL
 from engine.loader import DTYPES, load_model
+from engine.request import PENDING
 from engine.sampling import Sampler
 from engine.scheduler import SchedulerOutput
 
@@ -30,6 +31,28 @@ class RunnerOutput:
     sampled: dict[str, int]  # request id -> new token, for chunks that sample
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]]  # when asked
     all_logits: torch.Tensor | None = None  # [T, vocab] fp32, only for run(all_logits=True)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued: its sampled ids reach the host when `result()`
+    is called (which waits for them), so the host can prepare the next step meanwhile."""
+
+    requests: list  # the requests that sample, in row order
+    token_ids: torch.Tensor  # [n] int64 on the host (pinned on CUDA), filled by a queued copy
+    done: torch.cuda.Event | None  # recorded after that copy (None: already on the host)
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]]
+    all_logits: torch.Tensor | None = None
+
+    def wait(self) -> None:
+        """Until the step's GPU work (every kernel queued before the copy) is done."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def result(self) -> RunnerOutput:
+        self.wait()
+        ids = self.token_ids.tolist()
+        return RunnerOutput({r.request_id: t for r, t in zip(self.requests, ids)}, self.logprobs, self.all_logits)
 
 
 def min_local_blocks(cfg: EngineConfig) -> int:
@@ -84,6 +107,10 @@ class ModelRunner:
         log.info("KV cache: %d global blocks%s of %d tokens", self.num_blocks,
                  f" + {self.num_local_blocks} local" if self.num_local_blocks else "", bs)
         self.graphs: DecodeGraphs | None = None
+        # The last launched step's sampled ids, on the device, and each request's row in
+        # them: a PENDING input token (async scheduling) is read from there.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
         # Captured by the engine once it has checked the configuration (capture_graphs).
         self.wants_graphs = self.device.type == "cuda" and cfg.device.cuda_graphs and getattr(ops, "graph_safe", False)
 
@@ -117,16 +144,29 @@ class ModelRunner:
         """all_logits: also return every row's logits (parity tests compare them).
         on_layer(i): called as soon as layer i's KV for this step is in the cache (the
         prefill role pushes it to decode from there, overlapping the next layer)."""
-        with self._on_device():
-            return self._run(plan, all_logits, on_layer)
+        return self.launch(plan, all_logits, on_layer).result()
 
-    def _run(self, plan: SchedulerOutput, all_logits: bool, on_layer: Callable[[int], None] | None) -> RunnerOutput:
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput, all_logits: bool = False,
+               on_layer: Callable[[int], None] | None = None) -> LaunchedStep:
+        """Queue the step's GPU work and return without waiting for it (unless an op or
+        logprobs need the host). A PENDING input token must be one the previous launch
+        sampled: it is copied from that launch's ids on the device."""
+        with self._on_device():
+            return self._launch(plan, all_logits, on_layer)
+
+    def _launch(self, plan: SchedulerOutput, all_logits: bool,
+                on_layer: Callable[[int], None] | None) -> LaunchedStep:
         ids, pos, sample_rows, sampled_reqs = [], [], [], []
+        pending_rows, pending_src = [], []
         spans = {g: [] for g in set(self.layer_group)}
         row = 0
         for c in plan.chunks:
             req = c.request
-            ids.extend(req.all_token_ids[c.start : c.start + c.num_tokens])
+            ids.extend(req.token_ids(c.start, c.num_tokens))
+            if ids[-1] == PENDING:  # only ever a chunk's last token: the one being sampled
+                pending_rows.append(row + c.num_tokens - 1)
+                pending_src.append(self._last_rows[req.request_id])
             pos.extend(range(c.start, c.start + c.num_tokens))
             for g in spans:
                 spans[g].append(SeqSpan(row, c.start, c.num_tokens, tuple(req.block_tables[g])))
@@ -136,30 +176,54 @@ class ModelRunner:
                 sampled_reqs.append(req)
         all_decode = all(c.num_tokens == 1 and c.samples for c in plan.chunks)
         if self.graphs is not None and all_decode and not all_logits and on_layer is None:
-            logits = self.graphs.run(ids, pos, spans)  # None: too many rows or too long a table
-            if logits is not None:
-                return self._sample(logits, sampled_reqs, None)
+            b = self.graphs.prepare(ids, pos, spans)  # None: too many rows or too long a table
+            if b is not None:
+                self._fill_pending(self.graphs.input_ids, pending_rows, pending_src)
+                return self._sample(self.graphs.replay(b, len(ids)), sampled_reqs, None)
         chunk = self.cfg.model.attention_chunk_size
         metas = {
             g: build_metadata(s, self.cfg.cache.block_size, chunk if g == LOCAL else None, self.device)
             for g, s in spans.items()
         }
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self._fill_pending(input_ids, pending_rows, pending_src)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, [metas[g] for g in self.layer_group], on_layer)
         every = self.model.compute_logits(hidden).float() if all_logits else None
         if not sampled_reqs:
-            return RunnerOutput({}, {}, every)
+            return LaunchedStep([], torch.zeros(0, dtype=torch.long), None, {}, every)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]).float()
         return self._sample(logits, sampled_reqs, every)
 
-    def _sample(self, logits: torch.Tensor, sampled_reqs: list, every: torch.Tensor | None) -> RunnerOutput:
-        out = self.sampler(logits, [r.sampling_params for r in sampled_reqs], [r.generator for r in sampled_reqs])
-        tokens = out.token_ids.tolist()
-        sampled = {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
+    def _fill_pending(self, input_ids: torch.Tensor, rows: list[int], src: list[int]) -> None:
+        """input_ids[rows] = the last launch's sampled ids[src], on the device."""
+        if not rows:
+            return
+        last = self._last_tokens
+        k = len(rows)
+        if rows == src and rows[-1] == k - 1:  # steady decode: the same requests in the same rows
+            input_ids[:k].copy_(last[:k])
+            return
+        index = torch.tensor(rows + src, dtype=torch.long)
+        index = (index.pin_memory() if self.device.type == "cuda" else index).to(self.device, non_blocking=True)
+        input_ids.index_copy_(0, index[:k], last.index_select(0, index[k:]))
+
+    def _sample(self, logits: torch.Tensor, sampled_reqs: list, every: torch.Tensor | None) -> LaunchedStep:
+        out = self.sampler(logits, [r.sampling_params for r in sampled_reqs], [r.generator for r in sampled_reqs],
+                           keep_on_device=True)
+        tokens = out.token_ids
+        self._last_tokens = tokens.to(self.device, non_blocking=True)
+        self._last_rows = {r.request_id: i for i, r in enumerate(sampled_reqs)}
+        done = None
+        if tokens.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            tokens = host
         logprobs = {}
         if out.logprobs is not None:
             for i, r in enumerate(sampled_reqs):
                 if r.sampling_params.logprobs is not None:
                     logprobs[r.request_id] = (float(out.logprobs[i]), out.top_logprobs[i] or [])
-        return RunnerOutput(sampled, logprobs, every)
+        return LaunchedStep(sampled_reqs, tokens, done, logprobs, every)

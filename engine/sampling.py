@@ -176,7 +176,7 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # [n] int64, CPU
+    token_ids: torch.Tensor  # [n] int64, CPU (on the logits' device with keep_on_device)
     logprobs: torch.Tensor | None  # [n] float32, CPU: raw logprob of the chosen token;
     #                                None when no row asked (rows that did not ask get it too)
     top_logprobs: list[list[tuple[int, float]] | None]  # per row: top-n (id, logprob),
@@ -191,6 +191,7 @@ class Sampler:
         logits: torch.Tensor,  # [n, vocab], any float dtype
         params: Sequence[SamplingParams],  # [n]
         generators: Sequence[torch.Generator | None],  # [n]; used for sampled rows only
+        keep_on_device: bool = False,  # token_ids stay on logits' device (no sync) unless logprobs
     ) -> SamplerOutput:
         _check_inputs(logits, params, generators)
         n = logits.shape[0]
@@ -211,7 +212,7 @@ class Sampler:
             _put_rows(tokens, sampled, drawn)
 
         if all(p.logprobs is None for p in params):
-            return SamplerOutput(tokens.cpu(), None, [None] * n)
+            return SamplerOutput(tokens if keep_on_device else tokens.cpu(), None, [None] * n)
         return _with_logprobs(logits, tokens, params)
 
 

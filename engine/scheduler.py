@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestStatus
+from engine.request import PENDING, Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.last_token_pending:  # ends once its pending token is read back
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
@@ -158,8 +161,10 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def update(self, plan: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance counters after the runner computed the plan; append sampled tokens."""
+    def update(self, plan: SchedulerOutput, sampled: dict[str, int] | None) -> None:
+        """Advance counters after the runner computed the plan (or, with async
+        scheduling, launched it); append the sampled tokens (sampled None: PENDING ones,
+        which the engine replaces when the step's ids reach the host)."""
         for c in plan.chunks:
             req = c.request
             if req.is_finished:  # aborted while the step ran
@@ -168,7 +173,7 @@ class Scheduler:
             self.kv.cache_full_blocks(req, from_token=c.start)
             self.kv.release_out_of_window(req)
             if c.samples:
-                req.output_token_ids.append(sampled[req.request_id])
+                req.output_token_ids.append(sampled[req.request_id] if sampled is not None else PENDING)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted): release its blocks exactly once."""

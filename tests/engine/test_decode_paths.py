@@ -45,24 +45,30 @@ def test_padded_static_buffer_path_matches_eager(preset, request):
     llm = _llm(path)
     runner = llm.engine.runner
     runner.enable_decode_graphs(capture=False)
-    graphs, served = runner.graphs, []
-    run = graphs.run
+    graphs, served, spans_of_step = runner.graphs, [], {}
+    prepare, replay = graphs.prepare, graphs.replay
 
-    def checked_run(ids, positions, spans):
-        """The real run, plus: every cache slot it changed is a live row's new token's
+    def checked_prepare(ids, positions, spans):
+        b = prepare(ids, positions, spans)
+        spans_of_step["spans"] = spans
+        served.append(len(ids) if b is not None else None)
+        return b
+
+    def checked_replay(b, n):
+        """The real replay, plus: every cache slot it changed is a live row's new token's
         slot or the scratch block's first slot (where padding rows write)."""
+        spans = spans_of_step["spans"]
         before = [c.clone() for c in runner.kv_caches]
-        logits = run(ids, positions, spans)
+        logits = replay(b, n)
         for i, (old, new) in enumerate(zip(before, runner.kv_caches)):
             grp, bs = runner.layer_group[i], runner.cfg.cache.block_size
             changed = (old != new).flatten(3).any(-1).any(0).flatten().nonzero().flatten().tolist()  # slots
             allowed = {s.block_table[s.q_start // bs] * bs + s.q_start % bs for s in spans[grp]}
             allowed.add(runner.scratch_block[grp] * bs)
             assert set(changed) <= allowed, (i, set(changed) - allowed)
-        served.append(len(ids) if logits is not None else None)
         return logits
 
-    graphs.run = checked_run
+    graphs.prepare, graphs.replay = checked_prepare, checked_replay
     got_tokens, got_lp = _generate(llm)
     assert got_tokens == want_tokens
     for a, b in zip(got_lp, want_lp):
@@ -79,14 +85,14 @@ def test_graph_path_declines_what_it_cannot_serve(tiny_llama4_dir):
     llm = _llm(tiny_llama4_dir)
     runner = llm.engine.runner
     runner.enable_decode_graphs(capture=False, max_len=40)  # tables of at most 4 blocks
-    seen, run = [], runner.graphs.run
+    seen, prepare = [], runner.graphs.prepare
 
     def counted(*args):
-        logits = run(*args)
-        seen.append(logits is not None)
-        return logits
+        b = prepare(*args)
+        seen.append(b is not None)
+        return b
 
-    runner.graphs.run = counted
+    runner.graphs.prepare = counted
     lengths = (12, 4, 4, 4, 12)  # the short prompts go on alone once the long ones finish
     want, _ = _generate(_llm(tiny_llama4_dir), max_tokens=lengths)
     got, _ = _generate(llm, max_tokens=lengths)
