@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.models import MODELS
+from engine.models.layers import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def load_model(cfg: ModelConfig, model_dir: str | Path, device: str, dtype: str,
     with torch.device(device), _default_dtype(DTYPES[dtype]):
         model = MODELS[cfg.family](cfg, ops)
     load_weights(model, cfg, model_dir)
+    fuse_projections(model)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig, llama3_inv_freq
-from engine.models.layers import MLP, Embedding, Linear, RMSNorm
+from engine.models.layers import MLP, Embedding, Linear, RMSNorm, fuse_rows
 
 
 class LlamaAttention(nn.Module):
@@ -23,15 +23,21 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(h, cfg.num_kv_heads * d)
         self.v_proj = Linear(h, cfg.num_kv_heads * d)
         self.o_proj = Linear(cfg.num_heads * d, h)
+        self.qkv: torch.Tensor | None = None  # q, k, v weights as one (fuse(); the loader does it)
+        self.split = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
         self.scale = d**-0.5
         self.register_buffer("inv_freq", llama3_inv_freq(d, cfg.rope_theta, cfg.rope_scaling), persistent=False)
         self.ops = ops
 
+    def fuse(self) -> None:
+        self.qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q = F.linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
-        k = F.linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = F.linear(x, self.qkv).split(self.split, dim=-1)  # views: every op takes token strides
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.ops.rope_half(q, k, positions, self.inv_freq)
         self.ops.write_kv(kv_cache, k, v, meta.slot_mapping)
         o = self.ops.attention(q, kv_cache, meta, self.scale)

@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig, llama3_inv_freq
-from engine.models.layers import MLP, Embedding, Linear, RMSNorm, param
+from engine.models.layers import MLP, Embedding, Linear, RMSNorm, fuse_rows, param
 
 
 class Llama4Attention(nn.Module):
@@ -32,6 +32,8 @@ class Llama4Attention(nn.Module):
         self.k_proj = Linear(h, cfg.num_kv_heads * d)
         self.v_proj = Linear(h, cfg.num_kv_heads * d)
         self.o_proj = Linear(cfg.num_heads * d, h)
+        self.qkv: torch.Tensor | None = None  # q, k, v weights as one (fuse(); the loader does it)
+        self.split = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
         self.use_rope = cfg.uses_rope(layer)
         self.qk_norm = cfg.use_qk_norm and self.use_rope
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
@@ -40,11 +42,15 @@ class Llama4Attention(nn.Module):
         self.register_buffer("inv_freq", llama3_inv_freq(d, cfg.rope_theta, cfg.rope_scaling), persistent=False)
         self.ops = ops
 
+    def fuse(self) -> None:
+        self.qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
-        q = F.linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
-        k = F.linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = F.linear(x, self.qkv).split(self.split, dim=-1)  # views: every op takes token strides
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.use_rope:  # QK L2 norm (RoPE layers only) fused in when the model uses it
             q, k = self.ops.rope_interleaved(q, k, positions, self.inv_freq, self.eps if self.qk_norm else None)
         if self.temperature_tuning:
