@@ -57,6 +57,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     decode: DecodeBatch | None
     prefills: list[PrefillSegment]
+    # An fp8 (float8_e4m3fn) cache's [2] fp32 (K scale, V scale) on the device, read by the
+    # kernels there (no host sync; a CUDA graph keeps it as a static tensor): attention()
+    # reads decode rows and prefill segments with it, and the models pass it to write_kv.
+    # One pair for every layer the metadata serves. None: the cache holds the model's dtype.
+    kv_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,11 @@ def host_tables(spans: list[SeqSpan], block_size: int, chunk: int | None) -> Hos
 
 
 def build_metadata(
-    spans: list[SeqSpan], block_size: int, chunk: int | None, device: torch.device
+    spans: list[SeqSpan], block_size: int, chunk: int | None, device: torch.device,
+    kv_scale: torch.Tensor | None = None,
 ) -> AttentionMetadata:
-    """chunk: the local attention chunk size, or None for global layers.
+    """chunk: the local attention chunk size, or None for global layers. kv_scale: an fp8
+    cache's scales, carried as AttentionMetadata.kv_scale.
 
     Per-request numbers (positions, lengths) are worked out on the CPU; the index tensors
     that grow with the context ([n, L] for a prefill piece, [B, L] for the torch decode
@@ -139,4 +146,4 @@ def build_metadata(
             row = sp.batch_start + a - lo
             slots = table_dev[i, kpos // block_size] * block_size + kpos % block_size
             prefills.append(PrefillSegment(row, row + b - a, slots))
-    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills)
+    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills, kv_scale)

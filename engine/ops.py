@@ -21,6 +21,36 @@ from engine.attention import AttentionMetadata, DecodeBatch
 # have no such cost (measured on H100, BENCHMARKS.md).
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# An fp8 KV cache (kernels/kv_write.py's format): float8_e4m3fn with per-tensor (K, V)
+# scales in a [2] fp32 tensor on the cache's device; x ~ cache.float() * scale.
+FP8_KV = torch.float8_e4m3fn
+
+
+def _check_kv_scale(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+    """An fp8 cache needs its scales; any other cache takes none. Host-side only (no sync)."""
+    if kv_cache.dtype == FP8_KV:
+        if kv_scale is None or kv_scale.shape != (2,) or kv_scale.dtype != torch.float32 \
+                or kv_scale.device != kv_cache.device:
+            got = None if kv_scale is None else f"{tuple(kv_scale.shape)} {kv_scale.dtype} on {kv_scale.device}"
+            raise ValueError(f"kv_scale: a {FP8_KV} cache needs a [2] float32 (K, V) tensor on "
+                             f"{kv_cache.device}, got {got}")
+    elif kv_scale is not None:
+        raise ValueError(f"kv_scale: only for a {FP8_KV} cache, this one is {kv_cache.dtype}")
+
+
+def _gather_kv(kv_cache: torch.Tensor, slots: torch.Tensor,
+               kv_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V at `slots` (any shape), each [*slots.shape, KVH, D]: in the cache's dtype,
+    or, from an fp8 cache, dequantised to fp32. Only the gathered rows are converted,
+    never the whole cache; fp8 rows are gathered as bytes (indexing need not support fp8
+    on every device)."""
+    kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
+    if kv_scale is None:
+        return kv_cache[0].view(-1, kvh, d)[slots], kv_cache[1].view(-1, kvh, d)[slots]
+    raw = kv_cache.view(torch.uint8)
+    k, v = (raw[i].view(-1, kvh, d)[slots].view(FP8_KV).float() * kv_scale[i] for i in (0, 1))
+    return k, v
+
 
 class TorchOps:
     name = "torch"
@@ -109,28 +139,44 @@ class TorchOps:
         return out
 
     # -- attention -----------------------------------------------------------------------
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """kv_cache: [2, num_blocks, block_size, KVH, D]; k, v: [T, KVH, D]; slots: [T]."""
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                 kv_scale: torch.Tensor | None = None) -> None:
+        """kv_cache: [2, num_blocks, block_size, KVH, D]; k, v: [T, KVH, D]; slots: [T].
+        kv_scale: [2] fp32 (K, V) for an fp8 cache, which stores x / scale rounded to e4m3
+        (kernels/kv_write.py's quantize_fp8_reference)."""
+        _check_kv_scale(kv_cache, kv_scale)
         kvh, d = k.shape[1], k.shape[2]
-        kv_cache[0].view(-1, kvh, d)[slots] = k
-        kv_cache[1].view(-1, kvh, d)[slots] = v
+        if kv_scale is None:
+            kv_cache[0].view(-1, kvh, d)[slots] = k
+            kv_cache[1].view(-1, kvh, d)[slots] = v
+            return
+        from kernels.kv_write import quantize_fp8_reference  # imports triton: only fp8 caches need it
+
+        for i, x in enumerate((k, v)):  # scattered as bytes: index_put need not support fp8 on every device
+            dst = kv_cache[i].view(torch.uint8).view(-1, kvh, d)
+            dst[slots] = quantize_fp8_reference(x, kv_scale[i]).view(torch.uint8)
 
     def attention(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
+        """Every query of the step; an fp8 cache is read with meta.kv_scale."""
+        _check_kv_scale(kv_cache, meta.kv_scale)
         with sdpa_kernel(_SDPA_BACKENDS):
             return self._attention(q, kv_cache, meta, scale)
 
-    def decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, dec: DecodeBatch, scale: float) -> torch.Tensor:
+    def decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, dec: DecodeBatch, scale: float,
+                         kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         """One query per row, q: [B, H, D] -> [B, H, D]. Grouped matmuls in fp32, each KV
         head read once for its G query heads (SDPA with a mask and GQA falls back to its
-        math kernel, which repeats K/V G times: 4 ms a step at 16 x 8k, measured)."""
+        math kernel, which repeats K/V G times: 4 ms a step at 16 x 8k, measured).
+        kv_scale: an fp8 cache's (K, V) scales; the gathered keys are dequantised in fp32."""
+        _check_kv_scale(kv_cache, kv_scale)
         kvh, d, bs = kv_cache.shape[-2], kv_cache.shape[-1], kv_cache.shape[2]
         b, h = q.shape[0], q.shape[1]
         slots, mask = dec.key_slots(bs)
         qd = q.view(b, kvh, h // kvh, d).float()  # [B, KVH, G, D]; head i uses KV head i // G
-        k = kv_cache[0].view(-1, kvh, d)[slots].float()  # [B, L, KVH, D]
-        v = kv_cache[1].view(-1, kvh, d)[slots].float()
+        k, v = _gather_kv(kv_cache, slots, kv_scale)  # [B, L, KVH, D]
+        k, v = k.float(), v.float()
         scores = torch.einsum("bkgd,blkd->bkgl", qd, k) * scale
         scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
         o = torch.einsum("bkgl,blkd->bkgd", scores.softmax(-1), v)
@@ -141,18 +187,17 @@ class TorchOps:
     ) -> torch.Tensor:
         """q: [T, H, D] -> [T, H, D], reading keys/values from the paged cache.
         Decode rows (one query each) run as one padded batch; each prefill segment
-        runs on its own with its own mask."""
-        kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
-        k_flat, v_flat = kv_cache[0].view(-1, kvh, d), kv_cache[1].view(-1, kvh, d)
+        runs on its own with its own mask. An fp8 cache's keys are dequantised to q's dtype."""
+        kvh = kv_cache.shape[-2]
         out = torch.empty_like(q)
         gqa = q.shape[1] != kvh
         if meta.decode is not None:
             dec = meta.decode
-            out[dec.token_index] = self.decode_attention(q[dec.token_index], kv_cache, dec, scale)
+            out[dec.token_index] = self.decode_attention(q[dec.token_index], kv_cache, dec, scale, meta.kv_scale)
         for seg in meta.prefills:
             qs = q[seg.start : seg.end].transpose(0, 1)[None]  # [1, H, n, D]
-            k = k_flat[seg.kv_slots].transpose(0, 1)[None]  # [1, KVH, L, D]
-            v = v_flat[seg.kv_slots].transpose(0, 1)[None]
+            k, v = (x.to(q.dtype).transpose(0, 1)[None]  # [1, KVH, L, D]
+                    for x in _gather_kv(kv_cache, seg.kv_slots, meta.kv_scale))
             n, length = qs.shape[2], k.shape[2]
             if n == length:  # causal over exactly these tokens
                 o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -201,15 +246,15 @@ class TritonOps(TorchOps):
             self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         return self._num_sms[device]
 
-    def decode_attention(self, q, kv_cache, dec, scale):
+    def decode_attention(self, q, kv_cache, dec, scale, kv_scale=None):
         if not self._kernel(q):
-            return super().decode_attention(q, kv_cache, dec, scale)
+            return super().decode_attention(q, kv_cache, dec, scale, kv_scale)
         bs, kvh = kv_cache.shape[2], kv_cache.shape[3]
         splits = self._num_splits(q.shape[0], kvh, dec.max_len // bs + 1, self._sms(q.device))
         # The metadata is the engine's own (build_metadata checked the block indices), so
         # the value checks and their host syncs are skipped.
         return self._paged_decode(q, kv_cache[0], kv_cache[1], dec.block_tables, dec.kv_start, dec.kv_len,
-                                  scale, num_splits=splits, validate=False)
+                                  scale, kv_scale, num_splits=splits, validate=False)
 
     def rope_interleaved(self, q, k, positions, inv_freq, norm_eps=None):
         if not self._kernel(q):
@@ -231,10 +276,11 @@ class TritonOps(TorchOps):
             return super().fused_add_rms_norm(x, residual, weight, eps)
         return self._fused_add_rms_norm(x, residual, weight, eps)
 
-    def write_kv(self, kv_cache, k, v, slots):
+    def write_kv(self, kv_cache, k, v, slots, kv_scale=None):
         if not self._kernel(k):
-            return super().write_kv(kv_cache, k, v, slots)
-        return self._write_kv(kv_cache, k, v, slots)
+            return super().write_kv(kv_cache, k, v, slots, kv_scale)
+        _check_kv_scale(kv_cache, kv_scale)  # the kernel's own check names its argument `scale`
+        return self._write_kv(kv_cache, k, v, slots, kv_scale)
 
     def moe(self, x, router, gate_up, down):
         if not self._kernel(x):

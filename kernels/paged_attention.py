@@ -10,6 +10,15 @@ Layout: q, out [B, H, D]; k_cache, v_cache [num_blocks, block_size, KVH, D]; key
 position p of sequence b lives at block block_tables[b, p // block_size], row
 p % block_size. Query head h reads KV head h // (H / KVH) (GQA).
 
+The caches hold q's dtype, or float8_e4m3fn with kv_scale, a [2] fp32 tensor (K scale,
+V scale) per tensor, as kernels/kv_write.py writes them: x ~ cache.float() * scale. fp8
+tiles are loaded as fp8 and converted to q's compute type (exact: every e4m3 value is a
+bf16, fp16 and fp32 value). The kernel reads the scales from the tensor (no host sync:
+CUDA-graph capturable) and applies each once per program, never per element: the K
+scale joins the logit scale, q . (s_k k) = s_k (q . k); the V scale multiplies the
+accumulated output, sum p (s_v v) = s_v sum p v, before it is normalised or written as
+a partial. A constexpr switch (KV_FP8): caches of q's dtype compile to the same code.
+
 Program decomposition (flash-decoding): one program per (KV head, sequence, split), KV
 heads fastest so the programs reading one cache block's rows run together. The
 G = H / KVH query heads sharing the KV head are the rows of one tile (padded to 16 for
@@ -27,12 +36,13 @@ on a load in the same iteration, Triton's pipeliner does not prefetch K/V at all
 one split the program writes the normalised output; with more it writes unnormalised
 partials (acc, max, sum) and a second kernel merges them, one program per (b, head).
 
-Bound: bytes. K and V of every visible key once per KV head (2 * KVH * D * 2 B a key in
-bf16, 4 KiB at Scout's 8 KV heads of 128), beside which q, the output and the partials
-are small; FLOPs are 4 * H * D a key, 5 FLOP/byte at Scout's heads (20 on the padded
-16-row tiles), far below an H100's ~240: the ceiling is the copy bandwidth on those
-bytes (bench/kernels.py). The engine's `TritonOps` runs
-every decode row of a CUDA step through it.
+Bound: bytes. K and V of every visible key once per KV head (2 * KVH * D * elem B a key:
+4 KiB at Scout's 8 KV heads of 128 in bf16, 2 KiB in fp8, which halves the bytes and so
+the time at the same bandwidth), beside which q, the output and the partials are small;
+FLOPs are 4 * H * D a key, 5 FLOP/byte at Scout's heads in bf16 and 10 in fp8 (20 and
+40 on the padded 16-row tiles), far below an H100's ~240: the ceiling is the copy
+bandwidth on those bytes (bench/kernels.py). The engine's `TritonOps` runs every decode
+row of a CUDA step through it.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import triton
 import triton.language as tl
 
 MAX_SPLITS = 64  # the merge kernel holds every split of a row in registers
+FP8 = torch.float8_e4m3fn  # the quantised cache's dtype (kernels/kv_write.py writes it)
 
 
 class DecodeConfig(NamedTuple):
@@ -61,7 +72,9 @@ def default_config(dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     (BENCHMARKS.md): 100% of copy bandwidth at 64 x 8k (64-key tiles with 3 stages: 78%),
     88% at 8 x 8k, 77% at 1 x 32k, each the best of the five configs timed. fp32 (parity
     runs, FMA dots): 32-key tiles need 8 warps (4 take 255 registers), 74 KiB, 63
-    registers."""
+    registers. An fp8 cache takes its queries' config, untimed so far (bench/kernels.py's
+    fp8 sweep): with bf16 queries 29 KiB, 128 registers, no spills; K copied 16 bytes a
+    thread but V 8 (Triton lays the V tile out like the bf16 tile it is converted to)."""
     if device.type == "cpu":  # the interpreter: fewer, larger steps; 32 keys still span blocks
         return DecodeConfig(32, 1, 1)
     if dtype == torch.float32:
@@ -85,10 +98,13 @@ def _blocks_of(table_row, tile, start, length, BLOCK_N: tl.constexpr, BS: tl.con
 def _attend_tile(acc, l_i, m_i, q, blocks, k_base, v_base, tile, start, length, qk_scale,
                  stride_kb, stride_kt, stride_vb, stride_vt,
                  BLOCK_N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, MASK: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr):
     """Fold key tile `tile`, whose keys lie in cache blocks `blocks`, into the online
     softmax state (acc, l_i, m_i) of the query rows. MASK: a boundary tile, whose keys
-    outside [start, start + length) are neither read nor seen; without it every key is."""
+    outside [start, start + length) are neither read nor seen; without it every key is.
+    K and V are converted to q's compute type: nothing to do for a cache of q's dtype on
+    the GPU; exact from fp8 (every e4m3 value is a bf16, fp16 and fp32 value); fp32 in
+    the interpreter, where q is upcast. An fp8 cache's scales are applied by the caller."""
     pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
     d = tl.arange(0, D)
     phys = blocks.to(tl.int64)
@@ -99,8 +115,7 @@ def _attend_tile(acc, l_i, m_i, q, blocks, k_base, v_base, tile, start, length, 
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    if UPCAST:
-        k = k.to(tl.float32)
+    k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N] fp32, unscaled
     if MASK:
         s = tl.where(ok[None, :], s, float("-inf"))
@@ -113,8 +128,7 @@ def _attend_tile(acc, l_i, m_i, q, blocks, k_base, v_base, tile, start, length, 
         v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    if UPCAST:
-        v = v.to(tl.float32)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -133,13 +147,13 @@ def _attend_run(acc, l_i, m_i, q, k_base, v_base, table_row, lo, hi, count, star
         if INTERP:  # tiles from hi on read only real memory (block 0 outside the keys); drop them
             acc_t, l_t, m_t = _attend_tile(acc, l_i, m_i, q, blocks, k_base, v_base, lo + i, start, length,
                                            qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-                                           BLOCK_N, D, BS, MASK, True, PRECISION)
+                                           BLOCK_N, D, BS, MASK, PRECISION)
             live = lo + i < hi
             acc, l_i, m_i = tl.where(live, acc_t, acc), tl.where(live, l_t, l_i), tl.where(live, m_t, m_i)
         else:
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, blocks, k_base, v_base, lo + i, start, length,
                                          qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-                                         BLOCK_N, D, BS, MASK, False, PRECISION)
+                                         BLOCK_N, D, BS, MASK, PRECISION)
         blocks = nxt
     return acc, l_i, m_i
 
@@ -156,6 +170,7 @@ def _paged_decode_kernel(
     acc_ptr,  # [B, NUM_SPLITS, H, D] fp32 partial outputs, unnormalised (NUM_SPLITS > 1)
     m_ptr,  # [B, NUM_SPLITS, H] fp32 partial row maxima, base-2 logits
     l_ptr,  # [B, NUM_SPLITS, H] fp32 partial sums of exp2
+    kv_scale_ptr,  # [2] fp32 (K, V) per-tensor scales of an fp8 cache: x = cache * scale (KV_FP8)
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -168,6 +183,7 @@ def _paged_decode_kernel(
     BS: tl.constexpr,  # cache block size
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS: tl.constexpr,
+    KV_FP8: tl.constexpr,  # k/v caches are float8_e4m3fn, dequantised by kv_scale_ptr's scales
     PRECISION: tl.constexpr,  # tl.dot on fp32: "ieee" (exact parity); unused for 16-bit
     INTERP: tl.constexpr,  # CPU interpreter: fp32 dot operands (its bf16 dot is wrong), fixed trip counts
     INTERP_TILES: tl.constexpr,  # interpreter only: the most tiles in a split (0 on GPU: no recompiles)
@@ -185,6 +201,8 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     if INTERP:
         q = q.to(tl.float32)
+    if KV_FP8:  # the logits are q . (k * k_scale): K's scale joins the softmax scale, once
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
 
     # The sequence's tiles first .. last, cut into NUM_SPLITS runs of whole tiles.
     first = start // BLOCK_N
@@ -214,6 +232,8 @@ def _paged_decode_kernel(
     acc, l_i, m_i = _attend_run(acc, l_i, m_i, q, k_base, v_base, table_row, tail_lo, hi,
                                 1 if INTERP else hi - tail_lo, start, length, qk_scale,
                                 stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, D, BS, True, INTERP, PRECISION)
+    if KV_FP8:  # sum p (v * v_scale) = v_scale * sum p v: V's scale, once per output (or partial) row
+        acc = acc * tl.load(kv_scale_ptr + 1)
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -264,13 +284,17 @@ def choose_num_splits(batch: int, kv_heads: int, max_blocks: int, num_sms: int) 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor,
-                           scale: float, num_splits: int = 1, validate: bool = True,
-                           config: DecodeConfig | None = None) -> torch.Tensor:
+                           scale: float, kv_scale: torch.Tensor | None = None, num_splits: int = 1,
+                           validate: bool = True, config: DecodeConfig | None = None) -> torch.Tensor:
     """q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] (a layer's
     kv_cache[0] and [1]); block_tables: [B, W] int32; kv_start, kv_len: [B] int32. Query b
     sees keys at positions [kv_start[b], kv_start[b] + kv_len[b]). Returns [B, H, D] in q's
     dtype. num_splits (1 .. 64) spreads one long sequence over more programs; config: tile
     sizes, else default_config (benchmarks pass others).
+
+    The caches hold q's dtype, or float8_e4m3fn with kv_scale: a [2] fp32 tensor (K scale,
+    V scale) on their device, as kernels/kv_write.py writes them (x = cache.float() *
+    scale). The kernel reads the scales itself: no host sync, CUDA-graph capturable.
 
     validate=False skips the checks that read the index tensors' values (one
     device-to-host sync): the engine passes it for metadata it built itself, and a CUDA
@@ -284,8 +308,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"q: {h} heads of {d} do not fit {kvh} KV heads of {dk}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q: dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q and caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache, v_cache: must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    kv_fp8 = k_cache.dtype == FP8
+    if not kv_fp8 and k_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache, v_cache: dtype must be q's ({q.dtype}) or {FP8}, got {k_cache.dtype}")
+    if kv_fp8 and (kv_scale is None or kv_scale.shape != (2,) or kv_scale.dtype != torch.float32
+                   or kv_scale.device != q.device or not kv_scale.is_contiguous()):
+        got = None if kv_scale is None else f"{tuple(kv_scale.shape)} {kv_scale.dtype} on {kv_scale.device}"
+        raise ValueError(f"kv_scale: an {FP8} cache needs a contiguous [2] float32 (K, V) scale tensor "
+                         f"on {q.device}, got {got}")
+    if not kv_fp8 and kv_scale is not None:
+        raise ValueError(f"kv_scale: only for a {FP8} cache, these are {k_cache.dtype}")
     if block_tables.dtype != torch.int32 or kv_start.dtype != torch.int32 or kv_len.dtype != torch.int32:
         raise ValueError("block_tables, kv_start, kv_len: must be int32")
     if block_tables.dim() != 2 or block_tables.shape[0] != b or kv_start.shape != (b,) or kv_len.shape != (b,):
@@ -323,11 +357,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
              torch.empty(b, num_splits, h, device=q.device, dtype=torch.float32)) if num_splits > 1 else (out,) * 3
     g = h // kvh
     _paged_decode_kernel[(kvh, b, num_splits)](
-        q, k_cache, v_cache, block_tables, kv_start, kv_len, out, *parts, scale * math.log2(math.e),
+        q, k_cache, v_cache, block_tables, kv_start, kv_len, out, *parts,
+        kv_scale if kv_fp8 else q, scale * math.log2(math.e),  # q: a placeholder pointer, never read
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         H=h, G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=cfg.block_n,
-        NUM_SPLITS=num_splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        NUM_SPLITS=num_splits, KV_FP8=kv_fp8, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERP=interp, INTERP_TILES=interp_tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
@@ -358,16 +393,22 @@ def _check_values(num_blocks: int, bs: int, block_tables: torch.Tensor, kv_start
             raise ValueError(problem)
 
 
-def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv_start, kv_len, scale) -> torch.Tensor:
-    """Plain torch, one sequence at a time, in fp32."""
+def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv_start, kv_len, scale,
+                                     kv_scale=None) -> torch.Tensor:
+    """Plain torch, one sequence at a time, in fp32. kv_scale: an fp8 cache's (K, V)
+    scales; the visible keys and values are dequantised (cache.float() * scale)."""
     b, h, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(b, h, d, dtype=torch.float32, device=q.device)
+    # An fp8 cache is gathered as bytes: indexing need not support fp8 on every device.
+    k_raw, v_raw = (c.view(torch.uint8) if c.dtype == FP8 else c for c in (k_cache, v_cache))
     for i in range(b):
         pos = torch.arange(int(kv_start[i]), int(kv_start[i] + kv_len[i]), device=q.device)
         blocks = block_tables[i, pos // bs].long()
-        k = k_cache[blocks, pos % bs].float()  # [L, KVH, D]
-        v = v_cache[blocks, pos % bs].float()
+        k = k_raw[blocks, pos % bs].view(k_cache.dtype).float()  # [L, KVH, D]
+        v = v_raw[blocks, pos % bs].view(v_cache.dtype).float()
+        if kv_scale is not None:
+            k, v = k * kv_scale[0], v * kv_scale[1]
         k, v = (x.repeat_interleave(h // kvh, dim=1).transpose(0, 1) for x in (k, v))  # [H, L, D]
         p = torch.softmax((q[i].float()[:, None, :] @ k.transpose(1, 2))[:, 0] * scale, dim=-1)  # [H, L]
         out[i] = (p[:, None, :] @ v)[:, 0]

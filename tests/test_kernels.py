@@ -197,14 +197,16 @@ def _sm90_paged_builds() -> dict:
 
     from kernels.paged_attention import _paged_decode_kernel, default_config
 
-    def build(dtype: torch.dtype, splits: int) -> dict:
+    def build(dtype: torch.dtype, splits: int, kv_fp8: bool = False) -> dict:
         cfg = default_config(dtype, torch.device("cuda"))
         elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        consts = dict(H=40, G=5, BLOCK_G=16, D=128, BS=16, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        consts = dict(H=40, G=5, BLOCK_G=16, D=128, BS=16, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, KV_FP8=kv_fp8,
                       PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERP=False, INTERP_TILES=0)
         fn = _paged_decode_kernel
-        types = {"q_ptr": elem, "k_ptr": elem, "v_ptr": elem, "out_ptr": elem, "acc_ptr": "fp32", "m_ptr": "fp32",
-                 "l_ptr": "fp32", "table_ptr": "i32", "start_ptr": "i32", "len_ptr": "i32"}
+        cache = "fp8e4nv" if kv_fp8 else elem
+        types = {"q_ptr": elem, "k_ptr": cache, "v_ptr": cache, "out_ptr": elem, "acc_ptr": "fp32", "m_ptr": "fp32",
+                 "l_ptr": "fp32", "kv_scale_ptr": "fp32" if kv_fp8 else elem, "table_ptr": "i32", "start_ptr": "i32",
+                 "len_ptr": "i32"}
         sig = {n: "constexpr" if n in consts else f"*{types[n]}" if n in types else "fp32" if n == "qk_scale"
                else "i32" for n in fn.arg_names}
         # Pointers and cache strides are 16-divisible at these shapes, as a launch sees them;
@@ -228,7 +230,7 @@ def _sm90_paged_builds() -> dict:
                 "waits": [int(w) for w in re.findall(r"async_wait .*\{num = (\d+)", ttgir)]}
 
     return {"bf16": build(torch.bfloat16, 1), "bf16 split": build(torch.bfloat16, 4),
-            "fp32": build(torch.float32, 1)}
+            "fp32": build(torch.float32, 1), "bf16 q, fp8 kv": build(torch.bfloat16, 1, kv_fp8=True)}
 
 
 def test_paged_decode_compiles_for_h100_with_pipelined_kv_loads():
@@ -252,6 +254,7 @@ def test_paged_decode_compiles_for_h100_with_pipelined_kv_loads():
         # The full run (and the one-tile head and tail runs) keep K/V copies in flight.
         assert sum(w > 0 for w in build["waits"]) >= 3, (name, build)
     assert builds["bf16"]["mma"] > 0  # tensor-core dots for 16-bit caches
+    assert builds["bf16 q, fp8 kv"]["mma"] > 0  # and for fp8 tiles converted to bf16
 
 
 if __name__ == "__main__":  # the compile check's subprocess
