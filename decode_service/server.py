@@ -77,9 +77,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         yield from self._stream(rid, stream, context, len(ids), meta)
 
     def Abort(self, request, context):
-        tid = self.transfers.pop(request.request_id, None)
-        if tid is not None:
-            self.receiver.abort(tid)
+        self._drop_transfer(request.request_id)  # before the engine frees the blocks it writes
         return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
 
     def Info(self, request, context):

@@ -55,6 +55,11 @@ class KVPusher:
     def end(self) -> None:
         if self._step is not None:
             self.after_step(self._step[1])
+            if self._step[1]:
+                # From here the engine may free or reuse this step's blocks (a finish, an
+                # abort, a preemption): the sender copies direct runs still queued and makes
+                # this stream wait for the sends already posted.
+                self.sender.fence()
             self._step = None
 
     def add(self, request_id: str, dest: Destination, prompt_len: int) -> None:

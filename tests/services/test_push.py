@@ -20,11 +20,15 @@ class CopySender:
         self.src, self.dst = src_caches, dst_caches
         self.kv_caches = src_caches  # what a KVSender exposes (the pusher sizes messages from it)
         self.sent = []  # (layer, n_blocks)
+        self.fences = 0
 
     def send_layer(self, address, transfer_id, layer, src, dst):
         assert None not in src and None not in dst and len(src) == len(dst)
         self.dst[layer][:, dst] = self.src[layer][:, src]
         self.sent.append((layer, len(src)))
+
+    def fence(self):  # copies synchronously: nothing is left reading the source blocks
+        self.fences += 1
 
 
 def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
@@ -42,6 +46,7 @@ def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
             if o.finished:
                 first = o.token_ids[0]
         P.check_integrity()
+    assert sender.fences > 0  # after each step that sent, before the engine may free those blocks
     o = D.complete_transfer(req.request_id, first)
     final = o if o.finished else None
     while final is None:
