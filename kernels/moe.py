@@ -237,11 +237,13 @@ class MoeTiles:
 
 
 def choose_tiles(num_tokens: int, num_experts: int, hidden: int, inter: int, num_sms: int) -> MoeTiles:
-    """Tile shapes by tokens per touched expert. Decode (<= 16 rows an expert), where the
-    weight bytes bound the time: 16-row tiles, 128-byte weight rows, and K-splits of the
-    down GEMM until there are about two programs per SM (at T = 1 on Scout its 80 column
-    tiles alone would leave an H100's 132 SMs part idle). Prefill: 128-row tensor-core
-    tiles. Untuned guesses until bench/kernels_moe.py --sweep has run on a GPU."""
+    """Tile shapes by tokens per touched expert, from `bench/kernels_moe.py --sweep` on an
+    H100 (2026-11-28, Scout's experts). Decode (<= 16 rows an expert), where the weight
+    bytes bound the time: 16-row tiles; one expert (T = 1) reads 64 gate and 64 up columns
+    a program and splits the down GEMM's K until there is about one program per SM (its
+    40 column tiles of 128 alone would leave most of an H100's 132 SMs idle); several
+    experts take 128 gate/up columns a program and need no split. Prefill: 128 x 128
+    tensor-core tiles, 4 stages (13% faster than 128 x 64 at 8k tokens)."""
     rows = -(-num_tokens // max(1, min(num_tokens, num_experts)))
 
     def fit(block: int, dim: int) -> int:  # no wider than the (small test) dimension
@@ -249,15 +251,16 @@ def choose_tiles(num_tokens: int, num_experts: int, hidden: int, inter: int, num
 
     if rows <= 16:
         touched = max(1, min(num_tokens, num_experts))
-        down_n = fit(64, hidden)
-        want = 2 * num_sms // (touched * -(-hidden // down_n))
+        one = touched == 1
+        down_n = fit(128 if one else 64, hidden)
+        want = num_sms // (touched * -(-hidden // down_n))
         split = max(1, min(8, want, -(-inter // 1024)))  # no split shorter than 1024 rows
-        return MoeTiles(GemmTiles(16, fit(64, inter), fit(128, hidden), 4, 4),
-                        GemmTiles(16, down_n, fit(128, inter), 4, 4, split))
+        return MoeTiles(GemmTiles(16, fit(64 if one else 128, inter), fit(128, hidden), 4, 4),
+                        GemmTiles(16, down_n, fit(128, inter), 4, 3 if one else 4, split))
     if rows <= 64:
         return MoeTiles(GemmTiles(64, fit(64, inter), fit(64, hidden), 4, 4),
                         GemmTiles(64, fit(128, hidden), fit(64, inter), 4, 4))
-    return MoeTiles(GemmTiles(128, fit(64, inter), fit(64, hidden), 8, 4),
+    return MoeTiles(GemmTiles(128, fit(128, inter), fit(64, hidden), 8, 4),
                     GemmTiles(128, fit(128, hidden), fit(64, inter), 8, 4))
 
 
