@@ -29,6 +29,20 @@ def torch_paged_decode(q, kv_cache, table, start, length, scale):
     return TorchOps().decode_attention(q, kv_cache, dec, scale)
 
 
+def graph_time(fn) -> float:
+    """Seconds per replay of fn() captured in a CUDA graph (warmed up on a side stream:
+    compile and allocate outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time(graph.replay, reps=20)
+
+
 def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
     """Scout heads (40 q / 8 kv, d 128), block size 16, bf16; K/V bytes read once is the floor.
     Each shape runs the engine's call (choose_num_splits, default tiles, validate=False),
@@ -38,17 +52,6 @@ def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
         python -c "from bench.kernels import *; print(*decode_attention_rows(ceilings()['copy_GBps'], True), sep='\\n')"
     """
     from kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
-
-    def graph_time(fn) -> float:
-        side = torch.cuda.Stream()  # warm up (compile, allocate) outside the capture
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return cuda_time(graph.replay, reps=20)
 
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = default_config(torch.bfloat16, torch.device("cuda"))
@@ -112,6 +115,67 @@ def optional_rows(ceil: dict) -> list[tuple]:
     return rows
 
 
+
+def decode_attention_fp8_rows(bw: float, sweep: bool = False, batch: int = 64, ctx: int = 8192) -> list[tuple]:
+    """An fp8 (e4m3) KV cache against the same values in bf16, at Scout heads (40 q / 8 kv,
+    d 128), block size 16, bf16 queries, the engine's call replayed from a CUDA graph. The
+    fp8 cache is the bf16 one quantised with per-tensor (K, V) scales (amax / 448), the
+    format of kernels/kv_write.py: half the bytes, so the ceiling is the copy bandwidth on
+    the fp8 bytes. Errors: each kernel against TorchOps.decode_attention on its own cache;
+    the fp8 row also against the bf16 output (e4m3's quantisation error). sweep=True adds
+    fp8 rows for other tiles and split counts:
+        python -c "from bench.kernels import *; print(*decode_attention_fp8_rows(ceilings()['copy_GBps'], True), sep='\\n')"
+    """
+    from kernels.kv_write import quantize_fp8_reference
+    from kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
+
+    def rel(a, b) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    blocks = ctx // 16
+    kv = torch.randn(2, batch * blocks, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    kv_scale = kv.flatten(1).abs().amax(1).float() / 448  # [2] (K, V)
+    kv8 = torch.empty(kv.shape, device="cuda", dtype=torch.float8_e4m3fn)
+    for i in range(2):
+        kv8[i] = quantize_fp8_reference(kv[i], kv_scale[i])
+    q = torch.randn(batch, 40, 128, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
+    start = torch.zeros(batch, device="cuda", dtype=torch.int32)
+    length = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    dec = DecodeBatch(torch.arange(batch, device="cuda"), table, start, length, ctx)
+    splits = choose_num_splits(batch, 8, blocks, torch.cuda.get_device_properties(0).multi_processor_count)
+    default = default_config(torch.bfloat16, torch.device("cuda"))
+
+    def call(cache, scale, s=splits, cfg=None):
+        return paged_decode_attention(q, cache[0], cache[1], table, start, length, 0.088, scale, num_splits=s,
+                                      validate=False, config=cfg)
+
+    rows, outs = [], {}
+    for name, cache, scale, elem in (("bf16", kv, None, 2), ("fp8", kv8, kv_scale, 1)):
+        outs[name] = got = call(cache, scale)
+        err = f"{rel(got, TorchOps().decode_attention(q, cache, dec, 0.088, scale)):.1e}"
+        if name == "fp8":
+            err += f", {rel(got, outs['bf16']):.1e} vs bf16"
+        nbytes = 2 * batch * ctx * 8 * 128 * elem
+        tg, te = graph_time(lambda: call(cache, scale)), cuda_time(lambda: call(cache, scale), reps=20)
+        tr = cuda_time(lambda: TorchOps().decode_attention(q, cache, dec, 0.088, scale), reps=5)
+        rows.append((f"paged decode attn {name} kv", f"B{batch} x {ctx} ctx, {splits} split(s), tiles {tuple(default)}",
+                     err, f"{tg * 1e6:.1f} us graph, {te * 1e6:.1f} eager", f"{tr * 1e6:.1f} us",
+                     f"{nbytes / tg / 1e9:.0f}", f"{100 * nbytes / tg / 1e9 / bw:.0f}%"))
+    if sweep:
+        nbytes = 2 * batch * ctx * 8 * 128
+        variants = [(cfg, splits) for cfg in (DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3), DecodeConfig(64, 8, 3),
+                                              DecodeConfig(128, 8, 3), DecodeConfig(32, 4, 3))]
+        variants += [(default, s) for s in (2 * splits, splits // 2) if 1 <= s <= 64]
+        for cfg, s in variants:
+            diff = rel(call(kv8, kv_scale, s, cfg), outs["fp8"])
+            t = graph_time(lambda: call(kv8, kv_scale, s, cfg))
+            rows.append(("  sweep fp8 kv", f"B{batch} x {ctx} ctx, {s} split(s), tiles {tuple(cfg)}",
+                         f"{diff:.1e} vs dflt", f"{t * 1e6:.1f} us graph", "", f"{nbytes / t / 1e9:.0f}",
+                         f"{100 * nbytes / t / 1e9 / bw:.0f}%"))
+    return rows
+
+
 def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     ceil = ceilings()
@@ -141,6 +205,7 @@ def main() -> int:
         rows.append(("rope+qk_norm", f"q[{t}, 40, 128] k[{t}, 8, 128]", f"{err:.1e}", f"{tt * 1e6:.1f} us",
                      f"{tr * 1e6:.1f} us", f"{nbytes / tt / 1e9:.0f}", f"{100 * nbytes / tt / 1e9 / bw:.0f}%"))
     rows += decode_attention_rows(bw)
+    rows += decode_attention_fp8_rows(bw)
     rows += optional_rows(ceil)
     print_table(rows)
     return 0
