@@ -3,7 +3,7 @@ all timed in this call by the same two processes.
 
     python bench/kv_transfer.py [--tokens 32000] [--layers 48] [--reps 5] [--min-direct-blocks N]
                                 [--json OUT] [--profile]
-    python bench/kv_transfer.py --cpu            # smoke run of the same code on CPU, gloo
+    python bench/kv_transfer.py --cpu [--profile]   # the same code and message pattern on CPU, gloo
 
 The workload is one Scout-shaped prompt of --tokens tokens: 8 KV heads x 128 x bf16,
 16-token blocks (64 KiB a block per layer, 32 KiB of it K). Global layers (every 4th)
@@ -32,21 +32,32 @@ sender/receiver pair (the receiver decides the grouping at connect).
 
 Then, per tandem row and side, each stage's wall time per transfer, its thread's CPU time
 in it, and its calls (stages on different threads overlap; wall far above CPU means the
-stage waited -- for the GIL, a lock, a socket, the driver), the blocks that went direct
-and staged per transfer, and the parts messages per transfer. Medians over --reps timed
-repetitions after one warm-up. With --cpu the caches are CPU tensors and the process
-groups gloo (the NCCL backend's control flow on CPU, as the tests run it, which cannot
-group ops); sizes default smaller there, and the times mean nothing.
+stage waited -- for the GIL, a lock, a socket, the driver), each transfer thread's CPU
+time per parts message (from /proc: the reader, the completer, the writer...), the
+blocks that went direct and staged per transfer, and the parts messages per transfer.
+Medians over --reps timed repetitions after one warm-up.
+
+--cpu: the caches are CPU tensors and the pair's group gloo (the NCCL backend's control
+flow, as the tests run it; grouped rows take gloo through NCCL's grouping calls). The
+message pattern is the GPU run's -- the same block counts per layer, min_direct_blocks
+and coalescing cap in blocks -- with 1 KV head of 8 dims instead of 8 x 128 (512 B a
+block), so the Python per message is what it is on the GPU, minus the CUDA calls; times
+mean nothing there, CPU per message does. With --profile (CPU) each side's threads run
+under cProfile with a CPU-time clock during the timed repetitions, and each thread's
+top functions per parts message are printed. With --profile on GPUs, a torch.profiler
+table of the receiver's last transfer of the first tandem row.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import queue
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +68,29 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kv_transfer import CacheLayout, NcclReceiver, NcclSender  # noqa: E402
+from kv_transfer.sender import DIRECT_MIN_K_BYTES  # noqa: E402
 
-BS, KVH, HD, CHUNK = 16, 8, 128, 8192
-BLOCK_BYTES = 2 * BS * KVH * HD * 2  # K and V of one block of one layer, bf16
+BS, CHUNK = 16, 8192  # tokens per block, Scout's attention chunk
+GPU_HEADS = (8, 128)  # Scout: KV heads x head dim; bf16 blocks of 64 KiB (K and V, one layer)
+CPU_HEADS = (1, 8)  # --cpu: the same block counts, 512 B blocks
+
+
+def block_bytes(heads: tuple[int, int]) -> int:
+    """K and V of one bf16 block of one layer."""
+    return 2 * BS * heads[0] * heads[1] * 2
+
+
+# The GPU run's sender defaults, in blocks: the CPU run keeps them so messages and runs match.
+GPU_MIN_DIRECT_BLOCKS = DIRECT_MIN_K_BYTES // (block_bytes(GPU_HEADS) // 2)  # 64
+GPU_MESSAGE_BLOCKS = NcclSender.max_message_bytes // block_bytes(GPU_HEADS)  # 4096
 
 
 class GlooSender(NcclSender):
-    pg_backend = "gloo"
+    pg_backend = "gloo-grouped"  # grouped or not as the receiver says, like NCCL
 
 
 class GlooReceiver(NcclReceiver):
-    pg_backend = "gloo"
+    pg_backend = "gloo-grouped"
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,19 @@ class Config:
     reps: int
     cpu: bool
     profile: bool
-    min_direct_blocks: int | None  # the sender's option; None: its default
+    min_direct_blocks: int | None  # the sender's option; None: its default (on CPU: the GPU run's)
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        return CPU_HEADS if self.cpu else GPU_HEADS
+
+    @property
+    def block_bytes(self) -> int:
+        return block_bytes(self.heads)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return GPU_MESSAGE_BLOCKS * self.block_bytes
 
     def device(self, rank: int) -> str:
         return "cpu" if self.cpu else f"cuda:{rank}"
@@ -121,12 +156,12 @@ def plan(tokens: int, layers: int) -> dict[int, int]:
     return {i: (total if (i + 1) % 4 == 0 else total - first_local) for i in range(layers)}
 
 
-def coalesced_groups(blocks: dict[int, int], cap: int) -> list[int]:
+def coalesced_groups(blocks: dict[int, int], cap: int, nbytes_per_block: int) -> list[int]:
     """Bytes of each message when every layer is queued at once: consecutive layers while
     the total stays within cap (the rule of TcpSender._next_batch)."""
     groups: list[int] = []
     for n in blocks.values():
-        nbytes = n * BLOCK_BYTES
+        nbytes = n * nbytes_per_block
         if groups and groups[-1] + nbytes <= cap:
             groups[-1] += nbytes
         else:
@@ -135,6 +170,7 @@ def coalesced_groups(blocks: dict[int, int], cap: int) -> list[int]:
 
 
 STAGES: dict[str, list[float]] = {}  # stage -> [wall s, thread CPU s, calls], per process
+SKIP_CODES: set = set()  # the stage timers' code: left out of profiles
 
 
 def timed(cls, name: str) -> None:
@@ -153,11 +189,135 @@ def timed(cls, name: str) -> None:
             st[1] += time.thread_time() - c0
             st[2] += 1
 
+    SKIP_CODES.add(wrapper.__code__)
     setattr(cls, name, wrapper)
 
 
 def per_transfer(stages: dict[str, list[float]], transfers: int) -> dict[str, list[float]]:
     return {k: [v / transfers for v in vals] for k, vals in stages.items()}
+
+
+# Transfer threads by name prefix (first match wins), as kv_transfer names them; the
+# bench's own main thread is the sender's caller (send_layer) and the receiver's expect().
+THREAD_ROLES = (("kv-send-write-", "writer"), ("kv-send-read-", "ack reader"), ("kv-recv-write-", "completer"),
+                ("kv-recv-accept-", "accept"), ("kv-recv-", "reader"), ("MainThread", "caller"))
+
+
+def thread_role(name: str) -> str | None:
+    return next((role for prefix, role in THREAD_ROLES if name.startswith(prefix)), None)
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's transfer threads, by role (Linux /proc; the
+    threads of one role add up). No overhead on the threads themselves."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        role = thread_role(t.name)
+        try:
+            with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError):
+            continue
+        if role is not None:
+            out[role] = out.get(role, 0.0) + ns / 1e9
+    return out
+
+
+class ThreadProfiles:
+    """--profile on CPU: every transfer thread of this process runs under a cProfile of its
+    own with a CPU-time clock, so time spent blocked (a queue, a socket, a sleep) does not
+    count; so do the public calls the main thread makes. snapshot() before and after the
+    timed repetitions gives what they cost."""
+
+    def __init__(self) -> None:
+        self.profilers: list[tuple[str, cProfile.Profile]] = []
+        self.caller = self._new("caller")
+        self.in_call = False
+
+    def _new(self, role: str) -> cProfile.Profile:
+        prof = cProfile.Profile(time.thread_time)
+        self.profilers.append((role, prof))
+        return prof
+
+    def wrap_loop(self, cls, name: str) -> None:
+        """cls.name is a thread's loop: run it under a profiler of its own."""
+        fn = getattr(cls, name)
+
+        def profiled_loop(*a, **k):
+            prof = self._new(thread_role(threading.current_thread().name) or name)
+            prof.enable()
+            try:
+                return fn(*a, **k)
+            finally:
+                prof.disable()
+
+        setattr(cls, name, profiled_loop)
+
+    def wrap_call(self, cls, name: str) -> None:
+        """cls.name is a public method the main thread calls: profile each call."""
+        fn = getattr(cls, name)
+
+        def profiled_call(*a, **k):
+            if self.in_call or threading.current_thread() is not threading.main_thread():
+                return fn(*a, **k)
+            self.in_call = True
+            self.caller.enable()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.caller.disable()
+                self.in_call = False
+
+        setattr(cls, name, profiled_call)
+
+    def snapshot(self) -> dict[tuple[str, str], list[float]]:
+        """(thread role, function) -> [calls, self CPU s, cumulative CPU s] so far, over
+        finished calls (getstats() reads a running profiler without stopping it)."""
+        out: dict[tuple[str, str], list[float]] = {}
+        for role, prof in self.profilers:
+            for e in prof.getstats():
+                code = e.code
+                if code in SKIP_CODES:
+                    continue  # the bench's own stage timers
+                name = (f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}({code.co_name})"
+                        if hasattr(code, "co_filename") else str(code))
+                row = out.setdefault((role, name), [0, 0.0, 0.0])
+                row[0] += e.callcount
+                row[1] += e.inlinetime
+                row[2] += e.totaltime
+        return out
+
+
+def difference(after: dict, before: dict, transfers: int) -> dict:
+    """after - before per key, per transfer (values: numbers or lists of numbers)."""
+    def sub(a, b):
+        return [(x - y) / transfers for x, y in zip(a, b)] if isinstance(a, list) else (a - b) / transfers
+    zero = {k: [0] * len(v) if isinstance(v, list) else 0 for k, v in after.items()}
+    return {k: sub(v, before.get(k, zero[k])) for k, v in after.items()}
+
+
+class Probe:
+    """Per-thread CPU (and, profiling on CPU, cProfile stats) of the timed repetitions."""
+
+    def __init__(self, cfg: Config, cls: type, loops: tuple[str, ...], calls: tuple[str, ...]):
+        self.profiles = ThreadProfiles() if cfg.profile and cfg.cpu else None
+        if self.profiles is not None:
+            for name in loops:
+                self.profiles.wrap_loop(cls, name)
+            for name in calls:
+                self.profiles.wrap_call(cls, name)
+        self.before: tuple = ()
+
+    def _now(self) -> tuple:
+        return thread_cpu(), ({} if self.profiles is None else self.profiles.snapshot())
+
+    def begin(self) -> None:
+        self.before = self._now()
+
+    def end(self, transfers: int) -> tuple[dict, dict]:
+        """(role -> CPU s, (role, function) -> [calls, self s, cum s]), per transfer since begin()."""
+        after = self._now()
+        return tuple(difference(a, b, transfers) for a, b in zip(after, self.before))
 
 
 def device_allocs(cfg: Config, rank: int) -> int:
@@ -198,9 +358,9 @@ def raw_rows(cfg: Config, rank: int, port: int, results) -> None:
         torch.cuda.set_device(rank)
     dist.init_process_group("gloo" if cfg.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=2)
-    per_layer = [n * BLOCK_BYTES for n in cfg.blocks.values()]
+    per_layer = [n * cfg.block_bytes for n in cfg.blocks.values()]
     for name, sizes in (("per-layer", per_layer),
-                        ("coalesced", coalesced_groups(cfg.blocks, NcclSender.max_message_bytes))):
+                        ("coalesced", coalesced_groups(cfg.blocks, cfg.max_message_bytes, cfg.block_bytes))):
         t = raw_p2p(cfg, rank, sizes)
         if t is not None:
             results.put(("raw", name, len(sizes), t))
@@ -208,7 +368,7 @@ def raw_rows(cfg: Config, rank: int, port: int, results) -> None:
 
 
 def caches(cfg: Config, rank: int) -> list[torch.Tensor]:
-    return [torch.randn(2, n + 8, BS, KVH, HD, device=cfg.device(rank)).to(torch.bfloat16)
+    return [torch.randn(2, n + 8, BS, *cfg.heads, device=cfg.device(rank)).to(torch.bfloat16)
             for n in cfg.blocks.values()]
 
 
@@ -220,6 +380,7 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     raw_rows(cfg, 1, port, results)
     for name in RECEIVER_STAGES:
         timed(NcclReceiver, name)
+    probe = Probe(cfg, NcclReceiver, ("_serve", "_complete_loop"), ("expect", "wait", "release"))
     kv = caches(cfg, 1)
     rx = None
     for v in VARIANTS:
@@ -234,6 +395,8 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
         STAGES.clear()
         counts = rx.stats()
         for r in range(cfg.reps + 1):
+            if r == 1:
+                probe.begin()
             tid = f"{v.name}-{r}"
             rx.expect(tid, {i: tables[n][1][:n] for i, n in cfg.blocks.items()})
             prof = None
@@ -255,7 +418,8 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             if r == 0:  # after the warm-up
                 allocs = device_allocs(cfg, 1)
         results.put(("stages", v.name, "receiver", per_transfer(STAGES, cfg.reps + 1),
-                     (device_allocs(cfg, 1) - allocs) / cfg.reps, by_path(counts, rx.stats(), cfg.reps + 1)))
+                     (device_allocs(cfg, 1) - allocs) / cfg.reps, by_path(counts, rx.stats(), cfg.reps + 1),
+                     *probe.end(cfg.reps)))
     assert to_receiver.get() == "closed"
     rx.close()
 
@@ -264,6 +428,7 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
     raw_rows(cfg, 0, port, results)
     for name in SENDER_STAGES:
         timed(NcclSender, name)
+    probe = Probe(cfg, NcclSender, ("_write_loop", "_read_loop"), ("send_layer", "finish", "wait", "release"))
     kv = caches(cfg, 0)
     tx, grouped = None, None
     for v in VARIANTS:
@@ -273,6 +438,7 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
                 to_receiver.put("closed")
             tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv,
                                                          min_direct_blocks=cfg.min_direct_blocks)
+            tx.max_message_bytes = cfg.max_message_bytes
             grouped = v.group_ops
             address = to_sender.get()
             tx.connect(address)
@@ -280,6 +446,8 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
         STAGES.clear()
         counts = tx.stats()
         for r in range(cfg.reps + 1):
+            if r == 1:
+                probe.begin()
             tid = f"{v.name}-{r}"
             assert to_sender.get() == "ready"
             messages = tx.stats()["messages_sent"]
@@ -299,7 +467,8 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             if r == 0:  # after the warm-up
                 allocs = device_allocs(cfg, 0)
         results.put(("stages", v.name, "sender", per_transfer(STAGES, cfg.reps + 1),
-                     (device_allocs(cfg, 0) - allocs) / cfg.reps, by_path(counts, tx.stats(), cfg.reps + 1)))
+                     (device_allocs(cfg, 0) - allocs) / cfg.reps, by_path(counts, tx.stats(), cfg.reps + 1),
+                     *probe.end(cfg.reps)))
     tx.close()
     to_receiver.put("closed")
 
@@ -318,7 +487,7 @@ def next_result(results, procs, timeout: float = 600):
                 raise TimeoutError(f"no result from the bench processes in {timeout:.0f} s") from None
 
 
-def row_of(cfg: Config, reps: dict, stages: dict, allocs: dict, paths: dict) -> dict:
+def row_of(cfg: Config, reps: dict, stages: dict, allocs: dict, paths: dict, cpu: dict) -> dict:
     """A tandem row from its per-rep results (the warm-up, rep 0, left out)."""
     times, states, messages = [], set(), []
     for r in range(1, cfg.reps + 1):
@@ -327,20 +496,30 @@ def row_of(cfg: Config, reps: dict, stages: dict, allocs: dict, paths: dict) -> 
         states.add((tx[3], rx[3]))
         messages.append(tx[6])
     return {"s": statistics.median(times), "states": sorted(states), "messages": statistics.median(messages),
-            "stages_s": stages, "device_allocs": allocs, "blocks": paths}
+            "stages_s": stages, "device_allocs": allocs, "blocks": paths, "thread_cpu_s": cpu}
+
+
+def print_profile(side: str, stats: dict, messages: float, top: int = 10) -> None:
+    """Each thread's top functions by own CPU, per parts message."""
+    for role in sorted({role for role, _ in stats}):
+        rows = sorted(((v, name) for (r, name), v in stats.items() if r == role and v[0] > 0),
+                      key=lambda x: -x[0][1])
+        print(f"    {side} {role}: own / with callees us, calls per parts message")
+        for (calls, own, cum), name in rows[:top]:
+            print(f"      {1e6 * own / messages:8.1f} {1e6 * cum / messages:8.1f} {calls / messages:7.2f}  {name}")
 
 
 def run(cfg: Config) -> dict:
     """Both processes, every row; returns the results. Each table row is printed as soon
     as it is complete, so a row that fails still leaves the ones before it."""
-    nbytes = sum(cfg.blocks.values()) * BLOCK_BYTES
+    nbytes = sum(cfg.blocks.values()) * cfg.block_bytes
     ctx = mp.get_context("spawn")
     results, to_sender, to_receiver = ctx.Queue(), ctx.Queue(), ctx.Queue()
     port = 29500 + os.getpid() % 1000
     procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
     for p in procs:
         p.start()
-    raw, tandem, stages, allocs, paths, rows = {}, {}, {}, {}, {}, {}
+    raw, tandem, stages, allocs, paths, cpu, profiles, rows = {}, {}, {}, {}, {}, {}, {}, {}
     expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
     for _ in range(expected):
         m = next_result(results, procs)
@@ -358,8 +537,10 @@ def run(cfg: Config) -> dict:
             stages.setdefault(m[1], {}).update(m[3])
             allocs.setdefault(m[1], {})[m[2]] = m[4]
             paths.setdefault(m[1], {})[m[2]] = m[5]
+            cpu.setdefault(m[1], {})[m[2]] = m[6]
+            profiles.setdefault(m[1], {})[m[2]] = m[7]
             if len(paths[m[1]]) == 2:  # both sides are done with this row
-                r = rows[m[1]] = row_of(cfg, tandem[m[1]], stages[m[1]], allocs[m[1]], paths[m[1]])
+                r = rows[m[1]] = row_of(cfg, tandem[m[1]], stages[m[1]], allocs[m[1]], paths[m[1]], cpu[m[1]])
                 b = r["blocks"]["sender"]
                 print(f"| tandem nccl, {m[1]} | {r['messages']:g} | {r['s'] * 1e3:.1f} ms "
                       f"| {nbytes / r['s'] / 1e9:.1f} | {100 * raw['per-layer']['s'] / r['s']:.0f}% "
@@ -379,29 +560,37 @@ def run(cfg: Config) -> dict:
             print(f"    {side}: " + ", ".join(f"{k} {1e3 * w:.2f} ({1e3 * c:.2f}) / {n:.3g}"
                                            for k in names if k in r["stages_s"]
                                            for w, c, n in [r["stages_s"][k]]))
+        msgs = r["messages"] or 1
+        print(f"  per parts message ({msgs:g} a transfer), each thread's CPU ms: " + "; ".join(
+            f"{side} " + ", ".join(f"{role} {1e3 * t / msgs:.3f}" for role, t in sorted(r["thread_cpu_s"][side].items()))
+            for side in ("sender", "receiver")))
+        for side in ("sender", "receiver"):
+            if profiles[variant][side]:
+                print_profile(side, profiles[variant][side], msgs)
     return {"bytes": nbytes, "raw": raw, "tandem": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, help="prompt tokens whose KV moves (default 32000; 1024 with --cpu)")
-    ap.add_argument("--layers", type=int, help="layers (default 48, Scout; 8 with --cpu)")
+    ap.add_argument("--tokens", type=int, default=32000, help="prompt tokens whose KV moves (default 32000)")
+    ap.add_argument("--layers", type=int, default=48, help="layers (default 48, Scout)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
     ap.add_argument("--min-direct-blocks", type=int,
-                    help="the sender's shortest direct run (default: its own, 2 MiB of K = 64 blocks here)")
+                    help=f"the sender's shortest direct run (default: its own on GPUs, 2 MiB of K = "
+                         f"{GPU_MIN_DIRECT_BLOCKS} blocks; the same {GPU_MIN_DIRECT_BLOCKS} with --cpu)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
-                    help="print a torch.profiler table of the receiver's last transfer of the first tandem row "
-                         "(GPU only)")
-    ap.add_argument("--cpu", action="store_true", help="smoke run on CPU tensors with gloo (no GPU needed)")
+                    help="GPUs: a torch.profiler table of the receiver's last transfer of the first tandem row; "
+                         "--cpu: each thread's top functions (cProfile, CPU time) per parts message")
+    ap.add_argument("--cpu", action="store_true", help="CPU tensors with gloo, 512 B blocks (no GPU needed)")
     args = ap.parse_args(argv)
-    tokens = args.tokens or (1024 if args.cpu else 32000)
-    layers = args.layers or (8 if args.cpu else 48)
-    if args.reps < 1 or tokens < 1 or layers < 1 or (args.min_direct_blocks is not None and args.min_direct_blocks < 1):
+    if args.reps < 1 or args.tokens < 1 or args.layers < 1 or (args.min_direct_blocks or 1) < 1:
         ap.error("--reps, --tokens, --layers and --min-direct-blocks must be >= 1")
     if not args.cpu and torch.cuda.device_count() < 2:
         ap.error(f"needs 2 GPUs, found {torch.cuda.device_count()} (use --cpu for a smoke run)")
-    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile, args.min_direct_blocks)
+    tokens, layers = args.tokens, args.layers
+    min_direct = args.min_direct_blocks or (GPU_MIN_DIRECT_BLOCKS if args.cpu else None)
+    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile, min_direct)
     where = "CPU, gloo" if args.cpu else f"{torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}"
     print(f"{where}; {tokens} tokens, {layers} layers; torch {torch.__version__}", flush=True)
     out = run(cfg)

@@ -34,10 +34,17 @@ What changes is where a part's bytes travel:
              scratch; then goes on to the next header (up to `max_queued_messages`
              ahead), so the link always has recvs posted. The completer waits for each
              part in turn (polling with short sleeps, never spinning, so the reader gets
-             the GIL; polling, so a dead sender is noticed on the TCP socket instead of
-             hanging), settles its claim, enqueues the `index_copy_` of its staged blocks
-             into kv_caches[layer][:, dst] on the receiver's stream, and acks the message
-             once all its parts are handled; it synchronizes only for DONE and FAILED.
+             the GIL, and more slowly while later messages are queued behind: see
+             _poll_work; polling, so a dead sender is noticed on the TCP socket instead
+             of hanging), settles its claim, enqueues the `index_copy_` of its staged
+             blocks into kv_caches[layer][:, dst] on the receiver's stream, and acks the
+             message once all its parts are handled; it synchronizes only for DONE and
+             FAILED.
+    The reader and the completer share the GIL, and so do the sender's caller, writer
+    and ack reader: what a message costs in Python on either side, not the link, set
+    the pace (~1 ms a message once, against ~0.6 ms for 200 MB on the wire). Hence
+    binary headers (wire.py), block ids kept as bytes rather than tensors (every torch
+    call releases and retakes the GIL), and checks done once per distinct block list.
     Per connection, NCCL matches sends and recvs in posting order, and both sides post
     in header order with the same sizes, so no tags or ids are needed on the data plane.
     Data for an unknown or aborted transfer is still received (into staging or scratch)
@@ -71,8 +78,9 @@ particular never NCCL_NVLS_ENABLE: NVLink multicast stays off). Sender and recei
 use different GPUs (NCCL cannot pair a device with itself).
 
 The process-group backends are a small registry (`PG_BACKENDS`, keyed by `pg_backend`);
-tests use "gloo" to run this exact control flow on CPU tensors, since this machine has
-no GPU, and register a gloo that emulates grouping to run the grouped flow.
+tests and `bench/kv_transfer.py --cpu` use "gloo" to run this exact control flow on CPU
+tensors, since those machines have no GPU, and "gloo-grouped", a gloo that takes NCCL's
+grouping calls, to run the grouped flow.
 """
 
 from __future__ import annotations
@@ -142,21 +150,22 @@ def _socket_open(sock: socket.socket) -> bool:
         return False
 
 
-def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
+def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str,
+               patient: Callable[[], bool] = lambda: False) -> None:
     """NCCL: wait for a p2p op without ever hanging on a dead peer (an NCCL op whose peer
     died never completes); then `work.wait()`, which orders the current stream after it.
-    Sleeps between polls, 20 us at first, doubling up to 100 us, and never spins: a
-    thread that spins in Python keeps the GIL (a sleep(0) hands it over only if the
-    waiter wins the race; otherwise the waiter waits out the 5 ms switch interval), and
-    the reader thread of the same connection needs the GIL to post the next recvs. The
-    wait is on the completer, behind recvs that are already posted, so its latency does
-    not idle the link; it adds at most ~0.15 ms (with the OS timer slack) after the last
-    part. The peer is checked every 10 ms."""
+    Sleeps between polls and never spins: a thread that spins in Python keeps the GIL (a
+    sleep(0) hands it over only if the waiter wins the race; otherwise the waiter waits
+    out the 5 ms switch interval), and the reader thread of the same connection needs
+    the GIL to post the next recvs. Each poll takes the GIL from that reader, so: 20 us
+    at first, doubling up to 100 us, or up to 400 us while `patient()` (later messages
+    are queued behind this one: the link is busy with them, and learning of this one's
+    completion late delays nothing). The peer is checked every 10 ms."""
     start = checked = time.monotonic()
     delay = 2e-5
     while not work.is_completed():
         time.sleep(delay)
-        delay = min(2 * delay, 1e-4)
+        delay = min(2 * delay, 4e-4 if patient() else 1e-4)
         now = time.monotonic()
         if now - checked > 0.01:
             if not alive():
@@ -167,7 +176,8 @@ def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str) -> No
     work.wait()
 
 
-def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str) -> None:
+def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str,
+                   patient: Callable[[], bool] = lambda: False) -> None:
     """gloo: its send/recv works only complete inside wait(); gloo's own sockets see a dead
     peer and its timeout bounds the wait."""
     work.wait(datetime.timedelta(seconds=timeout))
@@ -178,13 +188,64 @@ class PgBackend:
     """How the pair's process group is made and used, per `pg_backend`."""
     require: Callable[[torch.device], None]  # TransferError unless the caches' device can use it
     make_group: Callable[..., Any]  # (store, rank, name, timeout) -> a 2-rank c10d Backend
-    wait: Callable[..., None]  # (work, alive, timeout s, what): until the op completed, never hanging
+    wait: Callable[..., None]  # (work, alive, timeout s, what, patient): until the op completed, never hanging
     can_group: bool  # posts several p2p ops as one launch (_start_coalescing / _end_coalescing)
+
+
+class _AllOf:
+    """One work standing for several, as ProcessGroupNCCL's _end_coalescing returns."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self, timeout=None) -> bool:
+        for w in self.works:
+            w.wait() if timeout is None else w.wait(timeout)
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+
+class _GroupingGloo:
+    """A gloo pair group that takes NCCL's grouping calls the way ProcessGroupNCCL does:
+    ops between _start_coalescing and _end_coalescing return no work, and
+    _end_coalescing one work for all of them. So the grouped flow runs on CPU (tests,
+    bench/kv_transfer.py --cpu)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.pending: list | None = None
+
+    def _start_coalescing(self) -> None:
+        assert self.pending is None, "groups do not nest"
+        self.pending = []
+
+    def _end_coalescing(self) -> _AllOf:
+        works, self.pending = self.pending, None
+        return _AllOf(works)
+
+    def _op(self, work):
+        if self.pending is None:
+            return work
+        self.pending.append(work)
+        return None
+
+    def send(self, tensors, dst, tag):
+        return self._op(self.group.send(tensors, dst, tag))
+
+    def recv(self, tensors, src, tag):
+        return self._op(self.group.recv(tensors, src, tag))
+
+    def abort(self) -> None:
+        self.group.abort()
 
 
 PG_BACKENDS: dict[str, PgBackend] = {
     "nccl": PgBackend(_require_nccl, _nccl_group, _poll_work, can_group=True),
     "gloo": PgBackend(_require_gloo, _gloo_group, _block_on_work, can_group=False),
+    "gloo-grouped": PgBackend(_require_gloo, lambda *args: _GroupingGloo(_gloo_group(*args)), _block_on_work,
+                              can_group=True),
 }
 
 
@@ -260,7 +321,8 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
             conn.data.abort()
 
     def _wait(self, conn: _Conn, work, what: str) -> None:
-        self._pg.wait(work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what)
+        self._pg.wait(work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what,
+                      lambda: not conn.arrivals.empty())
 
     def _receives_in_place(self) -> bool:
         return True
@@ -268,14 +330,14 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
     def _recv_targets(self, part: _InPart) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Reader, on the receiver's stream: the part's staging buffer, and every tensor its
         recvs write into, in wire order (a claimed run's K and V are cache views)."""
-        dtype, cache = self.kv_caches[0].dtype, self.kv_caches[part.layer]
+        dtype, (k, v) = self.kv_caches[0].dtype, self._kv[part.layer]
         staged = None
         if part.num_staged:
             staged = torch.empty(self._staged_shape(part), dtype=dtype, device=self.device)
         targets = [] if staged is None else [staged]
         for first, n in part.run_dst():
             if part.claim is not None:
-                targets += [cache[0, first:first + n], cache[1, first:first + n]]
+                targets += (k[first:first + n], v[first:first + n])
             else:
                 scratch = torch.empty((2, n, *self._block_shape), dtype=dtype, device=self.device)
                 targets += [scratch[0], scratch[1]]
@@ -302,10 +364,11 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
 
     def _await_data(self, conn: _Conn, part: _InPart) -> _Arrived:
         staged, _, works = part.data
-        with _on_device(self.device), _on_stream(self._stream):  # work.wait() orders this stream after the recv
-            while works:
-                self._wait(conn, works[0], f"recv of {part.tid!r} layer {part.layer}")
-                works.pop(0)
+        if works:  # grouped: only the message's first part waits
+            with _on_device(self.device), _on_stream(self._stream):  # work.wait() orders this stream after the recv
+                while works:
+                    self._wait(conn, works[0], f"recv of {part.tid!r} layer {part.layer}")
+                    works.pop(0)
         return _Arrived(staged)
 
 
@@ -362,7 +425,7 @@ class NcclSender(_NcclOptions, TcpSender):
             ready.record(torch.cuda.current_stream(self.device))
         return _Payload(staged, runs, ready, views=bool(runs))
 
-    def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
+    def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
         """The header and block ids on TCP, then the message's p2p sends posted back to
         back (or as one group) with no host wait, on the pair's stream after each part's
@@ -392,7 +455,7 @@ class NcclSender(_NcclOptions, TcpSender):
         with self._lock:
             sent.posted = True
             self._cond.notify_all()
-        return nbytes + sum(t.nbytes for t in tensors)
+        return nbytes + sum(p.payload.nbytes for p in parts)
 
     def _fence_sent(self) -> None:
         """CUDA: the caller's stream waits for every posted send that reads the cache (an

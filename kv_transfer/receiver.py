@@ -74,32 +74,31 @@ class _InPart:
     """One part of a parts message: a (transfer, layer) share of blocks."""
     tid: str
     layer: int
-    dst: torch.Tensor  # destination block ids, int32 on the CPU, [n]
+    dst_raw: bytes  # destination block ids as they travel (wire.block_ids): compared with ==
     runs: wire.Runs  # direct runs: (offset into dst, count), consecutive destination ids
+    run_first: list[int]  # the first destination block of each run
     data: Any = None  # the data plane's handle on the part's bytes (see _take_data)
     claim: _Incoming | None = None  # the live transfer its runs land in, until settled
     unclaimed: str | None = None  # why its runs could not land in the cache (received into scratch)
 
-    @property
-    def num_direct(self) -> int:
-        return sum(n for _, n in self.runs)
-
-    @property
-    def num_staged(self) -> int:
-        return self.dst.numel() - self.num_direct
+    def __post_init__(self) -> None:
+        self.dst = memoryview(self.dst_raw).cast("i")  # the ids as Python ints, no copy, no torch
+        self.num_direct = sum(n for _, n in self.runs)
+        self.num_staged = len(self.dst) - self.num_direct
 
     def run_dst(self) -> list[tuple[int, int]]:
         """(first destination block, count) of each run."""
-        return [(int(self.dst[offset]), n) for offset, n in self.runs]
+        return [(first, n) for first, (_, n) in zip(self.run_first, self.runs)]
 
     def staged_dst(self) -> torch.Tensor:
-        """The destination ids of the staged blocks, in wire order."""
+        """The destination ids of the staged blocks, in wire order (int32, CPU)."""
+        ids = torch.frombuffer(bytearray(self.dst_raw), dtype=torch.int32)
         if not self.runs:
-            return self.dst
-        keep = torch.ones(self.dst.numel(), dtype=torch.bool)
+            return ids
+        keep = torch.ones(ids.numel(), dtype=torch.bool)
         for offset, n in self.runs:
             keep[offset:offset + n] = False
-        return self.dst[keep]
+        return ids[keep]
 
 
 @dataclass(eq=False)
@@ -139,7 +138,7 @@ class _Conn:
 
 @dataclass(eq=False)
 class _Incoming:
-    dst_ids: dict[int, torch.Tensor]  # layer -> destination block ids as expect() gave them, int32 CPU
+    dst_raw: dict[int, bytes]  # layer -> destination block ids as expect() gave them, as they travel
     dst: dict[int, torch.Tensor]  # the same as an int64 index on the cache device
     status: S = S.WAITING
     written: set[int] = field(default_factory=set)  # layers whose every expected block arrived
@@ -154,6 +153,7 @@ class _Incoming:
 class TcpReceiver(TransferRecords, KVReceiver):
     data_plane = "tcp"
     max_queued_messages = 2  # per connection: messages read ahead of the one being written
+    MAX_CHECKED_RUNS = 64  # (list, runs) pairs whose destination ids are known consecutive
     abort_wait = 2.0  # s: abort()/release() wait this long for direct recvs before tearing their connection down
     teardown_wait = 30.0  # s: ...and this long more once it is torn down (a backstop; see _await_direct)
 
@@ -162,6 +162,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
+        self._kv = [(c[0], c[1]) for c in self.kv_caches]  # K and V of each layer, [num_blocks, bs, kvh, d]
         self.device = self.kv_caches[0].device
         self._block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
         self._block_bytes = 2 * self.kv_caches[0][0, 0].nbytes  # K and V of one block of one layer
@@ -169,6 +170,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._transfers: dict[str, _Incoming] = {}
+        self._checked_runs: dict[tuple[bytes, wire.Runs], list[int]] = {}  # see _run_first
         self._conns: set[_Conn] = set()
         self._stats: Counter[str] = Counter()
         self._closed = False
@@ -189,19 +191,26 @@ class TcpReceiver(TransferRecords, KVReceiver):
         return self._address
 
     def expect(self, transfer_id: str, layers: dict[int, list[int]]) -> None:
+        """Each distinct list is checked and converted once: layers of one group (one
+        pool) usually share a list, so a 48-layer transfer converts about two."""
         if not layers:
             raise ValueError("layers: empty; a transfer must name at least one layer")
-        dst_ids, dst = {}, {}
+        dst_raw, dst = {}, {}
+        done: list[tuple[int, list[int], bytes, torch.Tensor]] = []  # (pool size, list, raw, index)
         for layer, blocks in layers.items():
-            ids = check_blocks(self.kv_caches, layer, blocks, "layers")
-            if len(set(blocks)) != len(blocks):
-                raise ValueError(f"layers: layer {layer} lists a destination block twice")
-            dst_ids[layer] = ids.to(torch.int32)
-            dst[layer] = self._index(ids)
+            nb = self.kv_caches[layer].shape[1] if 0 <= layer < len(self.kv_caches) else -1
+            same = next((d for d in done if d[0] == nb and type(blocks) is list and d[1] == blocks), None)
+            if same is None:
+                ids = check_blocks(self.kv_caches, layer, blocks, "layers")
+                if len(set(blocks)) != len(blocks):
+                    raise ValueError(f"layers: layer {layer} lists a destination block twice")
+                same = (nb, list(blocks), ids.to(torch.int32).numpy().tobytes(), self._index(ids))
+                done.append(same)
+            dst_raw[layer], dst[layer] = same[2], same[3]
         with self._lock:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer_id: {transfer_id!r} is already expected; release() it first")
-            self._transfers[transfer_id] = _Incoming(dst_ids, dst)
+            self._transfers[transfer_id] = _Incoming(dst_raw, dst)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; unknown ids are ignored. Holding the lock that every
@@ -288,8 +297,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
                                                   name=f"kv-recv-write-{conn.peer}")
                 conn.completer.start()
                 while True:
-                    header, payload_len = wire.recv_header(conn.sock)
-                    op = header.get("op")
+                    op, header, payload_len = wire.recv_header(conn.sock)
                     if op == "parts":
                         conn.arrivals.put(self._on_parts(conn, header, payload_len))  # blocks while the queue is full
                         continue
@@ -310,10 +318,10 @@ class TcpReceiver(TransferRecords, KVReceiver):
             self._drop(conn, reason)
 
     def _handshake(self, conn: _Conn) -> bool:
-        hello = wire.recv_frame(conn.sock)
+        op, hello = wire.recv_frame(conn.sock)
         try:
-            if hello.get("op") != "hello":
-                raise ValueError(f"expected hello, got {hello.get('op')!r}")
+            if op != "hello":
+                raise ValueError(f"expected hello, got {op!r}")
             if hello.get("proto") != wire.PROTO_VERSION:
                 raise ValueError(f"protocol version {hello.get('proto')} (want {wire.PROTO_VERSION})")
             self.layout.check_compatible(CacheLayout.from_dict(hello["layout"]))
@@ -349,7 +357,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
                     self._fail(rec, f"sender {conn.peer} disconnected mid-transfer ({reason})")
         conn.sock.close()
 
-    def _reply(self, conn: _Conn, header: dict[str, Any]) -> None:
+    def _reply(self, conn: _Conn, header: dict[str, Any] | bytes) -> None:
         with conn.write_lock:
             wire.send_frame(conn.sock, header)
 
@@ -384,19 +392,14 @@ class TcpReceiver(TransferRecords, KVReceiver):
 
     # ---- the reader's side of a message
 
-    def _on_parts(self, conn: _Conn, header: dict[str, Any], payload_len: int) -> _Message:
-        seq, rows, lens = wire.parse_parts_header(header)
-        ids_bytes = wire.ID_BYTES * sum(lens)
+    def _on_parts(self, conn: _Conn, header: wire.Parts, payload_len: int) -> _Message:
+        ids_bytes = wire.ID_BYTES * sum(header.dst_lens)
         if payload_len < ids_bytes:
-            raise ConnectionError(f"parts message {seq}: payload of {payload_len} bytes cannot hold its block ids")
-        dsts = wire.recv_block_ids(conn.sock, lens)
-        msg = _Message(seq, [_InPart(tid, layer, dsts[d], runs) for tid, layer, d, runs in rows])
-        for part in msg.parts:
-            for offset, n in part.runs:
-                ids = part.dst[offset:offset + n]
-                if not torch.equal(ids - ids[0], torch.arange(n, dtype=ids.dtype)):
-                    raise ConnectionError(f"parts message {seq}: run [{offset}, {offset + n}) of a {part.tid!r} "
-                                          "part has destination ids that are not consecutive")
+            raise ConnectionError(f"parts message {header.seq}: payload of {payload_len} bytes cannot hold "
+                                  "its block ids")
+        dsts = wire.recv_block_ids(conn.sock, header.dst_lens)
+        msg = _Message(header.seq, [_InPart(tid, layer, dsts[d], runs, self._run_first(dsts[d], runs, tid))
+                                    for tid, layer, d, runs in header.parts])
         in_place = self._receives_in_place()
         with self._lock:
             for part in msg.parts:
@@ -404,12 +407,31 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 if rec is not None:
                     rec.conns.add(conn)
                     if rec.status == S.WAITING:
-                        rec.status = S.TRANSFERRING
-                        self._cond.notify_all()
+                        rec.status = S.TRANSFERRING  # nobody waits for this one: no notify
                 if part.runs and in_place:
                     self._claim(conn, rec, part)
         msg.problem = self._take_data(conn, msg, payload_len - ids_bytes)
         return msg
+
+    def _run_first(self, dst_raw: bytes, runs: wire.Runs, tid: str) -> list[int]:
+        """The first destination block of each run, once its ids are checked consecutive
+        (ConnectionError if not: the stream is broken). Remembered per distinct (list,
+        runs): every layer of a group repeats its step's list, message after message."""
+        if not runs:
+            return []
+        key = (dst_raw, runs)
+        first = self._checked_runs.get(key)
+        if first is None:
+            ids = memoryview(dst_raw).cast("i")
+            first = [ids[offset] for offset, _ in runs]
+            for a, (offset, n) in zip(first, runs):
+                if ids[offset:offset + n].tolist() != list(range(a, a + n)):
+                    raise ConnectionError(f"run [{offset}, {offset + n}) of a {tid!r} part has destination "
+                                          "ids that are not consecutive")
+            if len(self._checked_runs) >= self.MAX_CHECKED_RUNS:
+                self._checked_runs.clear()
+            self._checked_runs[key] = first
+        return first
 
     def _claim(self, conn: _Conn, rec: _Incoming | None, part: _InPart) -> None:
         """Caller holds the lock. May the part's runs land in the cache? Only if the part
@@ -428,7 +450,8 @@ class TcpReceiver(TransferRecords, KVReceiver):
         if rec is not None:
             conn.claims.discard(part)
             rec.direct_inflight -= 1
-            self._cond.notify_all()
+            if rec.direct_inflight == 0:  # what _await_direct waits for
+                self._cond.notify_all()
 
     def _on_abort(self, conn: _Conn, header: dict[str, Any]) -> None:
         with self._lock:
@@ -472,18 +495,18 @@ class TcpReceiver(TransferRecords, KVReceiver):
                     if rec is not None and not rec.status.terminal:
                         self._fail(rec, problem)
                     self._stats["layers_discarded"] += 1
-                    failed.append([j, problem])
+                    failed.append((j, problem))
             part.data = data = None  # the staging buffer can go
             if problem is not None:
                 log.info("KV layer from %s discarded: %s", conn.peer, problem)
         with self._lock:
             self._stats["messages_received"] += 1
-        self._reply(conn, {"op": "ack", "seq": msg.seq, "failed": failed})
+        self._reply(conn, wire.pack_ack(msg.seq, failed))
 
     def _whole(self, rec: _Incoming, part: _InPart) -> bool:
         """The part is its layer's whole expected block list, nothing of it written yet."""
         layer = part.layer
-        return layer not in rec.written and layer not in rec.pending and torch.equal(part.dst, rec.dst_ids[layer])
+        return layer not in rec.written and layer not in rec.pending and part.dst_raw == rec.dst_raw[layer]
 
     def _part_problem(self, rec: _Incoming | None, part: _InPart) -> str | None:
         """Caller holds the lock."""
@@ -494,15 +517,15 @@ class TcpReceiver(TransferRecords, KVReceiver):
             return f"transfer {tid!r} failed: {rec.reason}"
         if rec.status == S.DONE:
             return f"transfer {tid!r} is already complete (layer {layer} again)"
-        if layer not in rec.dst_ids:
-            return f"layer {layer} not expected (expected {sorted(rec.dst_ids)})"
+        if layer not in rec.dst_raw:
+            return f"layer {layer} not expected (expected {sorted(rec.dst_raw)})"
         if layer in rec.written:
             fits = False
         elif self._whole(rec, part):
             return None
         else:
             ids = part.dst.tolist()
-            pending = rec.pending.get(layer) or set(rec.dst_ids[layer].tolist())
+            pending = rec.pending.get(layer) or self._all_ids(rec, layer)
             fits = len(set(ids)) == len(ids) and pending.issuperset(ids)
         return None if fits else f"layer {layer}: destination blocks not expected by expect(), or already written"
 
@@ -516,7 +539,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 index = rec.dst[layer]
             rec.written.add(layer)
         else:
-            pending = rec.pending.setdefault(layer, set(rec.dst_ids[layer].tolist()))
+            pending = rec.pending.setdefault(layer, self._all_ids(rec, layer))
             pending.difference_update(part.dst.tolist())
             if not pending:
                 del rec.pending[layer]
@@ -525,17 +548,23 @@ class TcpReceiver(TransferRecords, KVReceiver):
             self._write(layer, self._index(part.staged_dst()) if index is None else index, data.staged)
         for (first, n), buf in zip(part.run_dst(), data.runs):
             self._write_run(layer, first, buf)
-        rec.unsynced = self._stream is not None
+        if data.staged is not None or data.runs:
+            rec.unsynced = self._stream is not None  # (runs received in place landed already)
         rec.parts_written += 1
-        self._stats["layers_received"] += 1
-        self._stats["bytes_received"] += part.dst.numel() * self._block_bytes
-        self._stats["blocks_direct"] += part.num_direct
-        self._stats["blocks_staged"] += part.num_staged
-        if len(rec.written) == len(rec.dst_ids) and rec.direct_inflight == 0:
+        stats = self._stats
+        stats["layers_received"] += 1
+        stats["bytes_received"] += len(part.dst) * self._block_bytes
+        stats["blocks_direct"] += part.num_direct
+        stats["blocks_staged"] += part.num_staged
+        if len(rec.written) == len(rec.dst_raw) and rec.direct_inflight == 0:
             self._sync(rec)
             rec.status = S.DONE
-            self._stats["transfers_done"] += 1
-        self._cond.notify_all()
+            stats["transfers_done"] += 1
+            self._cond.notify_all()
+
+    @staticmethod
+    def _all_ids(rec: _Incoming, layer: int) -> set[int]:
+        return set(memoryview(rec.dst_raw[layer]).cast("i").tolist())
 
     def _on_finish(self, conn: _Conn, item: _Finish) -> None:
         tid, num_layers = item.tid, item.num_layers
@@ -547,7 +576,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 reason = rec.reason
             elif rec.status != S.DONE or num_layers != rec.parts_written:
                 reason = (f"sender finished after {num_layers} layer messages; {rec.parts_written} written, "
-                          f"{len(rec.written)} of {len(rec.dst_ids)} layers complete")
+                          f"{len(rec.written)} of {len(rec.dst_raw)} layers complete")
                 self._fail(rec, reason)
             else:
                 reason = ""
@@ -614,7 +643,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
         socket) and set each part's `data`. A problem string means the whole message's
         data was consumed and dropped. TCP: read it all now: staged blocks into a
         buffer, claimed runs into the cache (CPU), others into host buffers or dropped."""
-        want = sum(p.dst.numel() for p in msg.parts) * self._block_bytes
+        want = sum(len(p.dst) for p in msg.parts) * self._block_bytes
         if nbytes != want:
             wire.discard(conn.sock, nbytes)
             return f"payload of {nbytes} bytes after the block ids, want {want}"
@@ -628,8 +657,8 @@ class TcpReceiver(TransferRecords, KVReceiver):
             runs = []
             for first, n in p.run_dst():
                 if p.claim is not None:  # CPU: in place
-                    for kv in (0, 1):
-                        wire.recv_exact_into(conn.sock, wire.tensor_bytes(self.kv_caches[p.layer][kv, first:first + n]))
+                    for half in self._kv[p.layer]:
+                        wire.recv_exact_into(conn.sock, wire.tensor_bytes(half[first:first + n]))
                 elif pin:  # CUDA: through host memory, written by the completer if the part passes
                     buf = wire.recv_payload(conn.sock, n * self._block_bytes, pin_memory=True)
                     runs.append(buf.view(dtype).view(2, n, *self._block_shape))

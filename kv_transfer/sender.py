@@ -64,10 +64,9 @@ do there).
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -114,12 +113,11 @@ class _Payload:
     ready: Any = None  # CUDA: event recorded on the caller's stream once the tensors may be read
     views: bool = False  # runs are views of the cache, read when sent (fence() copies them)
 
+    def __post_init__(self) -> None:
+        self.nbytes = sum(t.nbytes for t in self.tensors())  # fixed: copies (fence, host staging) keep sizes
+
     def tensors(self) -> list[torch.Tensor]:
         return ([] if self.staged is None else [self.staged]) + self.runs
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
 
 
 @dataclass(eq=False)
@@ -148,13 +146,45 @@ class _Sent:
     posted: bool = False  # its data-plane ops are all posted (the NCCL data plane sets it)
 
 
+class _Outbox:
+    """A peer's FIFO of _Part | _Control | None (stop): put() from any thread; the writer's
+    take() takes a whole message's parts under one lock (a queue.Queue costs a lock
+    round trip per item, and a notify per put)."""
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._cond = threading.Condition(threading.Lock())
+
+    def put(self, item: _Part | _Control | None) -> None:
+        with self._cond:
+            self._items.append(item)
+            if len(self._items) == 1:  # the writer waits only on an empty box
+                self._cond.notify()
+
+    def take(self, max_bytes: int) -> list[_Part] | _Control | None:
+        """Block for the next item; if it is a part, take with it every part queued right
+        behind it, in order, while the total stays within max_bytes (at least one)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items)
+            item = self._items.popleft()
+            if not isinstance(item, _Part):
+                return item
+            parts, nbytes = [item], item.payload.nbytes
+            while self._items:
+                item = self._items[0]
+                if not isinstance(item, _Part) or nbytes + item.payload.nbytes > max_bytes:
+                    break  # a control message, a stop, or the next message's first part
+                parts.append(self._items.popleft())
+                nbytes += item.payload.nbytes
+            return parts
+
+
 @dataclass(eq=False)
 class _Peer:
     """One connection to a receiver."""
     address: str
     sock: socket.socket
-    queue: queue.Queue = field(default_factory=queue.Queue)  # _Part | _Control | None (stop)
-    held: list = field(default_factory=list)  # an item the writer took but left for its next message
+    outbox: _Outbox = field(default_factory=_Outbox)
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     threads: list[threading.Thread] = field(default_factory=list)
@@ -204,6 +234,7 @@ class TcpSender(TransferRecords, KVSender):
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
+        self._kv = [(c[0], c[1]) for c in self.kv_caches]  # K and V of each layer, [num_blocks, bs, kvh, d]
         self.device = self.kv_caches[0].device
         self.connect_timeout = connect_timeout
         k_bytes = self.kv_caches[0][0, 0].nbytes  # K of one block of one layer
@@ -266,7 +297,7 @@ class TcpSender(TransferRecords, KVSender):
                 self._cond.notify_all()
             if part.payload.views:
                 peer.unposted[part] = None
-            peer.queue.put(part)
+            peer.outbox.put(part)
 
     def fence(self) -> None:
         """See KVSender.fence. Cheap when nothing is pending: one lock and a scan of the
@@ -292,7 +323,7 @@ class TcpSender(TransferRecords, KVSender):
             if rec.peer is None or num_layers != rec.layers_queued:
                 raise ValueError(f"num_layers: {num_layers}, but {rec.layers_queued} layer messages were sent")
             rec.finished = True
-            rec.peer.queue.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
+            rec.peer.outbox.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; queued parts are dropped and the receiver is told.
@@ -305,7 +336,7 @@ class TcpSender(TransferRecords, KVSender):
                 return
             self._fail(rec, "aborted by the sender")
             if rec.peer is not None and rec.peer.alive:
-                rec.peer.queue.put(_Control(transfer_id, {"op": "abort", "tid": transfer_id}))
+                rec.peer.outbox.put(_Control(transfer_id, {"op": "abort", "tid": transfer_id}))
 
     def release(self, transfer_id: str) -> None:
         with self._lock:
@@ -352,7 +383,7 @@ class TcpSender(TransferRecords, KVSender):
         if len(dst_blocks) != len(src_blocks):
             raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
         dst = wire.block_ids(dst_blocks, "dst_blocks")
-        runs = direct_runs(src, torch.frombuffer(bytearray(dst), dtype=torch.int32), self.min_direct_blocks)
+        runs = tuple(direct_runs(src, torch.frombuffer(bytearray(dst), dtype=torch.int32), self.min_direct_blocks))
         staged = src
         if runs:
             keep = torch.ones(len(src), dtype=torch.bool)
@@ -402,12 +433,12 @@ class TcpSender(TransferRecords, KVSender):
             sock.settimeout(wire.HANDSHAKE_TIMEOUT_S)
             wire.send_frame(sock, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": self.data_plane,
                                    "layout": self.layout.to_dict(), **self._hello_extras()})
-            reply = wire.recv_frame(sock)
+            op, reply = wire.recv_frame(sock)
             try:
                 self.layout.check_compatible(CacheLayout.from_dict(reply["layout"]))
             except LayoutMismatch as e:
                 raise LayoutMismatch(f"KV receiver at {address}: {e}") from None
-            if reply.get("op") != "hello_ok":
+            if op != "hello_ok":
                 raise TransferError(f"KV receiver at {address} refused the connection: {reply.get('reason')}")
             peer = _Peer(address, sock)
             self._connect_data_plane(peer, reply)
@@ -433,7 +464,7 @@ class TcpSender(TransferRecords, KVSender):
                     self._fail(rec, f"connection to {peer.address} lost: {reason}")
         if reason != "sender closed":
             log.warning("KV connection to %s lost: %s", peer.address, reason)
-        peer.queue.put(None)
+        peer.outbox.put(None)
         wire.shutdown(peer.sock)
         self._teardown_data_plane(peer)  # ends data-plane ops still waiting for the peer...
         with self._lock:  # ...before their buffers may be reused, and the cache views they read rewritten
@@ -470,22 +501,8 @@ class TcpSender(TransferRecords, KVSender):
             self._thread_done(peer)
 
     def _next_batch(self, peer: _Peer) -> list[_Part] | _Control | None:
-        """Block for the next item; if it is a part, add every part queued right behind
-        it, in order, while the total stays within max_message_bytes. None: stop."""
-        item = peer.held.pop() if peer.held else peer.queue.get()
-        if not isinstance(item, _Part):
-            return item
-        parts, nbytes = [item], item.payload.nbytes
-        while True:
-            try:
-                item = peer.queue.get_nowait()
-            except queue.Empty:
-                return parts
-            if not isinstance(item, _Part) or nbytes + item.payload.nbytes > self.max_message_bytes:
-                peer.held.append(item)  # a control message, a stop, or the next message's first part
-                return parts
-            parts.append(item)
-            nbytes += item.payload.nbytes
+        """The next message's parts (up to max_message_bytes), a control message, or None: stop."""
+        return peer.outbox.take(self.max_message_bytes)
 
     def _send_control(self, peer: _Peer, item: _Control) -> None:
         with self._lock:
@@ -546,15 +563,15 @@ class TcpSender(TransferRecords, KVSender):
         self._use_device()
         try:
             while True:
-                msg = wire.recv_frame(peer.sock)
+                op, msg = wire.recv_frame(peer.sock)
                 acked = None
                 with self._lock:
-                    if msg.get("op") == "ack":
+                    if op == "ack":
                         acked = self._on_ack(peer, msg)
-                    elif msg.get("op") == "finish_ack":
+                    elif op == "finish_ack":
                         self._on_finish_ack(peer, msg)
                     else:
-                        raise ConnectionError(f"unknown message {msg.get('op')!r}")
+                        raise ConnectionError(f"unknown message {op!r}")
                 if acked is not None:  # outside the lock: send_layer waits for it
                     self._release_sent(peer, acked)
                     del acked
@@ -563,15 +580,15 @@ class TcpSender(TransferRecords, KVSender):
         finally:
             self._thread_done(peer)
 
-    def _on_ack(self, peer: _Peer, msg: dict[str, Any]) -> _Sent:
+    def _on_ack(self, peer: _Peer, msg: wire.Ack) -> _Sent:
         """Caller holds the lock. Returns the acked message, whose buffers may go."""
-        sent = peer.inflight.pop(msg["seq"], None)
+        sent = peer.inflight.pop(msg.seq, None)
         if sent is None:
-            raise ConnectionError(f"ack for message {msg['seq']}, which is not in flight")
+            raise ConnectionError(f"ack for message {msg.seq}, which is not in flight")
         if sent.reads_cache:  # the receiver has every byte: nothing reads the cache for it any more
             self._reading.discard(sent)
             self._cond.notify_all()
-        failed = dict(msg["failed"])  # part index -> reason
+        failed = dict(msg.failed)  # part index -> reason
         for j, (tid, layer) in enumerate(sent.parts):
             rec = self._transfers.get(tid)
             if j in failed:
@@ -630,8 +647,11 @@ class TcpSender(TransferRecords, KVSender):
 
     def _run_views(self, layer: int, ids: _BlockIds) -> list[torch.Tensor]:
         """K and V of each direct run: contiguous views of the cache, no copy."""
-        cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
-        return [cache[kv, s:s + n] for s, (_, n) in zip(ids.run_src, ids.runs) for kv in (0, 1)]
+        k, v = self._kv[layer]
+        views = []
+        for s, (_, n) in zip(ids.run_src, ids.runs):
+            views += (k[s:s + n], v[s:s + n])
+        return views
 
     def _stage(self, layer: int, ids: _BlockIds) -> _Payload:
         """On the caller's thread and stream. CPU: the staged blocks gathered, the runs as
@@ -658,7 +678,7 @@ class TcpSender(TransferRecords, KVSender):
         if payload.ready is not None:
             payload.ready.record(torch.cuda.current_stream(self.device))
 
-    def _transmit(self, peer: _Peer, header: dict[str, Any], ids: list[memoryview], parts: list[_Part],
+    def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
         """Write one parts message (header, the block ids, then each part's data);
         returns the bytes it moved."""

@@ -1,22 +1,31 @@
-"""Framing on a TCP stream: `!IQ` prefix (header length, payload length), a JSON header,
-then `payload length` raw bytes. Used by every backend's control plane and by the TCP
+"""Framing on a TCP stream: `!IQ` prefix (header length, payload length), a header, then
+`payload length` raw bytes. Used by every backend's control plane and by the TCP
 backend's data plane.
 
-Messages (header "op"):
+Headers: the two messages of every parts message's round trip -- parts and ack -- have
+binary headers (struct-packed, first byte b"P" / b"A"): a JSON header and its checks
+cost ~0.1 ms a message on each side, on threads that hold the GIL the link waits on.
+The rare control messages are JSON objects (first byte "{").
+
+Messages (op):
   sender -> receiver
     hello   {layout, data_plane, proto}   first message on a connection
-    parts   {seq, parts: [[tid, layer, d(, runs)], ...], dst_lens: [n_0, n_1, ...]}
+    parts   binary (pack_parts / parse_parts), numbers little-endian:
+              b"P", seq u64, lists u32, parts u32, tids u32
+              dst_lens   lists x u32: the length of each destination list
+              parts      parts x (tid index u32, layer u32, list index u32, runs u32)
+              runs       for each part in order, its runs x (offset u32, count u32)
+              tids       tids x (length u16, utf-8 bytes)
             one message carries one or more *parts*: a part is one send_layer call,
             the layer's n blocks. Parts of several transfers may share a message.
-            Destination block ids travel as binary, not JSON: the payload starts with
-            the distinct destination lists back to back as native int32 (list i has
-            dst_lens[i] ids); part j writes into list parts[j][2], so its block count n
-            is that list's length.
-            runs (present only when non-empty): the part's DIRECT runs, [[offset,
-            count], ...] in increasing order, non-overlapping: positions
-            offset..offset+count-1 of the part's list, whose source and destination
-            ids both step by one. Every other block is STAGED. The sender decides;
-            the receiver checks that each run's destination ids are consecutive.
+            The payload starts with the distinct destination lists back to back as
+            native int32 (list i has dst_lens[i] ids); a part writes into its list
+            index, so its block count n is that list's length.
+            runs: the part's DIRECT runs, (offset, count) in increasing order,
+            non-overlapping: positions offset..offset+count-1 of the part's list,
+            whose source and destination ids both step by one. Every other block is
+            STAGED. The sender decides; the receiver checks that each run's
+            destination ids are consecutive.
             A part's data is, in this order: its staged blocks gathered into
             [2, m, bs, kvh, d] (m = n minus the run blocks; absent when m = 0), then
             for each run its K blocks [count, bs, kvh, d] and its V blocks, each of
@@ -28,9 +37,10 @@ Messages (header "op"):
     abort   {tid}
   receiver -> sender
     hello_ok {layout, ...backend extras} | hello_err {layout, reason}  (then closes)
-    ack     {seq, failed: [[j, reason], ...]}  one per parts message, in message order:
-            part j of message seq was discarded for reason (its transfer failed);
-            every part not listed was written into the receiver's cache
+    ack     binary (pack_ack / parse_ack): b"A", seq u64, failed u32, then failed x
+            (part index u32, reason length u32, utf-8 reason). One per parts message,
+            in message order: the parts listed were discarded for the reason given
+            (their transfer failed); every other part was written into the cache
     finish_ack {tid, status, reason}
 """
 
@@ -40,16 +50,20 @@ import array
 import json
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-PROTO_VERSION = 3  # 2: coalesced parts messages, binary block ids; 3: direct runs
+PROTO_VERSION = 4  # 2: coalesced parts messages, binary block ids; 3: direct runs; 4: binary parts/ack headers
 _PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 64 << 20  # a header lists block ids; 64 MiB is far beyond any real one
 _CHUNK = 8 << 20  # bytes per recv call
 HANDSHAKE_TIMEOUT_S = 30.0
 ID_BYTES = 4  # block ids travel as native int32 (array "i", torch.int32)
+_PARTS = struct.Struct("<cQIII")  # b"P", seq, lists, parts, tids
+_ACK = struct.Struct("<cQI")  # b"A", seq, failed parts
+_SMALL_FRAME = 64 << 10  # a frame up to this size goes out in one sendall
 
 
 class PeerClosed(ConnectionError):
@@ -72,7 +86,6 @@ def shutdown(sock: socket.socket) -> None:
         pass
 
 
-
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -86,15 +99,20 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], payload: Sequence[memoryview] = ()) -> int:
-    """Write one frame whose payload is the `payload` views back to back; returns the
-    bytes written. Callers serialize writers per socket."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+def send_frame(sock: socket.socket, header: dict[str, Any] | bytes, payload: Sequence[memoryview] = ()) -> int:
+    """Write one frame: a control header (a dict, sent as JSON) or a binary one (bytes:
+    pack_parts, pack_ack), then the `payload` views back to back. Returns the bytes
+    written. Callers serialize writers per socket."""
+    head = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
     n = sum(p.nbytes for p in payload)
-    sock.sendall(_PREFIX.pack(len(head), n) + head)
-    for p in payload:
-        if p.nbytes:
-            sock.sendall(p)
+    prefix = _PREFIX.pack(len(head), n)
+    if n + len(head) <= _SMALL_FRAME:  # one syscall (and one TCP segment) for the usual small frame
+        sock.sendall(b"".join([prefix, head, *payload]))
+    else:
+        sock.sendall(prefix + head)
+        for p in payload:
+            if p.nbytes:
+                sock.sendall(p)
     return _PREFIX.size + len(head) + n
 
 
@@ -107,12 +125,17 @@ def block_ids(blocks: Sequence[int], name: str) -> bytes:
         raise ValueError(f"{name}: block ids must be integers in int32 range ({e})") from None
 
 
-def recv_block_ids(sock: socket.socket, lens: Sequence[int]) -> list[torch.Tensor]:
-    """Read the int32 id lists that start a parts message's payload; one CPU tensor each."""
-    flat = torch.empty(sum(lens), dtype=torch.int32)
-    if flat.numel():
-        recv_exact_into(sock, memoryview(flat.numpy()))
-    return list(flat.split(list(lens)))
+def recv_block_ids(sock: socket.socket, lens: Sequence[int]) -> list[bytes]:
+    """Read the int32 id lists that start a parts message's payload, as block_ids() made
+    them (bytes: compared with ==, read as ints through memoryview(...).cast("i"))."""
+    flat = bytearray(ID_BYTES * sum(lens))
+    if flat:
+        recv_exact_into(sock, memoryview(flat))
+    out, at = [], 0
+    for n in lens:
+        out.append(bytes(flat[at:at + ID_BYTES * n]))
+        at += ID_BYTES * n
+    return out
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
@@ -125,8 +148,10 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def recv_header(sock: socket.socket) -> tuple[dict[str, Any], int]:
-    """Read a frame's prefix and header; the caller must then consume exactly the payload."""
+def recv_header(sock: socket.socket) -> tuple[str, Any, int]:
+    """Read a frame's prefix and header: (op, header, payload length), the header a dict
+    (control messages), Parts or Ack; the caller must then consume exactly the payload.
+    ConnectionError if the header is malformed (the stream cannot be trusted after it)."""
     prefix = bytearray(_PREFIX.size)
     recv_exact_into(sock, memoryview(prefix))
     head_len, payload_len = _PREFIX.unpack(prefix)
@@ -134,7 +159,17 @@ def recv_header(sock: socket.socket) -> tuple[dict[str, Any], int]:
         raise ConnectionError(f"frame header of {head_len} bytes: stream out of sync")
     head = bytearray(head_len)
     recv_exact_into(sock, memoryview(head))
-    return json.loads(head), payload_len
+    kind = head[:1]
+    if kind == b"P":
+        return "parts", parse_parts(bytes(head)), payload_len
+    if kind == b"A":
+        return "ack", parse_ack(bytes(head)), payload_len
+    try:
+        header = json.loads(head)
+        op = header.get("op")
+    except (ValueError, AttributeError):
+        raise ConnectionError(f"malformed frame header: {bytes(head[:80])!r}") from None
+    return op, header, payload_len
 
 
 def recv_payload(sock: socket.socket, nbytes: int, pin_memory: bool = False) -> torch.Tensor:
@@ -153,61 +188,113 @@ def discard(sock: socket.socket, nbytes: int) -> None:
         nbytes -= n
 
 
-def recv_frame(sock: socket.socket) -> dict[str, Any]:
-    """A control frame (no payload expected); any payload is skipped."""
-    header, payload_len = recv_header(sock)
-    discard(sock, payload_len)
-    return header
+def recv_frame(sock: socket.socket) -> tuple[str, Any]:
+    """A control frame, (op, header) (no payload expected; any payload is skipped)."""
+    op, header, payload_len = recv_header(sock)
+    if payload_len:
+        discard(sock, payload_len)
+    return op, header
 
 
-Runs = list[tuple[int, int]]  # a part's direct runs: (offset into its block list, count)
+Runs = tuple[tuple[int, int], ...]  # a part's direct runs: (offset into its block list, count)
 
 
-def parts_header(seq: int, parts: Sequence[tuple[str, int, bytes, Runs]]) -> tuple[dict[str, Any], list[memoryview]]:
+@dataclass(frozen=True)
+class Parts:
+    """A parts message's header."""
+    seq: int
+    parts: list[tuple[str, int, int, Runs]]  # (tid, layer, index into dst_lens, runs), in wire order
+    dst_lens: tuple[int, ...]  # ids in each destination list
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+    failed: list[tuple[int, str]]  # (part index, reason) of each part discarded
+
+
+def pack_parts(seq: int, parts: Sequence[tuple[str, int, int, Runs]], dst_lens: Sequence[int]) -> bytes:
+    """The binary header of a parts message, as Parts lays it out. No checks: the
+    receiver's parse_parts does them (tests build malformed headers with this)."""
+    tids: dict[str, int] = {}
+    rows: list[int] = []
+    runs: list[int] = []
+    for tid, layer, d, part_runs in parts:
+        rows += (tids.setdefault(tid, len(tids)), layer, d, len(part_runs))
+        for offset, count in part_runs:
+            runs += (offset, count)
+    names = [t.encode() for t in tids]
+    return b"".join([_PARTS.pack(b"P", seq, len(dst_lens), len(parts), len(names)),
+                     struct.pack(f"<{len(dst_lens) + len(rows) + len(runs)}I", *dst_lens, *rows, *runs),
+                     *(struct.pack("<H", len(n)) + n for n in names)])
+
+
+def parts_header(seq: int, parts: Sequence[tuple[str, int, bytes, Runs]]) -> tuple[bytes, list[memoryview]]:
     """A parts message's header and the block ids that start its payload, for parts
     given as (tid, layer, destination ids as block_ids() bytes, direct runs).
     Identical destination lists (every global layer of a step has the same) travel once."""
     dsts: dict[bytes, int] = {}
-    rows = []
-    for tid, layer, dst, runs in parts:
-        row = [tid, layer, dsts.setdefault(dst, len(dsts))]
-        if runs:
-            row.append([list(r) for r in runs])
-        rows.append(row)
-    header = {"op": "parts", "seq": seq, "parts": rows, "dst_lens": [len(d) // ID_BYTES for d in dsts]}
-    return header, [memoryview(d) for d in dsts]
+    rows = [(tid, layer, dsts.setdefault(dst, len(dsts)), runs) for tid, layer, dst, runs in parts]
+    return pack_parts(seq, rows, [len(d) // ID_BYTES for d in dsts]), [memoryview(d) for d in dsts]
 
 
-def _runs_ok(runs: Any, n: int) -> bool:
-    """Increasing, non-overlapping [offset, count] pairs inside a list of n ids."""
-    if not isinstance(runs, list) or not runs:
-        return False
-    end = 0
-    for r in runs:
-        if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)):
-            return False
-        offset, count = r
-        if offset < end or count < 1:
-            return False
-        end = offset + count
-    return end <= n
-
-
-def parse_parts_header(header: dict[str, Any]) -> tuple[int, list[tuple[str, int, int, Runs]], list[int]]:
-    """(seq, [(tid, layer, dst list index, runs)], dst_lens) of a parts header;
-    ConnectionError if it is malformed (the stream cannot be trusted after that)."""
+def parse_parts(head: bytes) -> Parts:
+    """A parts header, checked: at least one part; every list non-empty; every list and
+    tid index in range; each part's runs increasing, non-overlapping, of at least one
+    block and inside its list; nothing left over. ConnectionError if it is malformed."""
     try:
-        seq, lens = header["seq"], header["dst_lens"]
-        ok = isinstance(seq, int) and all(isinstance(n, int) and n > 0 for n in lens)
-        rows = []
-        for row in header["parts"]:
-            tid, layer, d, *rest = row
-            ok = ok and (isinstance(tid, str) and isinstance(layer, int) and isinstance(d, int)
-                         and 0 <= d < len(lens) and len(rest) <= 1 and (not rest or _runs_ok(rest[0], lens[d])))
-            rows.append((tid, layer, d, [tuple(r) for r in rest[0]] if rest and ok else []))
-        ok = ok and bool(rows)
-    except (KeyError, TypeError, ValueError):
+        _, seq, num_lists, num_parts, num_tids = _PARTS.unpack_from(head)
+        at = _PARTS.size
+        lens = struct.unpack_from(f"<{num_lists}I", head, at)
+        at += 4 * num_lists
+        rows = struct.unpack_from(f"<{4 * num_parts}I", head, at)
+        at += 16 * num_parts
+        num_runs = sum(rows[3::4])
+        flat_runs = struct.unpack_from(f"<{2 * num_runs}I", head, at)
+        at += 8 * num_runs
+        tids = []
+        for _ in range(num_tids):
+            (n,) = struct.unpack_from("<H", head, at)
+            tids.append(head[at + 2:at + 2 + n].decode())
+            at += 2 + n
+        ok = at == len(head) and num_parts > 0 and all(lens)
+        parts, r = [], 0
+        for j in range(0, len(rows), 4):
+            t, layer, d, k = rows[j:j + 4]
+            ok = ok and t < num_tids and d < num_lists
+            runs = tuple(zip(flat_runs[r:r + 2 * k:2], flat_runs[r + 1:r + 2 * k:2]))
+            r += 2 * k
+            end = 0
+            for offset, count in runs:
+                ok = ok and offset >= end and count >= 1
+                end = offset + count
+            ok = ok and end <= (lens[d] if d < num_lists else 0)
+            if not ok:
+                break
+            parts.append((tids[t], layer, d, runs))
+    except (struct.error, UnicodeDecodeError):
         ok = False
     if not ok:
-        raise ConnectionError(f"malformed parts message: {str(header)[:200]}")
-    return seq, rows, lens
+        raise ConnectionError(f"malformed parts message header: {head[:80]!r}")
+    return Parts(seq, parts, lens)
+
+
+def pack_ack(seq: int, failed: Sequence[tuple[int, str]]) -> bytes:
+    reasons = [(j, why.encode()) for j, why in failed]
+    return b"".join([_ACK.pack(b"A", seq, len(reasons)),
+                     *(struct.pack("<II", j, len(why)) + why for j, why in reasons)])
+
+
+def parse_ack(head: bytes) -> Ack:
+    try:
+        _, seq, num_failed = _ACK.unpack_from(head)
+        at, failed = _ACK.size, []
+        for _ in range(num_failed):
+            j, n = struct.unpack_from("<II", head, at)
+            failed.append((j, head[at + 8:at + 8 + n].decode()))
+            at += 8 + n
+        if at != len(head):
+            raise ValueError("trailing bytes")
+    except (struct.error, UnicodeDecodeError, ValueError):
+        raise ConnectionError(f"malformed ack header: {head[:80]!r}") from None
+    return Ack(seq, failed)

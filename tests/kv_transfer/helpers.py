@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import queue
 import random
@@ -17,7 +16,6 @@ import torch
 
 from kv_transfer import CacheLayout, NcclReceiver, NcclSender, TcpReceiver, TcpSender
 from kv_transfer.base import direct_runs
-from kv_transfer.nccl import PG_BACKENDS
 
 
 class GlooSender(NcclSender):
@@ -29,60 +27,8 @@ class GlooReceiver(NcclReceiver):
     pg_backend = "gloo"
 
 
-class _AllOf:
-    """One work standing for several, as ProcessGroupNCCL's _end_coalescing returns."""
-
-    def __init__(self, works):
-        self.works = works
-
-    def wait(self, timeout=None):
-        for w in self.works:
-            w.wait() if timeout is None else w.wait(timeout)
-        return True
-
-    def is_completed(self):
-        return all(w.is_completed() for w in self.works)
-
-
-class GroupingGloo:
-    """A gloo pair group that takes NCCL's grouping calls the way ProcessGroupNCCL does:
-    ops between _start_coalescing and _end_coalescing return no work, and
-    _end_coalescing one work for all of them. So the grouped flow runs on CPU."""
-
-    def __init__(self, group):
-        self.group = group
-        self.pending = None
-
-    def _start_coalescing(self):
-        assert self.pending is None, "groups do not nest"
-        self.pending = []
-
-    def _end_coalescing(self):
-        works, self.pending = self.pending, None
-        return _AllOf(works)
-
-    def _op(self, work):
-        if self.pending is None:
-            return work
-        self.pending.append(work)
-        return None
-
-    def send(self, tensors, dst, tag):
-        return self._op(self.group.send(tensors, dst, tag))
-
-    def recv(self, tensors, src, tag):
-        return self._op(self.group.recv(tensors, src, tag))
-
-    def abort(self):
-        self.group.abort()
-
-
-_gloo = PG_BACKENDS["gloo"]
-PG_BACKENDS.setdefault("gloo-grouped", dataclasses.replace(
-    _gloo, make_group=lambda *args: GroupingGloo(_gloo.make_group(*args)), can_group=True))
-
-
 class GroupedGlooSender(NcclSender):
+    """The grouped flow: gloo taking NCCL's grouping calls (kv_transfer.nccl)."""
     pg_backend = "gloo-grouped"
 
 

@@ -13,8 +13,8 @@ def test_plan_and_coalesced_groups():
     blocks = plan(tokens=9000, layers=4)  # 563 blocks; local layers keep the last chunk's 51
     assert blocks == {0: 51, 1: 51, 2: 51, 3: 563}
     kib64 = 64 << 10  # bytes of one block of one layer
-    assert coalesced_groups(blocks, cap=200 * kib64) == [153 * kib64, 563 * kib64]
-    assert coalesced_groups(blocks, cap=1) == [51 * kib64] * 3 + [563 * kib64]
+    assert coalesced_groups(blocks, 200 * kib64, kib64) == [153 * kib64, 563 * kib64]
+    assert coalesced_groups(blocks, 1, kib64) == [51 * kib64] * 3 + [563 * kib64]
 
 
 def test_block_tables():
@@ -27,12 +27,12 @@ def test_block_tables():
     assert block_tables({0: 50}, "fragmented") == fragmented  # both processes alike
 
 
-def test_cpu_smoke_run(tmp_path):
+def test_cpu_smoke_run(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["--cpu", "--tokens", "64", "--layers", "4", "--reps", "1", "--min-direct-blocks", "2",
-                 "--json", str(out)]) == 0
+                 "--profile", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["bytes"] == 4 * 4 * (64 << 10)
+    assert r["bytes"] == 4 * 4 * 512  # 4 blocks a layer, 512 B a block on CPU
     assert r["raw"]["per-layer"]["messages"] == 4 and r["raw"]["coalesced"]["messages"] == 1
     assert set(r["tandem"]) == {"fresh pool", "fresh pool, ungrouped", "fragmented pool"}
     for name, row in r["tandem"].items():
@@ -41,9 +41,14 @@ def test_cpu_smoke_run(tmp_path):
         wall, cpu, calls = row["stages_s"]["send_layer"]
         assert wall > 0 and cpu > 0 and calls == 4
         assert row["device_allocs"] == {"sender": 0, "receiver": 0}  # no CUDA here
+        for side, roles in (("sender", {"caller", "writer", "ack reader"}), ("receiver", {"reader", "completer"})):
+            assert roles <= set(row["thread_cpu_s"][side]) and row["thread_cpu_s"][side]["caller"] >= 0
         # 16 blocks a transfer: every one direct from a fresh pool, every one staged from a fragmented one
         want = {"blocks_direct": 0, "blocks_staged": 16} if name == "fragmented pool" else \
             {"blocks_direct": 16, "blocks_staged": 0}
         assert row["blocks"] == {"sender": want, "receiver": want}
     assert "_gather" not in r["tandem"]["fresh pool"]["stages_s"]  # nothing staged: no gather at all
     assert r["tandem"]["fragmented pool"]["stages_s"]["_gather"][2] == 4
+    printed = capsys.readouterr().out  # --profile on CPU: each thread's top functions, the transfer's own among them
+    assert "receiver reader: own / with callees us" in printed and "(_on_parts)" in printed
+    assert "sender writer: own / with callees us" in printed and "(_send_parts)" in printed

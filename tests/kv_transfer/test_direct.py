@@ -6,7 +6,6 @@ Plans here are made of consecutive segments (helpers.run_plan) so that parts mix
 runs, which go direct (min_direct_blocks=2 here), and single blocks, which are staged."""
 
 import contextlib
-import json
 import random
 import socket
 import threading
@@ -166,13 +165,13 @@ def test_abort_and_release_wait_for_a_landing_direct_recv(gated_pair, how):
 def raw_sender(rx: TcpReceiver) -> socket.socket:
     s = socket.create_connection(wire.parse_address(rx.address))
     wire.send_frame(s, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": "tcp", "layout": rx.layout.to_dict()})
-    assert wire.recv_frame(s)["op"] == "hello_ok"
+    assert wire.recv_frame(s)[0] == "hello_ok"
     return s
 
 
 def send_run_header(s: socket.socket, tid: str, dst_blocks: list[int], runs, payload_bytes: int) -> None:
     """A parts header for one part of layer 0, its ids, and nothing of its data yet."""
-    head = json.dumps({"op": "parts", "seq": 0, "parts": [[tid, 0, 0, runs]], "dst_lens": [len(dst_blocks)]}).encode()
+    head = wire.pack_parts(0, [(tid, 0, 0, runs)], [len(dst_blocks)])
     ids = wire.block_ids(dst_blocks, "dst")
     s.sendall(wire._PREFIX.pack(len(head), len(ids) + payload_bytes) + head + ids)
 
@@ -190,7 +189,7 @@ def test_a_stalled_or_dead_sender_cannot_hold_abort_or_write_after_it(fate):
     with TcpReceiver(layout_of(dst), dst) as rx, raw_sender(rx) as s:
         rx.abort_wait = 0.3
         rx.expect("t", {0: [10, 11, 12, 13, 14, 15]})
-        send_run_header(s, "t", [10, 11, 12, 13, 14, 15], [[0, 6]], 6 * BLOCK_BYTES)
+        send_run_header(s, "t", [10, 11, 12, 13, 14, 15], ((0, 6),), 6 * BLOCK_BYTES)
         s.sendall(torch.ones(3 * BLOCK_BYTES // 8, dtype=torch.float32).numpy().tobytes())  # K of blocks 10..12
         eventually(lambda: torch.equal(dst[0][0, 12], torch.ones(4, 2, 8)), what="the first bytes landing")
         if fate == "dies":
@@ -215,9 +214,10 @@ def test_a_stalled_or_dead_sender_cannot_hold_abort_or_write_after_it(fate):
 
 
 @pytest.mark.parametrize("runs, why", [
-    ([[0, 3]], "not consecutive"),  # ids 10, 11, 13
-    ([[1, 3]], "malformed"),  # past the end of a 3-id list
-    ([[0, 2], [1, 2]], "malformed"),  # overlapping
+    (((0, 3),), "not consecutive"),  # ids 10, 11, 13
+    (((1, 3),), "malformed"),  # past the end of a 3-id list
+    (((0, 2), (1, 2)), "malformed"),  # overlapping
+    (((0, 0),), "malformed"),  # empty
 ])
 def test_bad_runs_drop_the_connection(runs, why):
     """A run whose destination ids are not consecutive would write blocks nobody named:
@@ -226,9 +226,9 @@ def test_bad_runs_drop_the_connection(runs, why):
     dst = make_caches(torch.float32, seed=None)
     with TcpReceiver(layout_of(dst), dst) as rx, raw_sender(rx) as s:
         rx.expect("t", {0: [10, 11, 13], 1: [3]})
-        wire.send_frame(s, {"op": "parts", "seq": 0, "parts": [["t", 1, 0]], "dst_lens": [1]},
+        wire.send_frame(s, wire.pack_parts(0, [("t", 1, 0, ())], [1]),
                         [memoryview(wire.block_ids([3], "dst")), wire.tensor_bytes(torch.ones(2, 1, 4, 2, 8))])
-        assert wire.recv_frame(s) == {"op": "ack", "seq": 0, "failed": []}
+        assert wire.recv_frame(s) == ("ack", wire.Ack(0, []))
         before = [c.clone() for c in dst]
         send_run_header(s, "t", [10, 11, 13], runs, 3 * BLOCK_BYTES)
         with contextlib.suppress(OSError):  # the receiver may be gone already

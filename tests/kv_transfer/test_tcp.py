@@ -1,6 +1,5 @@
 """TCP backend, sender and receiver in one process (threads), real sockets on loopback."""
 
-import json
 import socket
 import threading
 
@@ -217,11 +216,11 @@ def test_sender_dies_mid_message_never_partial_write(pair):
     with socket.create_connection((host, port)) as s:
         wire.send_frame(s, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": "tcp",
                             "layout": rx.layout.to_dict()})
-        assert wire.recv_frame(s)["op"] == "hello_ok"
+        assert wire.recv_frame(s)[0] == "hello_ok"
         s_blocks, d_blocks = plan[0]
         data = src[0][:, s_blocks].contiguous()
         payload = wire.tensor_bytes(data)
-        head = json.dumps({"op": "parts", "seq": 0, "parts": [["t", 0, 0]], "dst_lens": [len(d_blocks)]}).encode()
+        head = wire.pack_parts(0, [("t", 0, 0, ())], [len(d_blocks)])
         ids = wire.block_ids(d_blocks, "dst")
         s.sendall(wire._PREFIX.pack(len(head), len(ids) + payload.nbytes) + head + ids
                   + bytes(payload[: payload.nbytes // 2]))
