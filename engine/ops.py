@@ -108,10 +108,6 @@ class TorchOps:
         return rot(q), rot(k)
 
     # -- MLPs ----------------------------------------------------------------------------
-    def swiglu(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate(x)) * up(x)); weights in nn.Linear layout [out, in]."""
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
     def moe(
         self,
         x: torch.Tensor,  # [T, H]
