@@ -347,7 +347,7 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
         """Post the message's recvs, in wire order, on the receiver's stream (the stream
         _write copies staging out on)."""
         if nbytes:  # a malformed message: its bytes came on TCP, no p2p message follows
-            wire.discard(conn.sock, nbytes)
+            conn.reader.discard(nbytes)
             return f"nccl parts message carries {nbytes} TCP bytes"
         pair = conn.data
         with _on_device(self.device), _on_stream(self._stream):

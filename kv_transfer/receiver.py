@@ -129,11 +129,15 @@ class _Conn:
     sock: socket.socket
     peer: str
     arrivals: queue.Queue  # _Message | _Finish | None (stop): reader -> completer
+    reader: wire.Reader = field(init=False)  # every read on sock goes through it
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     thread: threading.Thread | None = None  # the reader
     completer: threading.Thread | None = None
     data: Any = None  # the data plane's per-connection state (nccl: the process group)
     claims: set[_InPart] = field(default_factory=set)  # parts whose runs may still be landing
+
+    def __post_init__(self) -> None:
+        self.reader = wire.Reader(self.sock)
 
 
 @dataclass(eq=False)
@@ -297,11 +301,11 @@ class TcpReceiver(TransferRecords, KVReceiver):
                                                   name=f"kv-recv-write-{conn.peer}")
                 conn.completer.start()
                 while True:
-                    op, header, payload_len = wire.recv_header(conn.sock)
+                    op, header, payload_len = conn.reader.header()
                     if op == "parts":
                         conn.arrivals.put(self._on_parts(conn, header, payload_len))  # blocks while the queue is full
                         continue
-                    wire.discard(conn.sock, payload_len)
+                    conn.reader.discard(payload_len)
                     if op == "finish":
                         conn.arrivals.put(_Finish(header["tid"], header["num_layers"]))
                     elif op == "abort":
@@ -318,7 +322,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
             self._drop(conn, reason)
 
     def _handshake(self, conn: _Conn) -> bool:
-        op, hello = wire.recv_frame(conn.sock)
+        op, hello = conn.reader.frame()
         try:
             if op != "hello":
                 raise ValueError(f"expected hello, got {op!r}")
@@ -397,7 +401,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
         if payload_len < ids_bytes:
             raise ConnectionError(f"parts message {header.seq}: payload of {payload_len} bytes cannot hold "
                                   "its block ids")
-        dsts = wire.recv_block_ids(conn.sock, header.dst_lens)
+        dsts = conn.reader.block_ids(header.dst_lens)
         msg = _Message(header.seq, [_InPart(tid, layer, dsts[d], runs, self._run_first(dsts[d], runs, tid))
                                     for tid, layer, d, runs in header.parts])
         in_place = self._receives_in_place()
@@ -645,25 +649,25 @@ class TcpReceiver(TransferRecords, KVReceiver):
         buffer, claimed runs into the cache (CPU), others into host buffers or dropped."""
         want = sum(len(p.dst) for p in msg.parts) * self._block_bytes
         if nbytes != want:
-            wire.discard(conn.sock, nbytes)
+            conn.reader.discard(nbytes)
             return f"payload of {nbytes} bytes after the block ids, want {want}"
         pin = self._stream is not None
         dtype = self.kv_caches[0].dtype
         for p in msg.parts:
             staged = None
             if p.num_staged:
-                buf = wire.recv_payload(conn.sock, p.num_staged * self._block_bytes, pin_memory=pin)
+                buf = conn.reader.payload(p.num_staged * self._block_bytes, pin_memory=pin)
                 staged = buf.view(dtype).view(self._staged_shape(p))
             runs = []
             for first, n in p.run_dst():
                 if p.claim is not None:  # CPU: in place
                     for half in self._kv[p.layer]:
-                        wire.recv_exact_into(conn.sock, wire.tensor_bytes(half[first:first + n]))
+                        conn.reader.into(wire.tensor_bytes(half[first:first + n]))
                 elif pin:  # CUDA: through host memory, written by the completer if the part passes
-                    buf = wire.recv_payload(conn.sock, n * self._block_bytes, pin_memory=True)
+                    buf = conn.reader.payload(n * self._block_bytes, pin_memory=True)
                     runs.append(buf.view(dtype).view(2, n, *self._block_shape))
                 else:  # CPU, may not land: dropped
-                    wire.discard(conn.sock, n * self._block_bytes)
+                    conn.reader.discard(n * self._block_bytes)
             p.data = _Arrived(staged, runs)
         return None
 

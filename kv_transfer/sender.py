@@ -184,6 +184,7 @@ class _Peer:
     """One connection to a receiver."""
     address: str
     sock: socket.socket
+    reader: wire.Reader  # every read on sock goes through it
     outbox: _Outbox = field(default_factory=_Outbox)
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
@@ -433,14 +434,15 @@ class TcpSender(TransferRecords, KVSender):
             sock.settimeout(wire.HANDSHAKE_TIMEOUT_S)
             wire.send_frame(sock, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": self.data_plane,
                                    "layout": self.layout.to_dict(), **self._hello_extras()})
-            op, reply = wire.recv_frame(sock)
+            reader = wire.Reader(sock)
+            op, reply = reader.frame()
             try:
                 self.layout.check_compatible(CacheLayout.from_dict(reply["layout"]))
             except LayoutMismatch as e:
                 raise LayoutMismatch(f"KV receiver at {address}: {e}") from None
             if op != "hello_ok":
                 raise TransferError(f"KV receiver at {address} refused the connection: {reply.get('reason')}")
-            peer = _Peer(address, sock)
+            peer = _Peer(address, sock, reader)
             self._connect_data_plane(peer, reply)
             sock.settimeout(None)
             return peer
@@ -563,7 +565,7 @@ class TcpSender(TransferRecords, KVSender):
         self._use_device()
         try:
             while True:
-                op, msg = wire.recv_frame(peer.sock)
+                op, msg = peer.reader.frame()
                 acked = None
                 with self._lock:
                     if op == "ack":

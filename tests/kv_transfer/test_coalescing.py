@@ -202,24 +202,25 @@ def test_bad_parts_messages_from_a_raw_sender():
     with receiver_cls(layout_of(dst), dst) as rx, socket.create_connection(wire.parse_address(rx.address)) as s:
         wire.send_frame(s, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": "tcp",
                             "layout": rx.layout.to_dict()})
-        assert wire.recv_frame(s)[0] == "hello_ok"
+        r = wire.Reader(s)
+        assert r.frame()[0] == "hello_ok"
         rx.expect("short", {0: [1, 2]})
         rx.expect("fine", {0: [3]})
         part = torch.ones(2, 1, 4, 2, 8)  # one block's worth, for a part that names two
         wire.send_frame(s, wire.pack_parts(0, [("short", 0, 0, ())], [2]),
                         [memoryview(wire.block_ids([1, 2], "dst")), wire.tensor_bytes(part)])
-        op, ack = wire.recv_frame(s)
+        op, ack = r.frame()
         assert op == "ack" and ack.seq == 0 and ack.failed[0][0] == 0 and "payload of" in ack.failed[0][1]
         assert rx.poll("short") == S.FAILED
         wire.send_frame(s, wire.pack_parts(1, [("fine", 0, 0, ())], [1]),
                         [memoryview(wire.block_ids([3], "dst")), wire.tensor_bytes(part)])
-        assert wire.recv_frame(s) == ("ack", wire.Ack(1, []))
+        assert r.frame() == ("ack", wire.Ack(1, []))
         assert rx.poll("fine") == S.DONE and torch.equal(dst[0][:, 3], part[:, 0])
 
         rx.expect("cut", {0: [5], 1: [5]})
         wire.send_frame(s, wire.pack_parts(2, [("cut", 0, 0, ())], [1]),
                         [memoryview(wire.block_ids([5], "dst")), wire.tensor_bytes(part)])
-        assert wire.recv_frame(s) == ("ack", wire.Ack(2, []))
+        assert r.frame() == ("ack", wire.Ack(2, []))
         wire.send_frame(s, wire.pack_parts(3, [("cut", 1, 7, ())], [1]))  # no list 7
         assert rx.wait("cut", 10) == S.FAILED and "disconnected" in rx.reason("cut")
         assert s.recv(1) == b""  # the receiver closed the connection

@@ -216,7 +216,7 @@ def test_sender_dies_mid_message_never_partial_write(pair):
     with socket.create_connection((host, port)) as s:
         wire.send_frame(s, {"op": "hello", "proto": wire.PROTO_VERSION, "data_plane": "tcp",
                             "layout": rx.layout.to_dict()})
-        assert wire.recv_frame(s)[0] == "hello_ok"
+        assert wire.Reader(s).frame()[0] == "hello_ok"
         s_blocks, d_blocks = plan[0]
         data = src[0][:, s_blocks].contiguous()
         payload = wire.tensor_bytes(data)
