@@ -207,19 +207,30 @@ def thread_role(name: str) -> str | None:
     return next((role for prefix, role in THREAD_ROLES if name.startswith(prefix)), None)
 
 
+def task_cpu_s(tid: int) -> float | None:
+    """A thread's CPU seconds so far (Linux /proc: schedstat in ns, else stat in clock ticks)."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # from field 3 (state) on
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process's transfer threads, by role (Linux /proc; the
-    threads of one role add up). No overhead on the threads themselves."""
+    """CPU seconds so far of this process's transfer threads, by role (the threads of one
+    role add up). Read from /proc: no overhead on the threads themselves."""
     out: dict[str, float] = {}
     for t in threading.enumerate():
         role = thread_role(t.name)
-        try:
-            with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
-                ns = int(f.read().split()[0])
-        except (OSError, ValueError):
-            continue
-        if role is not None:
-            out[role] = out.get(role, 0.0) + ns / 1e9
+        cpu = None if role is None else task_cpu_s(t.native_id)
+        if cpu is not None:
+            out[role] = out.get(role, 0.0) + cpu
     return out
 
 
@@ -290,10 +301,11 @@ class ThreadProfiles:
 
 def difference(after: dict, before: dict, transfers: int) -> dict:
     """after - before per key, per transfer (values: numbers or lists of numbers)."""
-    def sub(a, b):
-        return [(x - y) / transfers for x, y in zip(a, b)] if isinstance(a, list) else (a - b) / transfers
-    zero = {k: [0] * len(v) if isinstance(v, list) else 0 for k, v in after.items()}
-    return {k: sub(v, before.get(k, zero[k])) for k, v in after.items()}
+    def per(a, b):
+        if isinstance(a, list):
+            return [(x - y) / transfers for x, y in zip(a, b or [0] * len(a))]
+        return (a - (b or 0)) / transfers
+    return {k: per(v, before.get(k)) for k, v in after.items()}
 
 
 class Probe:

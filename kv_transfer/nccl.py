@@ -34,8 +34,8 @@ What changes is where a part's bytes travel:
              scratch; then goes on to the next header (up to `max_queued_messages`
              ahead), so the link always has recvs posted. The completer waits for each
              part in turn (polling with short sleeps, never spinning, so the reader gets
-             the GIL, and more slowly while later messages are queued behind: see
-             _poll_work; polling, so a dead sender is noticed on the TCP socket instead
+             the GIL, and more slowly while a later message's recvs are posted
+             behind it: see _poll_work; polling, so a dead sender is noticed on the TCP socket instead
              of hanging), settles its claim, enqueues the `index_copy_` of its staged
              blocks into kv_caches[layer][:, dst] on the receiver's stream, and acks the
              message once all its parts are handled; it synchronizes only for DONE and
@@ -158,9 +158,10 @@ def _poll_work(work, alive: Callable[[], bool], timeout: float, what: str,
     sleep(0) hands it over only if the waiter wins the race; otherwise the waiter waits
     out the 5 ms switch interval), and the reader thread of the same connection needs
     the GIL to post the next recvs. Each poll takes the GIL from that reader, so: 20 us
-    at first, doubling up to 100 us, or up to 400 us while `patient()` (later messages
-    are queued behind this one: the link is busy with them, and learning of this one's
-    completion late delays nothing). The peer is checked every 10 ms."""
+    at first, doubling up to 100 us, or up to 400 us while `patient()` (a later
+    message's recvs are posted behind this one: the link is busy with them, and
+    learning of this one's completion late delays nothing). The peer is checked every
+    10 ms."""
     start = checked = time.monotonic()
     delay = 2e-5
     while not work.is_completed():
@@ -314,15 +315,17 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
             pair.group = self._pg.make_group(store, RECEIVER_RANK, pair.prefix, self.pg_timeout)
             probe = torch.empty(1, dtype=torch.uint8, device=self.device)
             (work,) = pair.post([probe], send=False)
-            self._wait(conn, work, "warm-up recv")
+            self._wait(conn, work, -1, "warm-up recv")
 
     def _teardown_data_plane(self, conn: _Conn) -> None:
         if conn.data is not None:
             conn.data.abort()
 
-    def _wait(self, conn: _Conn, work, what: str) -> None:
+    def _wait(self, conn: _Conn, work, seq: int, what: str) -> None:
+        """Wait for a recv of parts message `seq`; patiently while a later message's recvs
+        are posted behind it (the link has work; not so for the last one, which DONE waits for)."""
         self._pg.wait(work, lambda: _socket_open(conn.sock), self.pg_timeout.total_seconds(), what,
-                      lambda: not conn.arrivals.empty())
+                      lambda: conn.last_started > seq)
 
     def _receives_in_place(self) -> bool:
         return True
@@ -359,15 +362,15 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
                 # first part to wait for it empties it (a work is waited for once: a second
                 # wait() on a gloo work never returns). Else: the part's own ops' works.
                 mine = works if pair.grouped else [next(per_op) for _ in ts]
-                p.data = (staged, ts, mine)  # ts: the scratch buffers live until the recvs are done
+                p.data = (staged, ts, mine, msg.seq)  # ts: the scratch buffers live until the recvs are done
         return None
 
     def _await_data(self, conn: _Conn, part: _InPart) -> _Arrived:
-        staged, _, works = part.data
+        staged, _, works, seq = part.data
         if works:  # grouped: only the message's first part waits
             with _on_device(self.device), _on_stream(self._stream):  # work.wait() orders this stream after the recv
                 while works:
-                    self._wait(conn, works[0], f"recv of {part.tid!r} layer {part.layer}")
+                    self._wait(conn, works[0], seq, f"recv of {part.tid!r} layer {part.layer}")
                     works.pop(0)
         return _Arrived(staged)
 

@@ -135,6 +135,7 @@ class _Conn:
     completer: threading.Thread | None = None
     data: Any = None  # the data plane's per-connection state (nccl: the process group)
     claims: set[_InPart] = field(default_factory=set)  # parts whose runs may still be landing
+    last_started: int = -1  # seq of the last parts message whose data the reader started moving
 
     def __post_init__(self) -> None:
         self.reader = wire.Reader(self.sock)
@@ -415,6 +416,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 if part.runs and in_place:
                     self._claim(conn, rec, part)
         msg.problem = self._take_data(conn, msg, payload_len - ids_bytes)
+        conn.last_started = msg.seq
         return msg
 
     def _run_first(self, dst_raw: bytes, runs: wire.Runs, tid: str) -> list[int]:
