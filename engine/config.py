@@ -207,6 +207,12 @@ def _rope(text: dict) -> tuple[float, RopeScaling | None]:
     )
 
 
+# --kv-cache-dtype -> the cache's torch dtype name (None: the model's dtype, DeviceConfig).
+# fp8 is e4m3 (float8_e4m3fn) with one fp32 scale for all K and one for all V of the
+# cache (kernels/kv_write.py): 1 byte an element, so twice the blocks of a 16-bit cache.
+KV_CACHE_DTYPES: dict[str, str | None] = {"auto": None, "fp8": "float8_e4m3fn"}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache. Block counts are per layer group: every layer of a group shares
@@ -218,8 +224,11 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.85  # share of free GPU memory the cache may take
     cpu_cache_gib: float = 1.0  # cache size on CPU when num_blocks is not given
+    kv_cache_dtype: str = "auto"  # a KV_CACHE_DTYPES key: "auto" (the model's dtype) or "fp8"
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         for name in ("num_blocks", "num_local_blocks"):
@@ -282,6 +291,11 @@ class EngineConfig:
     @property
     def max_model_len(self) -> int:
         return self.scheduler.max_model_len or self.model.max_position_embeddings
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        """The KV cache's torch dtype name: "float8_e4m3fn" for fp8, else the model's."""
+        return KV_CACHE_DTYPES[self.cache.kv_cache_dtype] or self.device.torch_dtype_name
 
 
 def cdiv(a: int, b: int) -> int:

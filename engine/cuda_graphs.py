@@ -11,7 +11,9 @@ call. A graph fixes shapes and addresses, so:
     per layer group, the slot mapping, block tables `[max_batch, W]` (int32), kv_start
     and kv_len. A step copies its numbers into their first rows;
   - rows past the real batch are padding: they write their K/V into a scratch block the
-    cache manager never hands out, attend to that one key, and their logits are dropped.
+    cache manager never hands out, attend to that one key, and their logits are dropped;
+  - an fp8 cache's `kv_scale` is the runner's own tensor, in every step's metadata at
+    capture and so at replay: the kernels read the scales from its memory on the device.
 
 Only steps where every row decodes one token run from a graph; prefills and mixed steps
 run eagerly. The ops must not sync the host inside a step (`ops.graph_safe`): TritonOps
@@ -39,12 +41,14 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], layer_group: list[str], chunk: int | None,
-                 block_size: int, scratch: dict[str, int], max_len: int, sizes: list[int], capture: bool = True):
+                 block_size: int, scratch: dict[str, int], max_len: int, sizes: list[int], capture: bool = True,
+                 kv_scale: torch.Tensor | None = None):
         """scratch: group -> a block id of that group's pool that nothing else uses.
-        max_len: the longest sequence (sizes the block tables' width)."""
+        max_len: the longest sequence (sizes the block tables' width). kv_scale: an fp8
+        cache's [2] (K, V) scales, the very tensor the eager steps use (None otherwise)."""
         self.model, self.kv_caches, self.layer_group = model, kv_caches, layer_group
         self.chunk, self.block_size, self.sizes = chunk, block_size, sorted(sizes)
-        self.capture = capture
+        self.capture, self.kv_scale = capture, kv_scale
         self.device = kv_caches[0].device
         self.max_batch = self.sizes[-1]
         self.width = -(-max_len // block_size) + 1
@@ -76,7 +80,7 @@ class DecodeGraphs:
     def _meta(self, grp: str, b: int) -> AttentionMetadata:
         dec = DecodeBatch(self.rows[:b], self.tables[grp][:b], self.kv_start[grp][:b], self.kv_len[grp][:b],
                           self.width * self.block_size)
-        return AttentionMetadata(self.slots[grp][:b], dec, [])
+        return AttentionMetadata(self.slots[grp][:b], dec, [], self.kv_scale)
 
     def _fill(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]], b: int) -> None:
         """Copy a step's numbers into rows [0, n) of the static buffers, and make rows

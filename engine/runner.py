@@ -3,6 +3,12 @@
 It owns the device side: the model's weights and the per-layer KV cache tensors
 (`[2, num_blocks, block_size, kv_heads, head_dim]`, one pool per layer group). The
 scheduler and the KV cache manager never see a tensor.
+
+The caches hold the model's dtype, or with `kv_cache_dtype="fp8"` e4m3 (float8_e4m3fn)
+read and written with one `[2]` fp32 (K scale, V scale) device tensor, `kv_scale`, that
+every layer's attention metadata carries: a cache entry is e4m3(clamp(x / scale, +-448))
+and reads back as entry * scale (kernels/kv_write.py). Half the bytes of bf16: twice the
+blocks in the same memory, half the bytes a decode step's attention reads.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ def plan_cache_blocks(cfg: EngineConfig, available_bytes: int) -> tuple[int, int
     """Split a byte budget between the global and local pools. The local pool needs at
     most a chunk (plus one step's new tokens) per running request; the rest is global."""
     m, cc, sc = cfg.model, cfg.cache, cfg.scheduler
-    elem = torch.finfo(DTYPES[cfg.device.torch_dtype_name]).bits // 8
+    elem = getattr(torch, cfg.kv_cache_dtype_name).itemsize  # 1 for fp8: twice the blocks of bf16
     per_layer_block = 2 * cc.block_size * m.num_kv_heads * m.head_dim * elem
     n_local, n_global = len(m.local_layers), len(m.global_layers)
     local = None
@@ -85,7 +91,17 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, ops):
         self.cfg = cfg
         self.device = torch.device(cfg.device.device)
-        self.dtype = DTYPES[cfg.device.torch_dtype_name]
+        self.dtype = DTYPES[cfg.device.torch_dtype_name]  # the weights' and activations'
+        self.cache_dtype = getattr(torch, cfg.kv_cache_dtype_name)
+        # An fp8 cache's (K, V) scales, one pair for every layer, read on the device by the
+        # kernels (so a CUDA graph replays with them; update in place, never rebind). 1.0:
+        # the cache holds K and V themselves rounded to e4m3, uncalibrated, as vLLM does
+        # for a checkpoint without calibrated scales. e4m3 reaches +-448 (anything beyond
+        # saturates) with 3 mantissa bits (up to 6.25% rounding error a value; below 2^-6
+        # the step is a fixed 2^-9). Llama 4's RoPE layers L2-normalise k, so their keys
+        # are O(1); other keys and the values are the projections' own outputs.
+        self.kv_scale = (torch.ones(2, dtype=torch.float32, device=self.device)
+                         if cfg.cache.kv_cache_dtype == "fp8" else None)
         self.model = load_model(cfg.model, cfg.model_dir, cfg.device.device, cfg.device.torch_dtype_name, ops)
         self.sampler = Sampler()
         self.num_blocks, self.num_local_blocks = plan_cache_blocks(cfg, self._available_cache_bytes())
@@ -99,13 +115,16 @@ class ModelRunner:
         # listed in expect(), and a sender reads only blocks prefill's manager handed out.
         self.scratch_block = {g: self.num_blocks if g == GLOBAL else self.num_local_blocks
                               for g in set(self.layer_group)}
+        # fp8 caches start as zero bytes (+0.0 in e4m3): filling an fp8 tensor need not be
+        # supported on every device.
+        alloc = torch.uint8 if self.kv_scale is not None else self.cache_dtype
         self.kv_caches = [
             torch.zeros(2, self.scratch_block[g] + 1, bs, m.num_kv_heads, m.head_dim,
-                        device=self.device, dtype=self.dtype)
+                        device=self.device, dtype=alloc).view(self.cache_dtype)
             for g in self.layer_group
         ]
-        log.info("KV cache: %d global blocks%s of %d tokens", self.num_blocks,
-                 f" + {self.num_local_blocks} local" if self.num_local_blocks else "", bs)
+        log.info("KV cache: %d global blocks%s of %d tokens, %s", self.num_blocks,
+                 f" + {self.num_local_blocks} local" if self.num_local_blocks else "", bs, cfg.kv_cache_dtype_name)
         self.graphs: DecodeGraphs | None = None
         # The last launched step's sampled ids, on the device, and each request's row in
         # them: a PENDING input token (async scheduling) is read from there.
@@ -123,7 +142,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.layer_group, cfg.model.attention_chunk_size,
                                        cfg.cache.block_size, self.scratch_block, max_len,
                                        graph_batch_sizes(min(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens)),
-                                       capture=capture)
+                                       capture=capture, kv_scale=self.kv_scale)
 
     def _available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -182,7 +201,8 @@ class ModelRunner:
                 return self._sample(self.graphs.replay(b, len(ids)), sampled_reqs, None)
         chunk = self.cfg.model.attention_chunk_size
         metas = {
-            g: build_metadata(s, self.cfg.cache.block_size, chunk if g == LOCAL else None, self.device)
+            g: build_metadata(s, self.cfg.cache.block_size, chunk if g == LOCAL else None, self.device,
+                              kv_scale=self.kv_scale)
             for g, s in spans.items()
         }
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)

@@ -39,7 +39,7 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.ops.rope_half(q, k, positions, self.inv_freq)
-        self.ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+        self.ops.write_kv(kv_cache, k, v, meta.slot_mapping, meta.kv_scale)
         o = self.ops.attention(q, kv_cache, meta, self.scale)
         return F.linear(o.reshape(t, -1), self.o_proj.weight)
 

@@ -57,7 +57,7 @@ class Llama4Attention(nn.Module):
             # Long-context NoPE layers sharpen attention with the absolute position.
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
             q = (q * scales[:, None, None]).to(q.dtype)
-        self.ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+        self.ops.write_kv(kv_cache, k, v, meta.slot_mapping, meta.kv_scale)
         o = self.ops.attention(q, kv_cache, meta, self.scale)
         return F.linear(o.reshape(t, -1), self.o_proj.weight)
 
