@@ -15,7 +15,7 @@ Messages (op):
               dst_lens   lists x u32: the length of each destination list
               parts      parts x (tid index u32, layer u32, list index u32, runs u32)
               runs       for each part in order, its runs x (offset u32, count u32)
-              tids       tids x (length u16, utf-8 bytes)
+              tids       tids x (length u32, utf-8 bytes)
             one message carries one or more *parts*: a part is one send_layer call,
             the layer's n blocks. Parts of several transfers may share a message.
             The payload starts with the distinct destination lists back to back as
@@ -251,7 +251,7 @@ def pack_parts(seq: int, parts: Sequence[tuple[str, int, int, Runs]], dst_lens: 
     names = [t.encode() for t in tids]
     return b"".join([_PARTS.pack(b"P", seq, len(dst_lens), len(parts), len(names)),
                      struct.pack(f"<{len(dst_lens) + len(rows) + len(runs)}I", *dst_lens, *rows, *runs),
-                     *(struct.pack("<H", len(n)) + n for n in names)])
+                     *(struct.pack("<I", len(n)) + n for n in names)])
 
 
 def parts_header(seq: int, parts: Sequence[tuple[str, int, bytes, Runs]]) -> tuple[bytes, list[memoryview]]:
@@ -279,9 +279,9 @@ def parse_parts(head: bytes) -> Parts:
         at += 8 * num_runs
         tids = []
         for _ in range(num_tids):
-            (n,) = struct.unpack_from("<H", head, at)
-            tids.append(head[at + 2:at + 2 + n].decode())
-            at += 2 + n
+            (n,) = struct.unpack_from("<I", head, at)
+            tids.append(head[at + 4:at + 4 + n].decode())
+            at += 4 + n
         ok = at == len(head) and num_parts > 0 and all(lens)
         parts, r = [], 0
         for j in range(0, len(rows), 4):

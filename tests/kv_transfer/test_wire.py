@@ -16,13 +16,13 @@ from kv_transfer import wire
 def test_parts_round_trip_and_shared_lists():
     a, b = wire.block_ids([7, 8, 9, 3], "dst"), wire.block_ids([1, 2], "dst")
     parts = [("req-1", 0, a, ((0, 3),)), ("req-2", 1, b, ()), ("req-1", 2, bytes(a), ((0, 2), (2, 2))),
-             ("ünï", 47, b, ((1, 1),))]
+             ("ünï", 47, b, ((1, 1),)), ("x" * 70_000, 3, b, ())]
     head, ids = wire.parts_header(5, parts)
     assert [bytes(i) for i in ids] == [a, b]  # equal lists travel once
     got = wire.parse_parts(head)
     assert got.seq == 5 and got.dst_lens == (4, 2)
     assert got.parts == [("req-1", 0, 0, ((0, 3),)), ("req-2", 1, 1, ()), ("req-1", 2, 0, ((0, 2), (2, 2))),
-                         ("ünï", 47, 1, ((1, 1),))]
+                         ("ünï", 47, 1, ((1, 1),)), ("x" * 70_000, 3, 1, ())]
 
 
 def test_ack_round_trip():
