@@ -136,12 +136,13 @@ def bench_transformers(model_dir: str, prompt_len: int, batches: list[int], new_
     return out
 
 
-def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], steps: int, prefill_len: int) -> dict:
+def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], steps: int, prefill_len: int,
+                 kv_cache_dtype: str = "auto") -> dict:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
     llm = LLM(model_dir, device="cuda", dtype="bfloat16", max_model_len=max(8192, prefill_len + 1024), max_num_seqs=max(batches),
-              max_num_batched_tokens=max(prefill_len, prompt_len * max(batches)), enable_prefix_caching=False, ops=ops)
+              max_num_batched_tokens=max(prefill_len, prompt_len * max(batches)), enable_prefix_caching=False, ops=ops, kv_cache_dtype=kv_cache_dtype)
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=2 * steps + 8, temperature=0, ignore_eos=True)
@@ -177,7 +178,7 @@ def bench_tandem(model_dir: str, ops: str, prompt_len: int, batches: list[int], 
         for rid in list(eng.scheduler.requests):
             eng.abort(rid)
     times = []
-    for _ in range(4):
+    for _ in range(6):  # single steps of ~50 ms swing by up to 50% on a card: median of five after warm-up
         eng.add_request(torch.randint(0, 200000, (prefill_len,), generator=g).tolist(), SamplingParams(max_tokens=1))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -204,6 +205,9 @@ def main() -> int:
     ap.add_argument("--hf-new-tokens", type=int, default=16, help="tokens transformers generates per timing")
     ap.add_argument("--prefill-len", type=int, default=8192, help="prompt tokens for the prefill timing")
     ap.add_argument("--batches", default="1,8,32,64", help="decode batch sizes, comma-separated")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="tandem's KV cache: the model dtype (auto) or fp8 e4m3 (the roofline still counts "
+                         "weight bytes only)")
     ap.add_argument("--skip-hf", action="store_true", help="do not time transformers")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args()
@@ -229,7 +233,8 @@ def main() -> int:
     runs = {}
     for ops in all_ops:
         print(f"tandem --ops {ops}", flush=True)
-        runs[ops] = bench_tandem(model_dir, ops, args.prompt_len, batches, args.steps, args.prefill_len)
+        runs[ops] = bench_tandem(model_dir, ops, args.prompt_len, batches, args.steps, args.prefill_len,
+                                 args.kv_cache_dtype)
 
     bw = ceil["copy_GBps"] * 1e9
     rows = []
