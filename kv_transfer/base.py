@@ -163,6 +163,18 @@ class CacheLayout:
                 raise ValueError(f"kv_caches[{i}]: must be contiguous")
 
 
+_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """`t` viewed as the integer dtype of its element size: the same elements, as bits. A
+    transfer moves bytes, never values, and index_select / index_copy_ exist for integer
+    dtypes on every device (index_copy_ has no fp8 kernel on CPU); the element count,
+    hence the speed of those kernels, stays that of `t`'s dtype. `t`'s last dimension
+    must be contiguous."""
+    return t.view(_RAW_DTYPES[t.element_size()])
+
+
 def check_blocks(kv_caches: Sequence[torch.Tensor], layer: int, blocks: Sequence[int], name: str) -> torch.Tensor:
     """ValueError naming `name` unless `blocks` are valid block ids of `layer`; returns them
     as a CPU int64 tensor. Vectorised: a 32k-token layer lists ~2,000 blocks, and a

@@ -261,13 +261,15 @@ class _Pair:
 
     def post(self, tensors: list[torch.Tensor], send: bool) -> list:
         """One p2p op per tensor, in order, on the current stream: sends to the receiver or
-        recvs from the sender. Returns their works: one per op, or one for the group."""
+        recvs from the sender. Returns their works: one per op, or one for the group.
+        Each op moves the tensor's bytes (a uint8 view): any cache dtype travels, fp8
+        included, which gloo has no type for (and NCCL only in recent builds)."""
         op, peer = (self.group.send, RECEIVER_RANK) if send else (self.group.recv, SENDER_RANK)
         if not self.grouped:
-            return [op([t], peer, TAG) for t in tensors]
+            return [op([t.view(torch.uint8)], peer, TAG) for t in tensors]
         self.group._start_coalescing()
         for t in tensors:
-            op([t], peer, TAG)  # inside a group torch returns no work per op
+            op([t.view(torch.uint8)], peer, TAG)  # inside a group torch returns no work per op
         return [self.group._end_coalescing()]
 
     def abort(self) -> None:

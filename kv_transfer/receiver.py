@@ -63,7 +63,7 @@ from typing import Any, Sequence
 import torch
 
 from kv_transfer import wire
-from kv_transfer.base import CacheLayout, KVReceiver, TransferStatus, check_blocks, TransferRecords
+from kv_transfer.base import CacheLayout, KVReceiver, TransferStatus, check_blocks, raw, TransferRecords
 
 log = logging.getLogger(__name__)
 S = TransferStatus
@@ -167,6 +167,7 @@ class TcpReceiver(TransferRecords, KVReceiver):
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
+        self._raw = [raw(c) for c in self.kv_caches]  # the caches as bits: what staged writes copy into (base.raw)
         self._kv = [(c[0], c[1]) for c in self.kv_caches]  # K and V of each layer, [num_blocks, bs, kvh, d]
         self.device = self.kv_caches[0].device
         self._block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
@@ -609,12 +610,12 @@ class TcpReceiver(TransferRecords, KVReceiver):
     def _write(self, layer: int, index: torch.Tensor, data: torch.Tensor) -> None:
         """Caller holds the lock. On CUDA the copy is enqueued on the receiver's stream and
         not waited for here (see _sync)."""
-        cache = self.kv_caches[layer]  # [2, num_blocks, bs, kvh, d]
+        cache = self._raw[layer]  # [2, num_blocks, bs, kvh, d] as bits
         if self._stream is None:
-            cache.index_copy_(1, index, data)
+            cache.index_copy_(1, index, raw(data))
             return
         with torch.cuda.stream(self._stream):
-            cache.index_copy_(1, index, data.to(self.device, non_blocking=True))
+            cache.index_copy_(1, index, raw(data).to(self.device, non_blocking=True))
 
     def _write_run(self, layer: int, first: int, data: torch.Tensor) -> None:
         """Caller holds the lock: a run that did not land in place ([2, n, bs, kvh, d],

@@ -74,7 +74,7 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import (CacheLayout, KVSender, LayoutMismatch, TransferError, TransferStatus,
-                              check_blocks, direct_runs, TransferRecords)
+                              check_blocks, direct_runs, raw, TransferRecords)
 
 log = logging.getLogger(__name__)
 S = TransferStatus
@@ -235,6 +235,7 @@ class TcpSender(TransferRecords, KVSender):
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
+        self._raw = [raw(c) for c in self.kv_caches]  # the caches as bits: what gathers copy (base.raw)
         self._kv = [(c[0], c[1]) for c in self.kv_caches]  # K and V of each layer, [num_blocks, bs, kvh, d]
         self.device = self.kv_caches[0].device
         self.connect_timeout = connect_timeout
@@ -645,7 +646,7 @@ class TcpSender(TransferRecords, KVSender):
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         """On the caller's stream; src_ids is already on the cache's device."""
-        return self.kv_caches[layer].index_select(1, src_ids)  # [2, m, bs, kvh, d], contiguous
+        return self._raw[layer].index_select(1, src_ids)  # [2, m, bs, kvh, d] as bits, contiguous
 
     def _run_views(self, layer: int, ids: _BlockIds) -> list[torch.Tensor]:
         """K and V of each direct run: contiguous views of the cache, no copy."""

@@ -133,6 +133,28 @@ def test_bf16_runs_round_trip(backend):
         assert rx.stats()["blocks_direct"] == count_blocks([plan], MIN)[0] >= 4 * 11
 
 
+def test_fp8_caches_travel_as_bytes(backend):
+    """fp8 caches (the engine's --kv-cache-dtype fp8): index_copy_ has no fp8 kernel on
+    CPU and gloo no fp8 type, so the data plane copies and sends bits; runs and staged
+    blocks both land byte for byte."""
+    fp8 = torch.float8_e4m3fn
+    src = [c.to(fp8) for c in make_caches(torch.float32, seed=79)]
+    dst = [c.to(fp8) for c in make_caches(torch.float32, seed=None)]
+    before = [c.clone() for c in dst]
+    plan = run_plan(79, lengths=(5, 1, 2, 1))
+    sender_cls, receiver_cls = DIRECT_BACKENDS[backend]
+    with receiver_cls(layout_of(src), dst) as rx, sender_cls(layout_of(src), src, min_direct_blocks=MIN) as tx:
+        rx.expect("t", dst_of(plan))
+        for layer, (s, d) in plan.items():
+            tx.send_layer(rx.address, "t", layer, s, d)
+        tx.finish(rx.address, "t", 4)
+        assert tx.wait("t", 20) == S.DONE, tx.reason("t")
+        stats = rx.stats()
+    as_bytes = lambda caches: [c.view(torch.uint8) for c in caches]  # fp8 has no == on CPU
+    check_written(as_bytes(dst), as_bytes(before), as_bytes(src), [plan])
+    assert stats["blocks_direct"] == 4 * 7 and stats["blocks_staged"] == 4 * 2
+
+
 @pytest.mark.parametrize("how", ["abort", "release"])
 def test_abort_and_release_wait_for_a_landing_direct_recv(gated_pair, how):
     """The message's recvs are posted and its runs claimed, but the completer (gated)
