@@ -94,6 +94,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     def _disaggregated(self, rid, ids, params, prefill_address, context):
         loop, eng = self.loop, self.loop.engine
+        t_in = time.perf_counter()
         with loop.lock:
             try:
                 req = eng.reserve(ids, params, rid)
@@ -133,10 +134,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             except grpc.RpcError as e:
                 error = e
                 break
+        t_answer = time.perf_counter()
         if error is None:
             status = self.receiver.wait(tid, 5.0)  # prefill answered after our ack: DONE already
             error = None if status.name == "DONE" else f"transfer {tid} ended {status.name}"
         self._drop_transfer(rid)
+        t_done = time.perf_counter()
         with loop.lock:
             if rid not in eng.scheduler.transferring:  # aborted meanwhile
                 return stream, PrefillStats(cached)
@@ -146,7 +149,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     lp = (resp.first_logprobs.chosen, [(t.token_id, t.logprob) for t in resp.first_logprobs.top])
                 loop.publish(eng.complete_transfer(rid, resp.first_token_id, lp))
                 loop.wake.notify_all()
-                return stream, PrefillStats(cached, len(ids) - cached, resp.bytes_sent, time.perf_counter() - t0)
+                t_out = time.perf_counter()
+                log.info("request %s: %d prompt tokens (%d cached); reserve + request %.1f ms, Prefill RPC %.1f ms, "
+                         "transfer close %.1f ms, first token out %.1f ms", rid, len(ids), cached,
+                         1e3 * (t0 - t_in), 1e3 * (t_answer - t0), 1e3 * (t_done - t_answer), 1e3 * (t_out - t_done))
+                return stream, PrefillStats(cached, len(ids) - cached, resp.bytes_sent, t_out - t0)
             msg = error.details() if isinstance(error, grpc.RpcError) else error
             if self.recompute:
                 log.warning("request %s: prefill at %s failed (%s); recomputing here", rid, prefill_address, msg)
