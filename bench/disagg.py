@@ -74,8 +74,10 @@ def main() -> int:
     common = ["--model", model, "--port", "0", "--kv-transport", "nccl", "--max-model-len", "16384",
               "--max-num-batched-tokens", "8192", "--no-prefix-caching", "--log-level", "WARNING",
               "--gpu-memory-utilization", "0.5", "--ops", args.ops]
-    p, p_addr, p_log = start("prefill_service", *common, "--device", "cuda:0")
-    d, d_addr, d_log = start("decode_service", *common, "--device", "cuda:1", "--local-prefill-threshold", "0")
+    # INFO: each service logs one line per request with where its time went (parsed below).
+    p, p_addr, p_log = start("prefill_service", *common, "--device", "cuda:0", "--log-level", "INFO")
+    d, d_addr, d_log = start("decode_service", *common, "--device", "cuda:1", "--local-prefill-threshold", "0",
+                             "--log-level", "INFO")
     try:
         wait_healthy(p_addr)
         wait_healthy(d_addr)
@@ -126,6 +128,20 @@ def main() -> int:
         rest = [s[0] - last.prefill_seconds for s, _, last in res["disaggregated"]]
         print(f"| disaggregated: TTFT minus that wait | {1e3 * statistics.median(rest):.1f} ms | "
               f"{1e3 * pct(rest, 0.99):.1f} ms |")
+        time.sleep(0.5)  # the services' last log lines
+        parts = [m.groups() for m in (re.search(r"reserve \+ request ([\d.]+) ms, Prefill RPC ([\d.]+) ms, transfer "
+                                                r"close ([\d.]+) ms, first token out ([\d.]+) ms", x) for x in d_log) if m]
+        pushed = [float(m.group(1)) for m in (re.search(r"pushed from position \d+ in ([\d.]+) ms", x) for x in p_log) if m]
+        names = ("decode: reserve + build the Prefill request", "decode: Prefill RPC", "decode: close the transfer",
+                 "decode: publish the first token")
+        for k, name in enumerate(names):
+            xs = [float(g[k]) for g in parts[-args.requests:]]
+            if xs:
+                print(f"| {name} | {statistics.median(xs):.1f} ms | {pct(xs, 0.99):.1f} ms |")
+        if pushed:
+            xs = pushed[-args.requests:]
+            print(f"| prefill service: request in -> transfer DONE | {statistics.median(xs):.1f} ms | "
+                  f"{pct(xs, 0.99):.1f} ms |")
     finally:
         for proc in (d, p):
             proc.terminate()
@@ -134,7 +150,7 @@ def main() -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        tail = [x for x in (p_log + d_log) if "Traceback" in x or "ERROR" in x or "WARNING" in x]
+        tail = [x for x in (p_log + d_log) if "Traceback" in x or "ERROR" in x or " WARNING " in x]
         if tail:
             print("service log lines:", "".join(tail[-20:]))
     return 0
