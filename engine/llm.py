@@ -18,7 +18,9 @@ So outputs come one step later, and a request that stops at step N (EOS, a stop
 string) has computed step N+1 too: that token is dropped, its KV slot freed with the
 request's blocks. One that must end at step N (max_tokens, max_model_len) is not
 scheduled again. A step that samples a prompt's first token is read back at once, so
-time to first token does not wait a step. Greedy results are the same either way.
+time to first token does not wait a step. Greedy results are the same either way; a
+sampled request can part in the last bits where a stopped request's extra row changed
+the batch its logits were computed in.
 
 `LLMEngine` is the step-by-step interface the services drive; `LLM` is the offline
 batch API (`LLM(model_dir).generate(prompts, SamplingParams(...))`).
@@ -207,7 +209,8 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or self._inflight is not None
+        """A request is live (an in-flight step whose requests all ended is not one)."""
+        return self.scheduler.has_unfinished
 
     @property
     def has_work(self) -> bool:
@@ -224,6 +227,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return self._read_back()
+        # A prompt's first token goes out at once, not a step late (it samples with no output yet).
+        first_token = any(c.samples and not c.request.output_token_ids for c in plan.chunks)
         launched = self.runner.launch(plan)
         results = self._read_back()  # the previous step's tokens, while this one runs
         self.scheduler.update(plan, None)
@@ -234,8 +239,8 @@ class LLMEngine:
                 req.last_token_pending = (len(req.output_token_ids) >= p.max_tokens
                                           or req.num_tokens >= self.max_model_len)
         self._inflight = (plan, launched)
-        if any(c.samples and c.num_tokens > 1 for c in plan.chunks):
-            results += self._read_back()  # a prompt's first token goes out now, not a step late
+        if first_token:
+            results += self._read_back()
         elif self.check_integrity_each_step:
             self.scheduler.check_integrity()
         return results
@@ -293,7 +298,9 @@ class LLMEngine:
         through the scheduler as any request is (chunked under the token budget). For
         parity checks and scoring; run it on an idle engine."""
         if self._inflight is not None:
-            raise RuntimeError("prompt_logits: a launched step has not been read back; run it on an idle engine")
+            if self.scheduler.has_unfinished:
+                raise RuntimeError("prompt_logits: requests are running; run it on an idle engine")
+            self._read_back()  # a step of requests that have all ended (stopped a step late)
         rid = self.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
         req = self.scheduler.requests[rid]
         rows = []

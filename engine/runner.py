@@ -210,8 +210,12 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, [metas[g] for g in self.layer_group], on_layer)
         every = self.model.compute_logits(hidden).float() if all_logits else None
-        if not sampled_reqs:
-            return LaunchedStep([], torch.zeros(0, dtype=torch.long), None, {}, every)
+        if not sampled_reqs:  # still an event: reserve() waits for this step's KV writes
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+            return LaunchedStep([], torch.zeros(0, dtype=torch.long), done, {}, every)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]).float()
         return self._sample(logits, sampled_reqs, every)
 
