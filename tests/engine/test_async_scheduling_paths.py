@@ -4,20 +4,10 @@ chunked prefill beside PENDING decodes, an id reused while its old step is in fl
 and the decode role's reserve / complete_transfer between async steps. (The first two
 failed before the fix in the commit that added this file.)"""
 
-from engine.llm import LLM
 from engine.request import PENDING
 from engine.sampling import SamplingParams
 
-PROMPTS = [list(range(100, 100 + n)) for n in (5, 30, 47, 70, 3)]
-
-
-def _llm(path, async_scheduling, **kw):
-    kw = {"num_blocks": 96, "max_model_len": 256, "max_num_seqs": 8, **kw}
-    return LLM(path, async_scheduling=async_scheduling, check_integrity=True, **kw)
-
-
-def _fields(outs):
-    return [(o.token_ids, o.text, o.finish_reason, o.stop_reason, o.logprobs) for o in outs]
+from tests.engine.test_async_scheduling import PROMPTS, _fields, _llm
 
 
 def _drain(eng):

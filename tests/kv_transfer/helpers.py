@@ -151,6 +151,14 @@ def dst_of(plan) -> dict[int, list[int]]:
     return {layer: dst for layer, (_, dst) in plan.items()}
 
 
+def send_plan(tx, rx, plan, transfer_id: str = "t") -> None:
+    """The receiver expects the plan's destination blocks; the sender sends each layer."""
+    rx.expect(transfer_id, dst_of(plan))
+    tx.connect(rx.address)
+    for layer, (s, d) in plan.items():
+        tx.send_layer(rx.address, transfer_id, layer, s, d)
+
+
 def plan_to_json(plan) -> str:
     return json.dumps({str(k): v for k, v in plan.items()})
 

@@ -17,7 +17,7 @@ import torch
 from kv_transfer import TcpReceiver, TransferStatus as S, wire
 from kv_transfer.base import direct_runs
 from tests.kv_transfer.helpers import (DIRECT_BACKENDS, check_written, count_blocks, dst_of, eventually, gated,
-                                       layout_of, make_caches, run_plan)
+                                       layout_of, make_caches, run_plan, send_plan)
 
 MIN = 2  # min_direct_blocks in these tests: runs of 2+ go direct
 
@@ -124,9 +124,7 @@ def test_bf16_runs_round_trip(backend):
     plan = run_plan(73, lengths=(6, 1, 5))
     sender_cls, receiver_cls = DIRECT_BACKENDS[backend]
     with receiver_cls(layout_of(src), dst) as rx, sender_cls(layout_of(src), src, min_direct_blocks=MIN) as tx:
-        rx.expect("t", dst_of(plan))
-        for layer, (s, d) in plan.items():
-            tx.send_layer(rx.address, "t", layer, s, d)
+        send_plan(tx, rx, plan)
         tx.finish(rx.address, "t", 4)
         assert tx.wait("t", 20) == S.DONE, tx.reason("t")
         check_written(dst, before, src, [plan])
@@ -144,9 +142,7 @@ def test_fp8_caches_travel_as_bytes(backend):
     plan = run_plan(79, lengths=(5, 1, 2, 1))
     sender_cls, receiver_cls = DIRECT_BACKENDS[backend]
     with receiver_cls(layout_of(src), dst) as rx, sender_cls(layout_of(src), src, min_direct_blocks=MIN) as tx:
-        rx.expect("t", dst_of(plan))
-        for layer, (s, d) in plan.items():
-            tx.send_layer(rx.address, "t", layer, s, d)
+        send_plan(tx, rx, plan)
         tx.finish(rx.address, "t", 4)
         assert tx.wait("t", 20) == S.DONE, tx.reason("t")
         stats = rx.stats()
@@ -162,10 +158,7 @@ def test_abort_and_release_wait_for_a_landing_direct_recv(gated_pair, how):
     no byte of the transfer lands after."""
     tx, rx, src, dst, before = gated_pair
     plan = run_plan(74, lengths=(5, 1, 4))
-    rx.expect("t", dst_of(plan))
-    tx.connect(rx.address)
-    for layer, (s, d) in plan.items():
-        tx.send_layer(rx.address, "t", layer, s, d)
+    send_plan(tx, rx, plan)
     tx.gate.set()
     eventually(lambda: rx.poll("t") == S.TRANSFERRING, what="header read")
     returned = threading.Event()
@@ -292,10 +285,7 @@ def test_fence_copies_queued_runs_before_their_blocks_are_reused(gated_pair):
     tx, rx, src, dst, before = gated_pair
     plan = run_plan(76, lengths=(4, 1, 3))
     original = [c.clone() for c in src]
-    rx.expect("t", dst_of(plan))
-    tx.connect(rx.address)
-    for layer, (s, d) in plan.items():
-        tx.send_layer(rx.address, "t", layer, s, d)
+    send_plan(tx, rx, plan)
     tx.finish(rx.address, "t", 4)
     tx.fence()
     assert tx.stats()["parts_fenced"] == 4
@@ -314,10 +304,7 @@ def test_fence_waits_for_runs_already_sent(gated_pair):
     returns only once the message is acked."""
     tx, rx, src, dst, before = gated_pair
     plan = run_plan(77, lengths=(4, 1, 3))
-    rx.expect("t", dst_of(plan))
-    tx.connect(rx.address)
-    for layer, (s, d) in plan.items():
-        tx.send_layer(rx.address, "t", layer, s, d)
+    send_plan(tx, rx, plan)
     tx.gate.set()
     eventually(lambda: tx.stats()["messages_sent"] == 1, what="message sent")
     returned = threading.Event()
@@ -335,10 +322,7 @@ def test_fence_waits_for_runs_already_sent(gated_pair):
 def test_sender_abort_drops_queued_direct_parts(gated_pair):
     tx, rx, src, dst, before = gated_pair
     plan = run_plan(78, lengths=(4, 1, 3))
-    rx.expect("t", dst_of(plan))
-    tx.connect(rx.address)
-    for layer, (s, d) in plan.items():
-        tx.send_layer(rx.address, "t", layer, s, d)
+    send_plan(tx, rx, plan)
     tx.abort("t")
     tx.gate.set()
     rx.gate.set()
