@@ -169,8 +169,3 @@ class DecodeGraphs:
             return self._forward(b)[:n].float()
         self.graphs[b].replay()
         return self.logits[:n]
-
-    def run(self, ids: list[int], positions: list[int], spans: dict[str, list[SeqSpan]]) -> torch.Tensor | None:
-        """prepare + replay: the logits, or None when the step does not fit."""
-        b = self.prepare(ids, positions, spans)
-        return None if b is None else self.replay(b, len(ids))

@@ -211,13 +211,17 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, [metas[g] for g in self.layer_group], on_layer)
         every = self.model.compute_logits(hidden).float() if all_logits else None
         if not sampled_reqs:  # still an event: reserve() waits for this step's KV writes
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
-            return LaunchedStep([], torch.zeros(0, dtype=torch.long), done, {}, every)
+            return LaunchedStep([], torch.zeros(0, dtype=torch.long), self._step_done(), {}, every)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]).float()
         return self._sample(logits, sampled_reqs, every)
+
+    def _step_done(self) -> torch.cuda.Event | None:
+        """An event after everything queued so far (None on CPU, where nothing is queued)."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def _fill_pending(self, input_ids: torch.Tensor, rows: list[int], src: list[int]) -> None:
         """input_ids[rows] = the last launch's sampled ids[src], on the device."""
@@ -242,8 +246,7 @@ class ModelRunner:
         if tokens.device.type == "cuda":
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            done = self._step_done()
             tokens = host
         logprobs = {}
         if out.logprobs is not None:
