@@ -25,6 +25,11 @@ process. Rows:
   tandem nccl, fragmented pool   src ids shuffled, dst ids descending: no run at all, every
                                  block staged (gathered, sent, scattered), as before
                                  direct runs existed; ops grouped
+  fresh pool, writer thread only  the same with every message written by the sender's
+                                 writer thread (NcclSender.write_inline = False)
+  ..., torch ProcessGroupNCCL    (GPU only, first) the fresh and fragmented rows with the
+                                 pair's ops posted through torch.distributed
+                                 (pg_backend "nccl-torch") instead of NCCL through ctypes
 For each tandem row: first send_layer of a transfer -> DONE on both sides (the later of
 the two); send_layer called back to back for every layer with fresh slices of one block
 table per layer group (as prefill does), then finish. Rows that group alike share one
@@ -69,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kv_transfer import CacheLayout, NcclReceiver, NcclSender  # noqa: E402
 from kv_transfer.sender import DIRECT_MIN_K_BYTES  # noqa: E402
+from protos.grpc_server import GIL_SWITCH_INTERVAL_US  # noqa: E402
 
 BS, CHUNK = 16, 8192  # tokens per block, Scout's attention chunk
 GPU_HEADS = (8, 128)  # Scout: KV heads x head dim; bf16 blocks of 64 KiB (K and V, one layer)
@@ -100,6 +106,9 @@ class Config:
     cpu: bool
     profile: bool
     min_direct_blocks: int | None  # the sender's option; None: its default (on CPU: the GPU run's)
+    message_blocks: int = GPU_MESSAGE_BLOCKS  # the sender's coalescing cap, in blocks
+    timeline: bool = False  # print the last transfer's stage timeline per row
+    switch_interval_us: int | None = None  # sys.setswitchinterval in both processes; None: Python's
 
     @property
     def heads(self) -> tuple[int, int]:
@@ -111,7 +120,7 @@ class Config:
 
     @property
     def max_message_bytes(self) -> int:
-        return GPU_MESSAGE_BLOCKS * self.block_bytes
+        return self.message_blocks * self.block_bytes
 
     def device(self, rank: int) -> str:
         return "cpu" if self.cpu else f"cuda:{rank}"
@@ -126,13 +135,28 @@ class Variant:
     name: str
     ids: str  # "consecutive" (a fresh pool) or "fragmented"
     group_ops: bool  # NcclReceiver.group_ops
+    pg_backend: str = "nccl"  # the pair's group (kv_transfer.nccl.PG_BACKENDS); GPU only
+    write_inline: bool = True  # NcclSender.write_inline: the caller writes when the link is idle
+
+    @property
+    def pair(self) -> tuple[bool, str]:
+        """Rows with the same pair settings share one sender/receiver pair."""
+        return self.group_ops, self.pg_backend
 
 
-# Rows in this order (one launch per op first: the calls the staged path always made);
-# consecutive rows that group alike share one sender/receiver pair.
-VARIANTS = (Variant("fresh pool, ungrouped", "consecutive", False),
+# Rows in this order: torch's ProcessGroupNCCL first (the data plane before ctypes NCCL),
+# then the default; consecutive rows with the same pair settings share one pair.
+VARIANTS = (Variant("fresh pool, torch ProcessGroupNCCL", "consecutive", True, "nccl-torch"),
+            Variant("fragmented pool, torch ProcessGroupNCCL", "fragmented", True, "nccl-torch"),
+            Variant("fresh pool, ungrouped", "consecutive", False),
+            Variant("fresh pool, writer thread only", "consecutive", True, write_inline=False),
             Variant("fresh pool", "consecutive", True),
             Variant("fragmented pool", "fragmented", True))
+CPU_VARIANTS = tuple(v for v in VARIANTS if v.pg_backend == "nccl")  # --cpu: gloo stands in for both
+
+
+def variants(cfg) -> tuple[Variant, ...]:
+    return CPU_VARIANTS if cfg.cpu else VARIANTS
 
 
 def block_tables(blocks: dict[int, int], ids: str) -> dict[int, tuple[list[int], list[int]]]:
@@ -170,6 +194,7 @@ def coalesced_groups(blocks: dict[int, int], cap: int, nbytes_per_block: int) ->
 
 
 STAGES: dict[str, list[float]] = {}  # stage -> [wall s, thread CPU s, calls], per process
+TRACE: list[tuple[str, float, float]] = []  # (stage, start, end) wall times of the current transfer, per process
 SKIP_CODES: set = set()  # the stage timers' code: left out of profiles
 
 
@@ -180,14 +205,16 @@ def timed(cls, name: str) -> None:
     fn = getattr(cls, name)
 
     def wrapper(*a, **k):
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = time.time(), time.thread_time()
         try:
             return fn(*a, **k)
         finally:
+            t1 = time.time()
             st = STAGES.setdefault(name, [0.0, 0.0, 0])
-            st[0] += time.perf_counter() - t0
+            st[0] += t1 - t0
             st[1] += time.thread_time() - c0
             st[2] += 1
+            TRACE.append((name, t0, t1))
 
     SKIP_CODES.add(wrapper.__code__)
     setattr(cls, name, wrapper)
@@ -389,19 +416,23 @@ def by_path(before: dict[str, int], after: dict[str, int], transfers: int) -> di
 
 
 def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
+    if cfg.switch_interval_us:
+        sys.setswitchinterval(cfg.switch_interval_us / 1e6)
     raw_rows(cfg, 1, port, results)
     for name in RECEIVER_STAGES:
         timed(NcclReceiver, name)
     probe = Probe(cfg, NcclReceiver, ("_serve", "_complete_loop"), ("expect", "wait", "release"))
     kv = caches(cfg, 1)
-    rx = None
-    for v in VARIANTS:
-        if rx is None or rx.group_ops != v.group_ops:  # a new pair: the receiver groups or not at connect
+    rx, pair = None, None
+    for v in variants(cfg):
+        if rx is None or pair != v.pair:  # a new pair: the receiver groups or not at connect
             if rx is not None:
                 assert to_receiver.get() == "closed"  # the sender hung up first: no 'connection lost' noise
                 rx.close()
             rx = (GlooReceiver if cfg.cpu else NcclReceiver)(CacheLayout.from_caches("bench", kv), kv)
-            rx.group_ops = v.group_ops
+            rx.group_ops, pair = v.group_ops, v.pair
+            if not cfg.cpu:
+                rx.pg_backend = v.pg_backend
             to_sender.put(rx.address)
         tables = block_tables(cfg.blocks, v.ids)
         STAGES.clear()
@@ -410,9 +441,10 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             if r == 1:
                 probe.begin()
             tid = f"{v.name}-{r}"
+            TRACE.clear()
             rx.expect(tid, {i: tables[n][1][:n] for i, n in cfg.blocks.items()})
             prof = None
-            if cfg.profile and not cfg.cpu and r == cfg.reps and v == VARIANTS[0]:
+            if cfg.profile and not cfg.cpu and r == cfg.reps and v.name == "fresh pool":
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                           torch.profiler.ProfilerActivity.CUDA])
                 prof.__enter__()
@@ -431,29 +463,34 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
                 allocs = device_allocs(cfg, 1)
         results.put(("stages", v.name, "receiver", per_transfer(STAGES, cfg.reps + 1),
                      (device_allocs(cfg, 1) - allocs) / cfg.reps, by_path(counts, rx.stats(), cfg.reps + 1),
-                     *probe.end(cfg.reps)))
+                     *probe.end(cfg.reps), list(TRACE)))
     assert to_receiver.get() == "closed"
     rx.close()
 
 
 def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
+    if cfg.switch_interval_us:
+        sys.setswitchinterval(cfg.switch_interval_us / 1e6)
     raw_rows(cfg, 0, port, results)
     for name in SENDER_STAGES:
         timed(NcclSender, name)
     probe = Probe(cfg, NcclSender, ("_write_loop", "_read_loop"), ("send_layer", "finish", "wait", "release"))
     kv = caches(cfg, 0)
-    tx, grouped = None, None
-    for v in VARIANTS:
-        if tx is None or grouped != v.group_ops:  # the receiver opened a new pair
+    tx, pair = None, None
+    for v in variants(cfg):
+        if tx is None or pair != v.pair:  # the receiver opened a new pair
             if tx is not None:
                 tx.close()
                 to_receiver.put("closed")
             tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv,
                                                          min_direct_blocks=cfg.min_direct_blocks)
             tx.max_message_bytes = cfg.max_message_bytes
-            grouped = v.group_ops
+            if not cfg.cpu:
+                tx.pg_backend = v.pg_backend
+            pair = v.pair
             address = to_sender.get()
             tx.connect(address)
+        tx.write_inline = v.write_inline
         tables = block_tables(cfg.blocks, v.ids)
         STAGES.clear()
         counts = tx.stats()
@@ -465,6 +502,7 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             messages = tx.stats()["messages_sent"]
             # fresh slices of the tables per call, as prefill_service/push.py passes them
             cfg.sync()
+            TRACE.clear()
             t0 = time.time()
             for i, n in cfg.blocks.items():
                 src, dst = tables[n]
@@ -480,7 +518,7 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
                 allocs = device_allocs(cfg, 0)
         results.put(("stages", v.name, "sender", per_transfer(STAGES, cfg.reps + 1),
                      (device_allocs(cfg, 0) - allocs) / cfg.reps, by_path(counts, tx.stats(), cfg.reps + 1),
-                     *probe.end(cfg.reps)))
+                     *probe.end(cfg.reps), list(TRACE)))
     tx.close()
     to_receiver.put("closed")
 
@@ -511,6 +549,18 @@ def row_of(cfg: Config, reps: dict, stages: dict, allocs: dict, paths: dict, cpu
             "stages_s": stages, "device_allocs": allocs, "blocks": paths, "thread_cpu_s": cpu}
 
 
+def print_timeline(traces: dict[str, list], rep: dict) -> None:
+    """The last timed transfer's stages on one clock, in ms from the first send_layer:
+    each stage's calls as start-end, in call order (where the link waited on whom)."""
+    t0, done = rep["tx"][4], max(rep["tx"][5], rep["rx"][4])
+    print(f"  timeline of the last transfer (ms from the first send_layer; DONE at {1e3 * (done - t0):.2f}):")
+    for side, names in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
+        for name in names:
+            spans = [(a, b) for n, a, b in traces.get(side, []) if n == name]
+            if spans:
+                print(f"    {side} {name}: " + " ".join(f"{1e3 * (a - t0):.2f}-{1e3 * (b - t0):.2f}" for a, b in spans))
+
+
 def print_profile(side: str, stats: dict, messages: float, top: int = 10) -> None:
     """Each thread's top functions by own CPU, per parts message."""
     for role in sorted({role for role, _ in stats}):
@@ -531,8 +581,8 @@ def run(cfg: Config) -> dict:
     procs = [ctx.Process(target=fn, args=(cfg, port, to_sender, to_receiver, results)) for fn in (sender, receiver)]
     for p in procs:
         p.start()
-    raw, tandem, stages, allocs, paths, cpu, profiles, rows = {}, {}, {}, {}, {}, {}, {}, {}
-    expected = 2 + 2 * len(VARIANTS) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
+    raw, tandem, stages, allocs, paths, cpu, profiles, rows, traces = {}, {}, {}, {}, {}, {}, {}, {}, {}
+    expected = 2 + 2 * len(variants(cfg)) * (cfg.reps + 2)  # raw rows; per variant: tx and rx per rep, stages of each
     for _ in range(expected):
         m = next_result(results, procs)
         if m[0] == "raw":
@@ -551,6 +601,7 @@ def run(cfg: Config) -> dict:
             paths.setdefault(m[1], {})[m[2]] = m[5]
             cpu.setdefault(m[1], {})[m[2]] = m[6]
             profiles.setdefault(m[1], {})[m[2]] = m[7]
+            traces.setdefault(m[1], {})[m[2]] = m[8]
             if len(paths[m[1]]) == 2:  # both sides are done with this row
                 r = rows[m[1]] = row_of(cfg, tandem[m[1]], stages[m[1]], allocs[m[1]], paths[m[1]], cpu[m[1]])
                 b = r["blocks"]["sender"]
@@ -579,6 +630,8 @@ def run(cfg: Config) -> dict:
         for side in ("sender", "receiver"):
             if profiles[variant][side]:
                 print_profile(side, profiles[variant][side], msgs)
+        if cfg.timeline:
+            print_timeline(traces[variant], tandem[variant][cfg.reps])
     return {"bytes": nbytes, "raw": raw, "tandem": rows}
 
 
@@ -590,19 +643,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-direct-blocks", type=int,
                     help=f"the sender's shortest direct run (default: its own on GPUs, 2 MiB of K = "
                          f"{GPU_MIN_DIRECT_BLOCKS} blocks; the same {GPU_MIN_DIRECT_BLOCKS} with --cpu)")
+    ap.add_argument("--max-message-mib", type=int,
+                    help=f"the sender's coalescing cap on GPUs (default {NcclSender.max_message_bytes >> 20} MiB, "
+                         "its own; --cpu keeps the same cap in blocks)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print each row's last transfer as a timeline of its stages on both sides")
+    ap.add_argument("--switch-interval-us", type=int, default=GIL_SWITCH_INTERVAL_US,
+                    help="the GIL switch interval of both processes (sys.setswitchinterval; default "
+                         f"{GIL_SWITCH_INTERVAL_US}, what the services set; Python's own is 5000)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="GPUs: a torch.profiler table of the receiver's last transfer of the first tandem row; "
                          "--cpu: each thread's top functions (cProfile, CPU time) per parts message")
     ap.add_argument("--cpu", action="store_true", help="CPU tensors with gloo, 512 B blocks (no GPU needed)")
     args = ap.parse_args(argv)
-    if args.reps < 1 or args.tokens < 1 or args.layers < 1 or (args.min_direct_blocks or 1) < 1:
-        ap.error("--reps, --tokens, --layers and --min-direct-blocks must be >= 1")
+    if min(args.reps, args.tokens, args.layers, args.min_direct_blocks or 1, args.max_message_mib or 1) < 1:
+        ap.error("--reps, --tokens, --layers, --min-direct-blocks and --max-message-mib must be >= 1")
     if not args.cpu and torch.cuda.device_count() < 2:
         ap.error(f"needs 2 GPUs, found {torch.cuda.device_count()} (use --cpu for a smoke run)")
     tokens, layers = args.tokens, args.layers
     min_direct = args.min_direct_blocks or (GPU_MIN_DIRECT_BLOCKS if args.cpu else None)
-    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile, min_direct)
+    message_blocks = GPU_MESSAGE_BLOCKS
+    if args.max_message_mib:
+        message_blocks = max(1, (args.max_message_mib << 20) // block_bytes(GPU_HEADS))
+    cfg = Config(plan(tokens, layers), args.reps, args.cpu, args.profile, min_direct, message_blocks,
+                 args.timeline, args.switch_interval_us)
     where = "CPU, gloo" if args.cpu else f"{torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}"
     print(f"{where}; {tokens} tokens, {layers} layers; torch {torch.__version__}", flush=True)
     out = run(cfg)

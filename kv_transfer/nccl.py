@@ -9,9 +9,12 @@ What changes is where a part's bytes travel:
   pair set-up (once per connection, i.e. per sender-GPU / receiver-GPU pair):
     the receiver answers the hello with the port of a fresh `TCPStore` it hosts for this
     connection alone, a unique key prefix, and whether the pair groups its ops (below);
-    both sides build a 2-rank `ProcessGroupNCCL` on that store (rank 0 = sender, rank 1
-    = receiver) and exchange a one-element warm-up send/recv, posted the way data will
-    be, so NCCL communicator set-up (and its errors) happen at connect time rather than
+    both sides build a 2-rank NCCL communicator through that store (rank 0 = sender,
+    rank 1 = receiver): by default NCCL called through ctypes (nccl_lib.py: the receiver
+    publishes the unique id in the store), or torch's `ProcessGroupNCCL` (pg_backend
+    "nccl-torch", tens of microseconds more per op); the hello names the kind
+    ("nccl/<pg_backend>"), so a mismatch is refused before either side builds one.
+    They exchange a one-element warm-up send/recv, posted the way data will be, so NCCL communicator set-up (and its errors) happen at connect time rather than
     inside the first transfer. There is no global world: each pair's group is private,
     made on first contact and reused for every later transfer.
   a parts message (several layers, maybe of several transfers; see sender.py):
@@ -51,9 +54,9 @@ What changes is where a part's bytes travel:
     to keep that order, then dropped.
 
   grouped ops (`group_ops`, the receiver's choice, told to the sender at hello): a
-    message's ops are posted as one NCCL group (torch's `_start_coalescing` /
-    `_end_coalescing` on the pair's group: ncclGroupStart/End), one launch and one work
-    for the lot instead of one per op; a direct run doubles a part's ops (K and V), so
+    message's ops are posted as one NCCL group (ncclGroupStart/End; through torch:
+    `_start_coalescing` / `_end_coalescing`), one launch and one work for the lot
+    instead of one per op; a direct run doubles a part's ops (K and V), so
     a 48-layer transfer of fresh blocks is ~96 ops in ~12 messages. torch runs grouped
     p2p on another communicator than single p2p, so both sides must agree, warm-up
     included. gloo cannot group, and runs one op at a time.
@@ -77,8 +80,8 @@ Environment: NCCL_* variables already set are respected; this module sets none (
 particular never NCCL_NVLS_ENABLE: NVLink multicast stays off). Sender and receiver must
 use different GPUs (NCCL cannot pair a device with itself).
 
-The process-group backends are a small registry (`PG_BACKENDS`, keyed by `pg_backend`);
-tests and `bench/kv_transfer.py --cpu` use "gloo" to run this exact control flow on CPU
+The pair's group kinds are a small registry (`PG_BACKENDS`, keyed by `pg_backend`): "nccl"
+(ctypes, the default), "nccl-torch"; tests and `bench/kv_transfer.py --cpu` use "gloo" to run this exact control flow on CPU
 tensors, since those machines have no GPU, and "gloo-grouped", a gloo that takes NCCL's
 grouping calls, to run the grouped flow.
 """
@@ -96,7 +99,7 @@ from typing import Any, Callable
 
 import torch
 
-from kv_transfer import wire
+from kv_transfer import nccl_lib, wire
 from kv_transfer.base import TransferError, register_backend
 from kv_transfer.receiver import TcpReceiver, _Arrived, _Conn, _InPart, _Message
 from kv_transfer.sender import TcpSender, _BlockIds, _Part, _Payload, _Peer, _Sent
@@ -128,16 +131,30 @@ def _require_gloo(device: torch.device) -> None:
         raise TransferError(f"pg_backend 'gloo' (tests only) needs CPU caches, got {device}")
 
 
-def _nccl_group(store, rank: int, name: str, timeout: datetime.timedelta):
+def _require_nccl_lib(device: torch.device) -> None:
+    _require_nccl(device)
+    try:
+        nccl_lib.library()
+    except nccl_lib.NcclError as e:
+        raise TransferError(f"kv_transfer backend 'nccl': {e}; pg_backend 'nccl-torch' uses torch's own") from e
+
+
+def _ctypes_nccl_group(store, rank: int, timeout: datetime.timedelta, device: torch.device):
+    try:
+        return nccl_lib.NcclComm.create(store, rank, device, timeout)
+    except nccl_lib.NcclError as e:
+        raise TransferError(f"kv_transfer backend 'nccl': {e}") from e
+
+
+def _torch_nccl_group(store, rank: int, timeout: datetime.timedelta, device: torch.device):
     dist = _dist()
     opts = dist.ProcessGroupNCCL.Options()
     opts.is_high_priority_stream = False
     opts._timeout = timeout
-    opts.group_name = name
-    return dist.ProcessGroupNCCL(store, rank, WORLD, opts)
+    return _C10dGroup(dist.ProcessGroupNCCL(store, rank, WORLD, opts), rank)
 
 
-def _gloo_group(store, rank: int, name: str, timeout: datetime.timedelta):
+def _gloo_pg(store, rank: int, timeout: datetime.timedelta):
     return _dist().ProcessGroupGloo(store, rank, WORLD, timeout=timeout)
 
 
@@ -188,9 +205,32 @@ def _block_on_work(work, alive: Callable[[], bool], timeout: float, what: str,
 class PgBackend:
     """How the pair's process group is made and used, per `pg_backend`."""
     require: Callable[[torch.device], None]  # TransferError unless the caches' device can use it
-    make_group: Callable[..., Any]  # (store, rank, name, timeout) -> a 2-rank c10d Backend
+    make_group: Callable[..., Any]  # (store, rank, timeout, device) -> a group with post() and abort()
     wait: Callable[..., None]  # (work, alive, timeout s, what, patient): until the op completed, never hanging
-    can_group: bool  # posts several p2p ops as one launch (_start_coalescing / _end_coalescing)
+    can_group: bool  # can post a message's ops as one group (one launch, one work)
+
+
+class _C10dGroup:
+    """A 2-rank torch.distributed backend (ProcessGroupNCCL, gloo) posting p2p ops, one by
+    one or as one group (`_start_coalescing` / `_end_coalescing`: ncclGroupStart/End)."""
+
+    def __init__(self, pg, rank: int):
+        self.pg = pg
+        self.peer = WORLD - 1 - rank
+
+    def post(self, tensors: list[torch.Tensor], send: bool, grouped: bool) -> list:
+        """Each op moves the tensor's bytes (a uint8 view): any cache dtype travels, fp8
+        included, which gloo has no type for (and NCCL only in recent builds)."""
+        op = self.pg.send if send else self.pg.recv
+        if not grouped:
+            return [op([t.view(torch.uint8)], self.peer, TAG) for t in tensors]
+        self.pg._start_coalescing()
+        for t in tensors:
+            op([t.view(torch.uint8)], self.peer, TAG)  # inside a group torch returns no work per op
+        return [self.pg._end_coalescing()]
+
+    def abort(self) -> None:
+        self.pg.abort()
 
 
 class _AllOf:
@@ -243,10 +283,12 @@ class _GroupingGloo:
 
 
 PG_BACKENDS: dict[str, PgBackend] = {
-    "nccl": PgBackend(_require_nccl, _nccl_group, _poll_work, can_group=True),
-    "gloo": PgBackend(_require_gloo, _gloo_group, _block_on_work, can_group=False),
-    "gloo-grouped": PgBackend(_require_gloo, lambda *args: _GroupingGloo(_gloo_group(*args)), _block_on_work,
-                              can_group=True),
+    "nccl": PgBackend(_require_nccl_lib, _ctypes_nccl_group, _poll_work, can_group=True),
+    "nccl-torch": PgBackend(_require_nccl, _torch_nccl_group, _poll_work, can_group=True),
+    "gloo": PgBackend(_require_gloo, lambda store, rank, timeout, device: _C10dGroup(_gloo_pg(store, rank, timeout), rank),
+                      _block_on_work, can_group=False),
+    "gloo-grouped": PgBackend(_require_gloo, lambda store, rank, timeout, device: _C10dGroup(
+        _GroupingGloo(_gloo_pg(store, rank, timeout)), rank), _block_on_work, can_group=True),
 }
 
 
@@ -256,21 +298,14 @@ class _Pair:
     store: Any  # TCPStore: the receiver hosts it, the sender is its client
     prefix: str  # unique per pair: store keys and the group's name
     grouped: bool  # a message's ops go as one group (both sides alike)
-    group: Any = None  # the 2-rank process group (a c10d Backend)
+    group: Any = None  # the 2-rank group: nccl_lib.NcclComm or _C10dGroup
     stream: Any = None  # sender, CUDA: the stream its sends are posted from
+    last: list | None = None  # sender: the works of the message posted last
 
     def post(self, tensors: list[torch.Tensor], send: bool) -> list:
         """One p2p op per tensor, in order, on the current stream: sends to the receiver or
-        recvs from the sender. Returns their works: one per op, or one for the group.
-        Each op moves the tensor's bytes (a uint8 view): any cache dtype travels, fp8
-        included, which gloo has no type for (and NCCL only in recent builds)."""
-        op, peer = (self.group.send, RECEIVER_RANK) if send else (self.group.recv, SENDER_RANK)
-        if not self.grouped:
-            return [op([t.view(torch.uint8)], peer, TAG) for t in tensors]
-        self.group._start_coalescing()
-        for t in tensors:
-            op([t.view(torch.uint8)], peer, TAG)  # inside a group torch returns no work per op
-        return [self.group._end_coalescing()]
+        recvs from the sender. Returns their works: one per op, or one for the group."""
+        return self.group.post(tensors, send, self.grouped)
 
     def abort(self) -> None:
         if self.group is not None:
@@ -293,12 +328,17 @@ class _NcclOptions:
     store_timeout = datetime.timedelta(seconds=30)
 
     @property
+    def data_plane(self) -> str:
+        """What the hello names: the two sides must build the same kind of group (their
+        rendezvous and ops differ), so a mismatch is refused before either starts one."""
+        return f"nccl/{self.pg_backend}"
+
+    @property
     def _pg(self) -> PgBackend:
         return PG_BACKENDS[self.pg_backend]
 
 
 class NcclReceiver(_NcclOptions, TcpReceiver):
-    data_plane = "nccl"
     group_ops = True  # post each message's recvs as one NCCL group, where the pg backend can
 
     def _check_data_plane(self) -> None:
@@ -314,7 +354,7 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
         pair = conn.data
         store = _dist().PrefixStore(pair.prefix, pair.store)
         with _on_device(self.device):
-            pair.group = self._pg.make_group(store, RECEIVER_RANK, pair.prefix, self.pg_timeout)
+            pair.group = self._pg.make_group(store, RECEIVER_RANK, self.pg_timeout, self.device)
             probe = torch.empty(1, dtype=torch.uint8, device=self.device)
             (work,) = pair.post([probe], send=False)
             self._wait(conn, work, -1, "warm-up recv")
@@ -378,7 +418,6 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
 
 
 class NcclSender(_NcclOptions, TcpSender):
-    data_plane = "nccl"
 
     def _check_data_plane(self) -> None:
         self._pg.require(self.device)
@@ -397,7 +436,7 @@ class NcclSender(_NcclOptions, TcpSender):
                 if self.device.type == "cuda":
                     pair.stream = torch.cuda.Stream(self.device)
                 pair.group = self._pg.make_group(dist.PrefixStore(pair.prefix, pair.store),
-                                                 SENDER_RANK, pair.prefix, self.pg_timeout)
+                                                 SENDER_RANK, self.pg_timeout, self.device)
                 probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
                 (work,) = pair.post([probe], send=True)
                 self._pg.wait(work, lambda: _socket_open(peer.sock), self.pg_timeout.total_seconds(),
@@ -451,6 +490,7 @@ class NcclSender(_NcclOptions, TcpSender):
                     self._free_events.append(ready)
             works = pair.post(tensors, send=True)
             sent.keep.extend(works)
+            pair.last = works
             if self.device.type == "cuda":
                 # The pair's stream now follows the sends (fence() records an event on it),
                 # and torch drops its own references to the sent tensors at once; ours in
@@ -461,6 +501,14 @@ class NcclSender(_NcclOptions, TcpSender):
             sent.posted = True
             self._cond.notify_all()
         return nbytes + sum(p.payload.nbytes for p in parts)
+
+    def _link_idle(self, peer: _Peer) -> bool:
+        """CUDA: the sends posted last on the pair are complete (a CUDA event query). gloo
+        (CPU tests): every message sent is acked."""
+        if self.device.type != "cuda":
+            return not peer.inflight
+        last = peer.data.last
+        return last is None or all(w.is_completed() for w in last)
 
     def _fence_sent(self) -> None:
         """CUDA: the caller's stream waits for every posted send that reads the cache (an

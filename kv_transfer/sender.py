@@ -42,7 +42,13 @@ Sender lifecycle (prefill side), one record per transfer_id:
   `max_message_bytes`, at least one) and sends them as ONE parts message (wire.py): one
   header, the parts' data back to back. A caller that outruns the link therefore gets
   fewer, larger messages; one that sends a layer per layer-compute gets a message per
-  layer. Parts of different transfers share messages in call order. finish and abort
+  layer. Parts of different transfers share messages in call order.
+  Inline writes: where the data plane can tell that the link is idle (NCCL: the last
+  posted sends are complete; never on TCP), send_layer and finish write what is queued
+  on the caller's own thread instead of waking the writer thread, which needs the GIL
+  from a caller busy running Python (measured: 2-3 ms before the writer ran again while
+  a loop of send_layer calls held it). Whoever writes holds the peer's `writing` lock
+  from taking the items to sending them, so messages keep queue order. finish and abort
   are messages of their own, in queue order, so the receiver answers finish only after
   every earlier part on the connection: its DONE covers all parts. A part whose
   transfer is FAILED (aborted, rejected) when the writer takes it is dropped unsent;
@@ -147,9 +153,9 @@ class _Sent:
 
 
 class _Outbox:
-    """A peer's FIFO of _Part | _Control | None (stop): put() from any thread; the writer's
-    take() takes a whole message's parts under one lock (a queue.Queue costs a lock
-    round trip per item, and a notify per put)."""
+    """A peer's FIFO of _Part | _Control | None (stop): put() from any thread; take() takes a
+    whole message's parts under one lock (a queue.Queue costs a lock round trip per item,
+    and a notify per put)."""
 
     def __init__(self) -> None:
         self._items: deque = deque()
@@ -161,11 +167,18 @@ class _Outbox:
             if len(self._items) == 1:  # the writer waits only on an empty box
                 self._cond.notify()
 
-    def take(self, max_bytes: int) -> list[_Part] | _Control | None:
-        """Block for the next item; if it is a part, take with it every part queued right
-        behind it, in order, while the total stays within max_bytes (at least one)."""
+    def wait(self) -> None:
+        """Block until something is queued."""
         with self._cond:
             self._cond.wait_for(lambda: self._items)
+
+    def take(self, max_bytes: int, writer: bool) -> list[_Part] | _Control | None:
+        """The next item without waiting ([] if none); if it is a part, with it every part
+        queued right behind it, in order, while the total stays within max_bytes (at
+        least one). The stop (None) is only for the writer thread: [] for the others."""
+        with self._cond:
+            if not self._items or (self._items[0] is None and not writer):
+                return []
             item = self._items.popleft()
             if not isinstance(item, _Part):
                 return item
@@ -187,6 +200,7 @@ class _Peer:
     reader: wire.Reader  # every read on sock goes through it
     outbox: _Outbox = field(default_factory=_Outbox)
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    writing: threading.Lock = field(default_factory=threading.Lock)  # held by whoever takes and sends messages
     alive: bool = True
     threads: list[threading.Thread] = field(default_factory=list)
     threads_running: int = 2  # writer and reader
@@ -226,6 +240,7 @@ class _Outgoing:
 class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
     max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
+    write_inline = True  # the caller writes queued messages itself when the link is idle (_write_inline)
     fence_timeout = 30.0  # s; a peer whose posted sends fence() waits on longer than this is torn down
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
@@ -300,6 +315,7 @@ class TcpSender(TransferRecords, KVSender):
             if part.payload.views:
                 peer.unposted[part] = None
             peer.outbox.put(part)
+        self._write_inline(peer)
 
     def fence(self) -> None:
         """See KVSender.fence. Cheap when nothing is pending: one lock and a scan of the
@@ -325,7 +341,9 @@ class TcpSender(TransferRecords, KVSender):
             if rec.peer is None or num_layers != rec.layers_queued:
                 raise ValueError(f"num_layers: {num_layers}, but {rec.layers_queued} layer messages were sent")
             rec.finished = True
-            rec.peer.outbox.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
+            peer = rec.peer
+            peer.outbox.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
+        self._write_inline(peer)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; queued parts are dropped and the receiver is told.
@@ -345,11 +363,13 @@ class TcpSender(TransferRecords, KVSender):
             self._transfers.pop(transfer_id, None)
 
     def stats(self) -> dict[str, int]:
-        """layers_*: parts (send_layer calls); messages_sent: parts messages on the wire;
+        """layers_*: parts (send_layer calls); messages_sent: parts messages on the wire,
+        messages_inline of them written by the caller's thread (_write_inline);
         blocks_direct / blocks_staged: blocks of the parts sent, by path; parts_fenced:
         queued parts whose direct runs fence() copied."""
         with self._lock:
             out = dict.fromkeys(("bytes_sent", "layers_sent", "layers_acked", "layers_dropped", "messages_sent",
+                                 "messages_inline",
                                  "blocks_direct", "blocks_staged", "parts_fenced", "transfers_done",
                                  "transfers_failed", "connections_opened"), 0)
             out.update(self._stats)
@@ -493,19 +513,54 @@ class TcpSender(TransferRecords, KVSender):
     def _write_loop(self, peer: _Peer) -> None:
         self._use_device()
         try:
-            while (batch := self._next_batch(peer)) is not None:
-                if isinstance(batch, _Control):
-                    self._send_control(peer, batch)
-                else:
-                    self._send_parts(peer, batch)
+            while True:
+                self._wait_for_work(peer)
+                with peer.writing:
+                    batch = self._next_batch(peer)
+                    if batch is None:
+                        return
+                    self._send(peer, batch)
         except Exception as e:
             self._peer_failed(peer, f"send failed: {type(e).__name__}: {e}")
         finally:
             self._thread_done(peer)
 
+    def _wait_for_work(self, peer: _Peer) -> None:
+        """The writer thread, holding nothing: until something is queued."""
+        peer.outbox.wait()
+
     def _next_batch(self, peer: _Peer) -> list[_Part] | _Control | None:
-        """The next message's parts (up to max_message_bytes), a control message, or None: stop."""
-        return peer.outbox.take(self.max_message_bytes)
+        """The writer thread's next message: parts (up to max_message_bytes; [] if another
+        thread took them first), a control message, or None: stop."""
+        return peer.outbox.take(self.max_message_bytes, writer=True)
+
+    def _send(self, peer: _Peer, batch: list[_Part] | _Control) -> None:
+        if isinstance(batch, _Control):
+            self._send_control(peer, batch)
+        elif batch:
+            self._send_parts(peer, batch)
+
+    def _write_inline(self, peer: _Peer) -> None:
+        """On the caller's thread, after it queued something: write what is queued now,
+        unless the writer thread is writing or the link is still busy (then the writer
+        sends it, coalesced with what comes next). The writer thread needs the GIL to
+        start, and a caller running Python (prefill's forward pass; the bench's loop)
+        can keep it from getting it for milliseconds: an idle link would wait that long."""
+        try:
+            if not (self.write_inline and self._link_idle(peer) and peer.writing.acquire(blocking=False)):
+                return
+        except Exception:  # a broken pair: the writer thread runs into it and fails the peer
+            return
+        try:
+            while batch := peer.outbox.take(self.max_message_bytes, writer=False):
+                self._send(peer, batch)
+                if isinstance(batch, list):
+                    with self._lock:
+                        self._stats["messages_inline"] += 1
+        except Exception as e:
+            self._peer_failed(peer, f"send failed: {type(e).__name__}: {e}")
+        finally:
+            peer.writing.release()
 
     def _send_control(self, peer: _Peer, item: _Control) -> None:
         with self._lock:
@@ -643,6 +698,11 @@ class TcpSender(TransferRecords, KVSender):
 
     def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
         """Reader, outside the lock: `sent` was acked; its buffers go when this returns."""
+
+    def _link_idle(self, peer: _Peer) -> bool:
+        """May the caller's thread write queued messages itself (see _write_inline)? TCP:
+        never; its sends carry the data and would block the caller for as long."""
+        return False
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
         """On the caller's stream; src_ids is already on the cache's device."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -59,6 +60,14 @@ def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: 
     log.info("stopped")
 
 
+# Python hands the GIL to a waiting thread only after the holder ran this long (5 ms by
+# default). A service's engine thread runs Python almost all the time, and the KV
+# transfer's threads (sender writer, receiver reader and completer) each need the GIL
+# for a few hundred microseconds per message: a 32k-token transfer reached 77% of raw
+# NCCL's throughput at 5 ms, 82% at 500 us, 84% at 100 us (BENCHMARKS.md, 2x H100).
+GIL_SWITCH_INTERVAL_US = 200
+
+
 def service_main(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
     """`python -m prefill_service` / `decode_service`: the service's flags plus --log-level."""
     import argparse
@@ -66,8 +75,15 @@ def service_main(prog: str, description: str, add_arguments, run, argv: list[str
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity on stderr (default: INFO)")
+    p.add_argument("--gil-switch-interval-us", type=int, default=GIL_SWITCH_INTERVAL_US,
+                   help="how long a thread may hold the GIL while another waits for it, in microseconds "
+                        f"(sys.setswitchinterval; default {GIL_SWITCH_INTERVAL_US}, Python's own is 5000): the "
+                        "KV transfer's threads wait this long for the engine thread at every GIL hand-off")
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.gil_switch_interval_us < 1:
+        p.error("--gil-switch-interval-us must be >= 1")
+    sys.setswitchinterval(args.gil_switch_interval_us / 1e6)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)
 

@@ -43,15 +43,18 @@ DIRECT_BACKENDS = {**BACKENDS, "gloo-grouped": (GroupedGlooSender, GroupedGlooRe
 
 class GatedWriter:
     """Sender mixin: the writer takes nothing from its queue until `gate` is set, so all
-    parts queued before fill one message (up to max_message_bytes)."""
+    parts queued before fill one message (up to max_message_bytes). No inline writes:
+    only the writer thread sends."""
+
+    write_inline = False
 
     def __init__(self, *args, **kwargs):
         self.gate = threading.Event()
         super().__init__(*args, **kwargs)
 
-    def _next_batch(self, peer):
+    def _wait_for_work(self, peer):
         self.gate.wait()
-        return super()._next_batch(peer)
+        super()._wait_for_work(peer)
 
 
 class GatedCompleter:

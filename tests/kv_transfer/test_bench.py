@@ -30,11 +30,12 @@ def test_block_tables():
 def test_cpu_smoke_run(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["--cpu", "--tokens", "64", "--layers", "4", "--reps", "1", "--min-direct-blocks", "2",
-                 "--profile", "--json", str(out)]) == 0
+                 "--profile", "--timeline", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["bytes"] == 4 * 4 * 512  # 4 blocks a layer, 512 B a block on CPU
     assert r["raw"]["per-layer"]["messages"] == 4 and r["raw"]["coalesced"]["messages"] == 1
-    assert set(r["tandem"]) == {"fresh pool", "fresh pool, ungrouped", "fragmented pool"}
+    assert set(r["tandem"]) == {"fresh pool", "fresh pool, ungrouped", "fresh pool, writer thread only",
+                                "fragmented pool"}
     for name, row in r["tandem"].items():
         assert row["states"] == [["DONE", "DONE"]] and row["s"] > 0
         assert {"send_layer", "_stage", "_await_data", "_write_part"} <= set(row["stages_s"])
@@ -52,3 +53,4 @@ def test_cpu_smoke_run(tmp_path, capsys):
     printed = capsys.readouterr().out  # --profile on CPU: each thread's top functions, the transfer's own among them
     assert "receiver reader: own / with callees us" in printed and "(_on_parts)" in printed
     assert "sender writer: own / with callees us" in printed and "(_send_parts)" in printed
+    assert "timeline of the last transfer" in printed and "receiver _take_data: " in printed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kv_transfer import TransferStatus as S, wire
-from tests.kv_transfer.helpers import (BACKENDS, check_written, dst_of, eventually, gated, layout_of, make_caches,
+from tests.kv_transfer.helpers import (BACKENDS, DIRECT_BACKENDS, check_written, dst_of, eventually, gated, layout_of, make_caches,
                                        make_plan)
 
 PART_BYTES = 2 * 5 * 4 * 2 * 8 * 4  # [2, n=5, bs=4, kvh=2, d=8] fp32: make_plan's default part
@@ -224,3 +224,37 @@ def test_bad_parts_messages_from_a_raw_sender():
         wire.send_frame(s, wire.pack_parts(3, [("cut", 1, 7, ())], [1]))  # no list 7
         assert rx.wait("cut", 10) == S.FAILED and "disconnected" in rx.reason("cut")
         assert s.recv(1) == b""  # the receiver closed the connection
+
+
+@pytest.mark.parametrize("backend", ["gloo", "gloo-grouped"])
+def test_inline_writes_when_the_link_is_idle_and_the_writer_coalesces_otherwise(backend):
+    """The NCCL flow (gloo: the link is idle when every message is acked): with the
+    receiver's completer held (no acks), the first send_layer goes out on the caller's
+    thread and the rest queue behind its unacked message, for the writer thread to send
+    as one message. Bytes land exactly, in queue order, with finish last."""
+    sender_cls, receiver_cls = gated(*DIRECT_BACKENDS[backend])  # writer thread and completer held
+    sender_cls = type("InlineGatedSender", (sender_cls,), {"write_inline": True})
+    src, dst = make_caches(torch.float32, seed=45), make_caches(torch.float32, seed=None)
+    before = [c.clone() for c in dst]
+    layout = layout_of(src)
+    a, b = two_plans(45)
+    with receiver_cls(layout, dst) as rx, sender_cls(layout, src) as tx:
+        rx.expect("a", dst_of(a))
+        rx.expect("b", dst_of(b))
+        tx.connect(rx.address)
+        tx.send_layer(rx.address, "a", 0, *a[0])  # link idle: written inline, before this returns
+        assert tx.stats()["messages_inline"] == tx.stats()["messages_sent"] == 1
+        for layer in (1, 2, 3):
+            tx.send_layer(rx.address, "a", layer, *a[layer])
+        for layer in (0, 1, 2, 3):
+            tx.send_layer(rx.address, "b", layer, *b[layer])
+        tx.finish(rx.address, "a", 4)
+        tx.finish(rx.address, "b", 4)
+        assert tx.stats()["messages_sent"] == 1  # queued behind the unacked message
+        open_gates(tx, rx)
+        for tid in "ab":
+            assert tx.wait(tid, 20) == S.DONE, tx.reason(tid)
+            assert rx.wait(tid, 20) == S.DONE, rx.reason(tid)
+        check_written(dst, before, src, [a, b])
+        st = tx.stats()
+        assert st["messages_inline"] == 1 and st["messages_sent"] == 2, st  # the writer coalesced the other 7

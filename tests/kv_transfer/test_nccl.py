@@ -7,7 +7,8 @@ import torch
 
 from kv_transfer import (BACKENDS, NcclReceiver, NcclSender, TcpSender, TransferError, TransferStatus as S,
                          make_receiver, make_sender)
-from tests.kv_transfer.helpers import GlooReceiver, GlooSender, check_written, dst_of, layout_of, make_caches, make_plan
+from tests.kv_transfer.helpers import (GlooReceiver, GlooSender, GroupedGlooSender, check_written, dst_of, layout_of,
+                                      make_caches, make_plan, run_plan)
 
 
 def test_registered_and_clear_error_without_cuda():
@@ -53,3 +54,92 @@ def test_data_plane_mismatch_refused():
     with GlooReceiver(layout, caches) as rx, TcpSender(layout, caches) as tx:
         with pytest.raises(TransferError, match="data plane"):
             tx.connect(rx.address)
+
+
+def test_pg_backend_mismatch_refused_at_hello():
+    """Groups built differently cannot rendezvous (the ctypes NCCL communicator and
+    torch's ProcessGroupNCCL differ): refused at hello, before either side starts one."""
+    caches = make_caches(torch.float32, seed=0)
+    layout = layout_of(caches)
+    with GlooReceiver(layout, caches) as rx, GroupedGlooSender(layout, caches) as tx:
+        with pytest.raises(TransferError, match="nccl/gloo-grouped"):
+            tx.connect(rx.address)
+        assert rx.stats()["connections_refused"] == 1
+
+
+# ---- on two GPUs (the device machine): the real NCCL data planes, sender on cuda:0 and
+# receiver on cuda:1 in this one process (a rank per thread).
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+def _nccl_classes(pg_backend: str):
+    return (type("Sender", (NcclSender,), {"pg_backend": pg_backend}),
+            type("Receiver", (NcclReceiver,), {"pg_backend": pg_backend}))
+
+
+@two_gpus
+@pytest.mark.parametrize("pg_backend", ["nccl", "nccl-torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_gpu_pair_moves_direct_runs_and_staged_blocks(pg_backend, dtype):
+    """Runs long and short (direct and staged in one part), two transfers interleaved
+    and a ghost transfer between them: every byte lands where planned, nothing else
+    changes, on both NCCL data planes."""
+    sender_cls, receiver_cls = _nccl_classes(pg_backend)
+    src_cpu = make_caches(torch.float32, seed=41)
+    src_cpu = [c.to(dtype) for c in src_cpu]
+    dst_cpu = [torch.zeros_like(c) for c in src_cpu]
+    src = [c.to("cuda:0") for c in src_cpu]
+    dst = [c.to("cuda:1") for c in dst_cpu]
+    layout = layout_of(src)
+    a = run_plan(41, (3, 1, 2, 1), dst_range=(0.0, 0.5))
+    b = run_plan(42, (2, 3, 1), dst_range=(0.5, 1.0))
+    with receiver_cls(layout, dst) as rx, sender_cls(layout, src, min_direct_blocks=2) as tx:
+        rx.expect("a", dst_of(a))
+        rx.expect("b", dst_of(b))
+        tx.connect(rx.address)
+        tx.send_layer(rx.address, "ghost", 0, *a[0])
+        for layer in a:
+            tx.send_layer(rx.address, "a", layer, *a[layer])
+            tx.send_layer(rx.address, "b", layer, *b[layer])
+        tx.fence()
+        tx.finish(rx.address, "a", 4)
+        tx.finish(rx.address, "b", 4)
+        for tid in "ab":
+            assert tx.wait(tid, 60) == S.DONE, tx.reason(tid)
+            assert rx.wait(tid, 60) == S.DONE, rx.reason(tid)
+        torch.cuda.synchronize("cuda:1")
+        as_bits = [c.view(torch.uint8).cpu() for c in dst]  # fp8 has no torch.equal on every build
+        check_written(as_bits, [c.view(torch.uint8) for c in dst_cpu], [c.view(torch.uint8) for c in src_cpu],
+                      [a, b])
+        assert rx.stats()["blocks_direct"] > 0 and rx.stats()["blocks_staged"] > 0
+
+
+@two_gpus
+def test_gpu_pair_outlives_an_aborted_transfer():
+    """The receiver aborts a transfer while its layers are on the way (their recvs land in
+    the cache or in scratch, then are dropped): both sides see FAILED, and the next
+    transfer on the same pair lands byte-exact (ctypes NCCL)."""
+    sender_cls, receiver_cls = _nccl_classes("nccl")
+    src = [c.to("cuda:0") for c in make_caches(torch.bfloat16, seed=43)]
+    dst = [torch.zeros_like(c, device="cuda:1") for c in src]
+    layout = layout_of(src)
+    x = make_plan(seed=43)
+    y = make_plan(seed=44, exclude={l: set(d) for l, (_, d) in x.items()})
+    with receiver_cls(layout, dst) as rx, sender_cls(layout, src) as tx:
+        rx.expect("x", dst_of(x))
+        for layer in x:
+            tx.send_layer(rx.address, "x", layer, *x[layer])
+            if layer == 1:
+                rx.abort("x")
+        tx.finish(rx.address, "x", 4)
+        assert tx.wait("x", 60) == S.FAILED
+        assert rx.poll("x") == S.FAILED
+        rx.expect("y", dst_of(y))
+        for layer in y:
+            tx.send_layer(rx.address, "y", layer, *y[layer])
+        tx.finish(rx.address, "y", 4)
+        assert tx.wait("y", 60) == S.DONE, tx.reason("y")
+        torch.cuda.synchronize("cuda:1")
+        for layer, (s, d) in y.items():
+            assert torch.equal(dst[layer][:, d].cpu(), src[layer][:, s].cpu())
