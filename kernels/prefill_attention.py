@@ -14,17 +14,29 @@ p % block_size. Query head h reads KV head h // (H / KVH) (GQA).
 
 Program decomposition (FlashAttention-2): one program per (query tile, query head),
 heads fastest so the G heads sharing a KV head run together and share its tiles in L2.
-Each segment is cut into tiles of BLOCK_M queries by a few torch ops on the device
-(O(tiles), no host sync; heaviest tiles first for load balance); the grid is sized
-from shapes alone (T / BLOCK_M + S tiles at most), spare programs return at once.
-A program walks the key tiles of BLOCK_N absolute positions its queries can see, in
-three runs:
+A plan (prefill_plan: ~35 small torch ops on the device, no host sync) cuts each
+segment into tiles of BLOCK_M queries, heaviest first for load balance, and gives each
+tile a record (segment, tile, first row, queries, kv_start, prefix) that its program
+reads with independent loads. One plan serves every layer of a step that shares the
+segments, so the engine can build it once a step. The grid is sized from shapes alone
+(T / BLOCK_M + S tiles at most); spare programs return at once. A program walks the
+key tiles of BLOCK_N absolute positions its queries can see, in three runs:
     head  [kv_start // BN, ceil(kv_start / BN))  0 or 1 tile straddling kv_start: masked
     full  up to the first key tile that any query's causal limit cuts:          no mask
     diag  the rest up to the last query's own key:                             masked
 keeping an online softmax (fp32, exp2 with log2(e) folded into the scale). Key tiles
-past the causal limit are never loaded. Each key tile needs BLOCK_N block-table entries
-(one per key; a tile may span several cache blocks or part of one), loaded a tile ahead.
+past the causal limit are never loaded. Each key tile's block-table entries (one per
+key; a tile may span several cache blocks or part of one) are loaded a tile ahead.
+
+Variants (PrefillConfig's switches, timed against each other by the benchmark's
+--sweep; each does the same arithmetic, and the sweep checks the bits): ids_per_block
+loads one table entry per cache block a key tile touches (BLOCK_N / block_size of
+them, or 1) instead of one per key, which cuts the address work of the steady-state
+loop (SASS: 392 against 444 instructions a key tile at Scout's shapes); lean_runs skips
+empty runs (the head run is empty unless kv_start is unaligned) and loads each run's
+first entries alongside q's load, not on the way to the run's first K/V copies; order
+"group" launches the G heads of one KV head tile by tile (its K/V stay hot in L2), and
+"tiles" one head's query tiles after another, instead of the H heads of a tile together.
 
 Bound: FLOPs. 4 * H * D per visible (query, key) pair (QK^T and PV), about half of
 n * kv_len for a square causal segment; K/V bytes are read once per query tile and
@@ -45,16 +57,23 @@ import triton.language as tl
 
 class PrefillConfig(NamedTuple):
     block_m: int  # queries per tile
-    block_n: int  # keys per tile (need not be a multiple of block_size: lookups are per key)
+    block_n: int  # keys per tile (a power of two, like block_size: one divides the other)
     num_warps: int
     num_stages: int
+    # Variants of the same kernel, for bench/kernels_prefill_attention.py --sweep; False is
+    # the kernel as first measured. Results are identical either way (same dot order).
+    ids_per_block: bool = False  # read one block-table entry per cache block a key tile touches, not one per key
+    lean_runs: bool = False  # skip empty key-tile runs; load each run's first table entries before q
+    # Launch order: "heads", the H heads of a query tile, then the next tile; "group", the G
+    # heads of a KV head tile by tile, then the next KV head; "tiles", one head's tiles.
+    order: str = "heads"
 
 
 def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
     """Fixed heuristics (no runtime autotuning, so results never depend on timing noise),
     checked by compiling for sm_90 with Triton 3.6 (shared memory, registers, spills).
     bf16/fp16 at D <= 128: 128 x 64 tiles, two warpgroups of 64 query rows, 3 stages:
-    Q 32 KiB + 3 x 32 KiB of K/V, 214 registers, no spills at D = 128. fp32 (parity runs,
+    Q 32 KiB + 3 x 32 KiB of K/V, 215 registers, no spills at D = 128. fp32 (parity runs,
     3xTF32 dots) needs smaller tiles: 64 x 32 still spills a little (192 B of stack)."""
     if device.type == "cpu":  # the interpreter: larger tiles mean fewer Python-level steps
         return PrefillConfig(32, 32, 1, 1)
@@ -66,40 +85,66 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> P
 
 
 @triton.jit
-def _blocks_of(table_row, tile, kv_start, span, BLOCK_N: tl.constexpr, BS: tl.constexpr):
-    """[BLOCK_N] physical block of each key of `tile` (absolute positions tile * BLOCK_N +
-    [0, BLOCK_N)); 0 for keys outside kv_start + [0, span), whose entries may be released
-    or past the table, and which are never read."""
-    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Key indices from kv_start, unsigned: keys before kv_start wrap to huge and fail
-    # `< span`, one comparison for both ends (Triton 3.9's interpreter turns `a & b` of
-    # masks into int32, which loads reject).
-    ok = (pos - kv_start).to(tl.uint32) < span
-    return tl.load(table_row + pos // BS, mask=ok, other=0)
+def _table_ids(table_row, tile, kv_start, span, BLOCK_N: tl.constexpr, BS: tl.constexpr, PER_BLOCK: tl.constexpr):
+    """Block-table entries of key tile `tile` (absolute positions tile * BLOCK_N + [0, BLOCK_N)):
+    PER_BLOCK, one per cache block the tile touches ([max(BLOCK_N // BS, 1)]); else one per
+    key ([BLOCK_N]). Entries of keys (blocks) outside kv_start + [0, span) read as 0: they
+    may be released or past the table, and those keys are never used."""
+    # Unsigned differences: indices before the first wrap to huge and fail `<`, one
+    # comparison for both ends (Triton 3.9's interpreter turns `a & b` of masks into int32,
+    # which loads reject).
+    if PER_BLOCK:
+        IDS: tl.constexpr = BLOCK_N // BS if BLOCK_N > BS else 1
+        col = tile * BLOCK_N // BS + tl.arange(0, IDS)
+        first = kv_start // BS
+        ok = (col - first).to(tl.uint32) < ((kv_start + span - 1) // BS - first + 1).to(tl.uint32)
+    else:  # (a mask per key, not per column: 21 fewer registers at Scout's shapes, sm_90)
+        pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col = pos // BS
+        ok = (pos - kv_start).to(tl.uint32) < span
+    return tl.load(table_row + col, mask=ok, other=0)
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, q_last, blocks, k_base, v_base, tile, kv_start, span, qk_scale,
+def _key_rows(ids, tile, stride_b, stride_t, BLOCK_N: tl.constexpr, BS: tl.constexpr, PER_BLOCK: tl.constexpr,
+              ROW_ALIGN: tl.constexpr):
+    """[BLOCK_N] element offsets, in a cache of block stride stride_b and row stride
+    stride_t, of the keys of `tile`, given its table entries `ids` (_table_ids)."""
+    phys = ids.to(tl.int64)
+    if PER_BLOCK:  # [ids, keys of the tile in each block] flattened: consecutive keys
+        KEYS: tl.constexpr = BS if BLOCK_N > BS else BLOCK_N
+        within = (tile * BLOCK_N) % BS + tl.arange(0, KEYS)
+        rows = tl.reshape(phys[:, None] * stride_b + within[None, :] * stride_t, [BLOCK_N])
+        # The compiler loses the offsets' divisibility through the reshape; without it
+        # the K/V copies are neither vectorised nor pipelined (sm_90, Triton 3.6).
+        rows = tl.multiple_of(rows, ROW_ALIGN)
+    else:
+        rows = phys * stride_b + ((tile * BLOCK_N + tl.arange(0, BLOCK_N)) % BS) * stride_t
+    return rows
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, q_last, ids, k_base, v_base, tile, kv_start, span, qk_scale,
                  stride_kb, stride_kt, stride_vb, stride_vt,
-                 BLOCK_N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, MASK: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold key tile `tile`, whose keys lie in cache blocks `blocks`, into the online
-    softmax state (acc, l_i, m_i) of the query rows. Keys are indexed from kv_start;
-    q_last [BLOCK_M] (uint32) is the last key index each row sees, span the number of
-    keys the tile's rows see together.
+                 BLOCK_N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PER_BLOCK: tl.constexpr,
+                 ROW_ALIGN: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold key tile `tile`, whose table entries are `ids`, into the online softmax state
+    (acc, l_i, m_i) of the query rows. Keys are indexed from kv_start; q_last [BLOCK_M]
+    (uint32) is the last key index each row sees, span the number of keys the tile's rows
+    see together.
     MASK: a boundary tile; each row keeps only key indices 0 .. q_last, and keys outside
     [0, span) are not read at all. Without MASK every key is read and seen by every row."""
-    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
-    key = (pos - kv_start).to(tl.uint32)  # key indices; those before kv_start wrap to huge
+    key = (tile * BLOCK_N + tl.arange(0, BLOCK_N) - kv_start).to(tl.uint32)  # those before kv_start wrap to huge
     d = tl.arange(0, D)
-    phys = blocks.to(tl.int64)
-    k_rows = phys * stride_kb + (pos % BS) * stride_kt  # [BLOCK_N] element offsets
-    v_rows = phys * stride_vb + (pos % BS) * stride_vt
+    k_rows = _key_rows(ids, tile, stride_kb, stride_kt, BLOCK_N, BS, PER_BLOCK, ROW_ALIGN)  # [BLOCK_N]
+    v_rows = _key_rows(ids, tile, stride_vb, stride_vt, BLOCK_N, BS, PER_BLOCK, ROW_ALIGN)
+    k_ptrs = k_base + k_rows[:, None] + d[None, :]
+    v_ptrs = v_base + v_rows[:, None] + d[None, :]
     if MASK:
         key_ok = key < span
-        k = tl.load(k_base + k_rows[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
     else:
-        k = tl.load(k_base + k_rows[:, None] + d[None, :])
+        k = tl.load(k_ptrs)
     if UPCAST:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32, unscaled
@@ -112,9 +157,9 @@ def _attend_tile(acc, l_i, m_i, q, q_last, blocks, k_base, v_base, tile, kv_star
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASK:
-        v = tl.load(v_base + v_rows[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
     else:
-        v = tl.load(v_base + v_rows[:, None] + d[None, :])
+        v = tl.load(v_ptrs)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -122,44 +167,49 @@ def _attend_tile(acc, l_i, m_i, q, q_last, blocks, k_base, v_base, tile, kv_star
 
 
 @triton.jit
-def _attend_run(acc, l_i, m_i, q, q_last, k_base, v_base, table_row, lo, hi, count, kv_start, span, qk_scale,
+def _attend_run(acc, l_i, m_i, q, q_last, k_base, v_base, table_row, lo, hi, count, ids, kv_start, span, qk_scale,
                 stride_kb, stride_kt, stride_vb, stride_vt,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, MASK: tl.constexpr,
-                INTERP: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PER_BLOCK: tl.constexpr,
+                ROW_ALIGN: tl.constexpr, MASK: tl.constexpr, LEAN: tl.constexpr, INTERP: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Fold key tiles lo .. hi - 1 into the state. count is hi - lo on the GPU; in the
     interpreter it is a constexpr bound (program ids and loaded scalars are 1-element
-    arrays there, which cannot bound a loop) and tiles from hi on change nothing."""
+    arrays there, which cannot bound a loop) and tiles from hi on change nothing.
+    ids: tile lo's table entries, loaded early by the caller (LEAN), else None.
+    LEAN: an empty run is skipped, table loads and pipeline fill and drain included."""
     # The table entries of each tile are loaded one iteration ahead: when the K/V
     # addresses hang on a load in the same iteration, Triton's pipeliner does not
     # prefetch K/V at all (async_wait 0 in the compiled loop; checked for sm_90, 3.6).
-    blocks = _blocks_of(table_row, lo, kv_start, span, BLOCK_N, BS)
-    for i in range(0, count):
-        nxt = _blocks_of(table_row, lo + i + 1, kv_start, span, BLOCK_N, BS)
-        if INTERP:  # tiles from hi on read only real memory (block 0 past the span); drop them
-            acc_t, l_t, m_t = _attend_tile(acc, l_i, m_i, q, q_last, blocks, k_base, v_base, lo + i, kv_start,
-                                           span, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-                                           BLOCK_N, D, BS, MASK, True, PRECISION)
-            live = lo + i < hi
-            acc, l_i, m_i = tl.where(live, acc_t, acc), tl.where(live, l_t, l_i), tl.where(live, m_t, m_i)
-        else:
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_last, blocks, k_base, v_base, lo + i, kv_start,
-                                         span, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-                                         BLOCK_N, D, BS, MASK, False, PRECISION)
-        blocks = nxt
+    if ids is None:
+        ids = _table_ids(table_row, lo, kv_start, span, BLOCK_N, BS, PER_BLOCK)
+    if (not LEAN) or count > 0:
+        for i in range(0, count):
+            tile = lo + i
+            nxt = _table_ids(table_row, tile + 1, kv_start, span, BLOCK_N, BS, PER_BLOCK)
+            if INTERP:  # tiles from hi on read only real memory (block 0 past the span); drop them
+                acc_t, l_t, m_t = _attend_tile(acc, l_i, m_i, q, q_last, ids, k_base, v_base, tile, kv_start, span,
+                                               qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
+                                               BLOCK_N, D, BS, PER_BLOCK, ROW_ALIGN, MASK, True, PRECISION)
+                live = tile < hi
+                acc, l_i, m_i = tl.where(live, acc_t, acc), tl.where(live, l_t, l_i), tl.where(live, m_t, m_i)
+            else:
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_last, ids, k_base, v_base, tile, kv_start, span,
+                                             qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
+                                             BLOCK_N, D, BS, PER_BLOCK, ROW_ALIGN, MASK, False, PRECISION)
+            ids = nxt
     return acc, l_i, m_i
 
 
-@triton.jit
+# The step's tile and segment counts vary step to step: not specialised on (== 1, % 16), so
+# they never cost a recompile.
+@triton.jit(do_not_specialize=["num_segments", "num_tiles"])
 def _prefill_kernel(
     q_ptr,  # [T, H, D]
     k_ptr,  # [num_blocks, block_size, KVH, D]
     v_ptr,  # [num_blocks, block_size, KVH, D]
     out_ptr,  # [T, H, D]
     table_ptr,  # [S, W] int32 physical block of each logical block (-1: released)
-    cu_ptr,  # [S + 1] int32 first query row of each segment
-    start_ptr,  # [S] int32 first visible key position
-    len_ptr,  # [S] int32 visible keys (>= the segment's queries)
-    tiles_ptr,  # [2, num_tiles] int32: segment (num_segments: no tile), query tile within it
+    plan_ptr,  # [6, num_tiles] int32 per query tile, launch order (PrefillPlan.tiles)
     num_segments,
     num_tiles,
     qk_scale,  # softmax scale * log2(e)
@@ -173,23 +223,35 @@ def _prefill_kernel(
     BS: tl.constexpr,  # cache block size
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PER_BLOCK: tl.constexpr,  # PrefillConfig.ids_per_block
+    ROW_ALIGN: tl.constexpr,  # what every cache block and row stride is a multiple of (at most 16)
+    LEAN_RUNS: tl.constexpr,  # PrefillConfig.lean_runs
+    ORDER: tl.constexpr,  # PrefillConfig.order
     PRECISION: tl.constexpr,  # tl.dot on fp32: "tf32x3" (fp32-accurate, on tensor cores); unused for 16-bit
     INTERP: tl.constexpr,  # CPU interpreter: fp32 dot operands (its bf16 dot is wrong), fixed trip counts
     INTERP_HEAD: tl.constexpr,  # interpreter only: the most tiles any program has in each run
     INTERP_FULL: tl.constexpr,  # (0 on GPU: no recompiles)
     INTERP_DIAG: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile_id = pid // H
-    h = pid % H
-    seg = tl.load(tiles_ptr + tile_id)
+    pid = tl.program_id(0)  # tiles come heaviest first in every order
+    if ORDER == "tiles":
+        tile_id = pid % num_tiles
+        h = pid // num_tiles
+    elif ORDER == "group":
+        tile_id = pid % (num_tiles * G) // G
+        h = pid // (num_tiles * G) * G + pid % G
+    else:  # "heads"
+        tile_id = pid // H
+        h = pid % H
+    # The tile's record: six independent loads, no chain through the segment's metadata.
+    seg = tl.load(plan_ptr + tile_id)
+    qt = tl.load(plan_ptr + num_tiles + tile_id)
+    row0 = tl.load(plan_ptr + 2 * num_tiles + tile_id)
+    n = tl.load(plan_ptr + 3 * num_tiles + tile_id)
+    kv_start = tl.load(plan_ptr + 4 * num_tiles + tile_id)
+    prefix = tl.load(plan_ptr + 5 * num_tiles + tile_id)  # keys before the segment's first query
     if seg >= num_segments:  # the grid is sized for the most tiles the shapes allow
         return
-    qt = tl.load(tiles_ptr + num_tiles + tile_id)
-    row0 = tl.load(cu_ptr + seg)
-    n = tl.load(cu_ptr + seg + 1) - row0
-    kv_start = tl.load(start_ptr + seg)
-    prefix = tl.load(len_ptr + seg) - n  # keys before the segment's first query
 
     # Keys are indexed from kv_start; query row r sees key indices 0 .. prefix + r.
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,67 +259,128 @@ def _prefill_kernel(
     q_last = (prefix + rows).to(tl.uint32)  # rows past n see more, harmlessly: never stored
     seen = prefix + tl.minimum(qt * BLOCK_M + BLOCK_M, n)  # keys the tile's rows see together
     span = seen.to(tl.uint32)
+    # The three runs of key tiles (module docstring), in absolute tile indices.
+    head_lo = kv_start // BLOCK_N
+    full_lo = (kv_start + BLOCK_N - 1) // BLOCK_N
+    full_hi = tl.maximum(full_lo, (kv_start + prefix + qt * BLOCK_M + 1) // BLOCK_N)  # the first row's keys
+    diag_hi = (kv_start + seen + BLOCK_N - 1) // BLOCK_N
+    table_row = table_ptr + seg.to(tl.int64) * stride_tb
+    if LEAN_RUNS:  # in flight together with q's load, not each on the way to its run's first K/V copies
+        ids_head = _table_ids(table_row, head_lo, kv_start, span, BLOCK_N, BS, PER_BLOCK)
+        ids_full = _table_ids(table_row, full_lo, kv_start, span, BLOCK_N, BS, PER_BLOCK)
+        ids_diag = _table_ids(table_row, full_hi, kv_start, span, BLOCK_N, BS, PER_BLOCK)
+    else:  # each run loads its own
+        ids_head = None
+        ids_full = None
+        ids_diag = None
+
     d = tl.arange(0, D)
     q_rows = (row0 + rows).to(tl.int64) * stride_qt + h * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
     if INTERP:
         q = q.to(tl.float32)
 
-    # The three runs of key tiles (module docstring), in absolute tile indices.
-    head_lo = kv_start // BLOCK_N
-    full_lo = (kv_start + BLOCK_N - 1) // BLOCK_N
-    full_hi = tl.maximum(full_lo, (kv_start + prefix + qt * BLOCK_M + 1) // BLOCK_N)  # the first row's keys
-    diag_hi = (kv_start + seen + BLOCK_N - 1) // BLOCK_N
-
     kvh = h // G
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
-    table_row = table_ptr + seg.to(tl.int64) * stride_tb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # The interpreter walks constexpr counts (see _attend_run); they stay inline because
     # it turns every assignment into a tensor.
     acc, l_i, m_i = _attend_run(acc, l_i, m_i, q, q_last, k_base, v_base, table_row, head_lo, full_lo,
-                                INTERP_HEAD if INTERP else full_lo - head_lo, kv_start, span, qk_scale,
-                                stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, D, BS, True, INTERP, PRECISION)
+                                INTERP_HEAD if INTERP else full_lo - head_lo, ids_head, kv_start, span, qk_scale,
+                                stride_kb, stride_kt, stride_vb, stride_vt,
+                                BLOCK_N, D, BS, PER_BLOCK, ROW_ALIGN, True, LEAN_RUNS, INTERP, PRECISION)
     acc, l_i, m_i = _attend_run(acc, l_i, m_i, q, q_last, k_base, v_base, table_row, full_lo, full_hi,
-                                INTERP_FULL if INTERP else full_hi - full_lo, kv_start, span, qk_scale,
-                                stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, D, BS, False, INTERP, PRECISION)
+                                INTERP_FULL if INTERP else full_hi - full_lo, ids_full, kv_start, span, qk_scale,
+                                stride_kb, stride_kt, stride_vb, stride_vt,
+                                BLOCK_N, D, BS, PER_BLOCK, ROW_ALIGN, False, LEAN_RUNS, INTERP, PRECISION)
     acc, l_i, m_i = _attend_run(acc, l_i, m_i, q, q_last, k_base, v_base, table_row, full_hi, diag_hi,
-                                INTERP_DIAG if INTERP else diag_hi - full_hi, kv_start, span, qk_scale,
-                                stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, D, BS, True, INTERP, PRECISION)
+                                INTERP_DIAG if INTERP else diag_hi - full_hi, ids_diag, kv_start, span, qk_scale,
+                                stride_kb, stride_kt, stride_vb, stride_vt,
+                                BLOCK_N, D, BS, PER_BLOCK, ROW_ALIGN, True, LEAN_RUNS, INTERP, PRECISION)
 
     out = acc / l_i[:, None]
     o_rows = (row0 + rows).to(tl.int64) * stride_ot + h * stride_oh
     tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _tile_map(cu_seqlens_q: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor, block_m: int,
-              block_n: int, max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut every segment into query tiles, on the index tensors' device without a host
-    sync. Returns [2, max_tiles] int32 (segment, query tile within it), heaviest first,
-    the entries past the real tiles naming segment S (their programs return at once);
-    and, in the same order, [3, max_tiles] key tiles in each one's head, full and diag
-    runs. Mirrors the kernel's run bounds; O(max_tiles) work."""
+class PrefillPlan(NamedTuple):
+    """The query tiles of one step's segments in launch order, heaviest first: all a call
+    needs from cu_seqlens_q, kv_start and kv_len besides the tables. Every layer of a step
+    whose calls share those tensors (and the config) can share one plan: build it once
+    with `prefill_plan` and pass it to each call. A call without one builds its own, ~35
+    small torch ops of host time (no sync)."""
+    config: PrefillConfig
+    num_tokens: int  # T, the rows of q
+    num_segments: int  # S
+    # [6, ceil(T / block_m) + S] int32, a column per tile: segment (S: no tile, a spare
+    # entry; spare entries come last), query tile within it, the segment's first query
+    # row, its queries n, its kv_start, and its keys before the first query (kv_len - n).
+    tiles: torch.Tensor
+
+
+def prefill_plan(cu_seqlens_q: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor, num_tokens: int,
+                 config: PrefillConfig) -> PrefillPlan:
+    """Cut every segment into query tiles of config.block_m, on the index tensors' device
+    without a host sync, heaviest first (most key tiles of config.block_n) for load
+    balance. A segment of n queries has ceil(n / block_m) tiles, so S segments have fewer
+    than T / block_m + S: the plan, and the grid, are sized from shapes alone.
+    Arguments as for prefill_attention (num_tokens: q's T); their values are not checked
+    here (prefill_attention(validate=True) checks them)."""
+    if kv_start.dim() != 1:
+        raise ValueError(f"kv_start: [S] expected, got {tuple(kv_start.shape)}")
     s = kv_start.shape[0]
-    cu, start, length = cu_seqlens_q.long(), kv_start.long(), kv_len.long()
-    n = cu[1:] - cu[:-1]
-    per_seg = (n + block_m - 1) // block_m
+    for name, x, shape in (("cu_seqlens_q", cu_seqlens_q, (s + 1,)), ("kv_start", kv_start, (s,)),
+                           ("kv_len", kv_len, (s,))):
+        if x.dtype != torch.int32 or x.shape != shape or x.device != kv_start.device:
+            raise ValueError(f"{name}: int32 {list(shape)} on {kv_start.device} expected (S = {s}), "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens: must be >= 0, got {num_tokens}")
+    _check_config(config)
+    bm, bn = config.block_m, config.block_n
+    max_tiles = triton.cdiv(num_tokens, bm) + s
+    if s == 0:
+        return PrefillPlan(config, num_tokens, s, torch.zeros(6, max_tiles, dtype=torch.int32, device=kv_start.device))
+    cu = cu_seqlens_q.long()
+    n = cu.diff()
+    per_seg = (n + bm - 1) // bm
     ends = per_seg.cumsum(0)
     j = torch.arange(max_tiles, device=cu.device)
     seg = torch.searchsorted(ends, j, right=True)  # S past the last real tile
-    sc = seg.clamp(max=s - 1)
-    qt = j - ends[sc] + per_seg[sc]
-    start, prefix = start[sc], length[sc] - n[sc]
-    seen = prefix + torch.minimum((qt + 1) * block_m, n[sc])
-    head_lo = start // block_n
-    full_lo = (start + block_n - 1) // block_n
-    full_hi = torch.maximum(full_lo, (start + prefix + qt * block_m + 1) // block_n)
-    diag_hi = (start + seen + block_n - 1) // block_n
-    runs = torch.stack([full_lo - head_lo, full_hi - full_lo, diag_hi - full_hi]) * (seg < s)
-    order = torch.argsort(torch.where(seg < s, diag_hi - head_lo, -1), descending=True, stable=True)
-    return torch.stack([seg, qt])[:, order].to(torch.int32), runs[:, order]
+    fields = torch.stack([cu[:-1], n, kv_start.long(), kv_len.long(), ends - per_seg])  # [5, S]
+    row0, n, start, length, first_tile = fields[:, seg.clamp(max=s - 1)]
+    real = seg < s
+    qt, prefix = j - first_tile, length - n
+    seen = prefix + torch.minimum((qt + 1) * bm, n)
+    key_tiles = (start + seen + bn - 1) // bn - start // bn  # as the kernel walks them
+    order = torch.argsort(torch.where(real, key_tiles, -1), descending=True, stable=True)
+    tiles = torch.stack([seg, qt, row0, n * real, start, prefix])[:, order].to(torch.int32)
+    return PrefillPlan(config, num_tokens, s, tiles)
+
+
+def _check_config(config: PrefillConfig) -> None:
+    for name, v in (("block_m", config.block_m), ("block_n", config.block_n)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name}: must be a power of two >= 16, got {v}")
+    if config.order not in ("heads", "group", "tiles"):
+        raise ValueError(f"config.order: must be 'heads', 'group' or 'tiles', got {config.order!r}")
+
+
+def _key_tile_runs(plan: PrefillPlan) -> torch.Tensor:
+    """[3, tiles] key tiles in each plan tile's head, full and diag runs (0 for spare
+    entries): the kernel's run bounds in torch, for the interpreter's loop counts and the
+    tests."""
+    seg, qt, _, n, start, prefix = plan.tiles.long()
+    bm, bn = plan.config.block_m, plan.config.block_n
+    seen = prefix + torch.minimum((qt + 1) * bm, n)
+    head_lo = start // bn
+    full_lo = (start + bn - 1) // bn
+    full_hi = torch.maximum(full_lo, (start + prefix + qt * bm + 1) // bn)
+    diag_hi = (start + seen + bn - 1) // bn
+    return torch.stack([full_lo - head_lo, full_hi - full_lo, diag_hi - full_hi]) * (seg < plan.num_segments)
 
 
 def _check_values(t: int, num_blocks: int, bs: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -288,13 +411,16 @@ def _check_values(t: int, num_blocks: int, bs: int, block_tables: torch.Tensor, 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor, scale: float,
-                      config: PrefillConfig | None = None, validate: bool = True) -> torch.Tensor:
+                      config: PrefillConfig | None = None, validate: bool = True,
+                      plan: PrefillPlan | None = None) -> torch.Tensor:
     """q: [T, H, D], the new tokens of S prefill segments back to back; k_cache, v_cache:
     [num_blocks, block_size, KVH, D] (a layer's kv_cache[0] and [1], the new tokens' K/V
     already written); block_tables: [S, W] int32; cu_seqlens_q: [S + 1] int32 (segment s
     owns rows cu[s]:cu[s+1]); kv_start, kv_len: [S] int32 (segment s sees key positions
     [kv_start, kv_start + kv_len), its queries being the last of them). Returns [T, H, D]
-    in q's dtype. config: tile sizes, else default_config (tests and benchmarks pass one).
+    in q's dtype. config: tile sizes and variant, else default_config (tests and benchmarks
+    pass one). plan: prefill_plan's tiles for these cu_seqlens_q, kv_start, kv_len (its
+    config is used; pass it to every layer of a step rather than rebuilding it per call).
 
     validate=False skips the checks that read the index tensors' values (one host sync),
     for callers whose metadata is already checked (the engine's): then nothing here
@@ -338,30 +464,36 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             raise ValueError(f"{name}: last dimension must be contiguous")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: must be a positive finite number, got {scale}")
-    cfg = config or default_config(d, q.dtype, q.device)
-    for name, v in (("block_m", cfg.block_m), ("block_n", cfg.block_n)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"config.{name}: must be a power of two >= 16, got {v}")
+    if plan is not None:
+        if config is not None and config != plan.config:
+            raise ValueError(f"config: {config} differs from the plan's {plan.config}")
+        if (plan.num_tokens, plan.num_segments) != (t, s):
+            raise ValueError(f"plan: built for T = {plan.num_tokens}, S = {plan.num_segments}; "
+                             f"got T = {t}, S = {s}")
+        if plan.tiles.device != q.device:
+            raise ValueError(f"plan: on {plan.tiles.device}, q on {q.device}")
+    cfg = plan.config if plan is not None else config or default_config(d, q.dtype, q.device)
+    _check_config(cfg)
     if validate:
         _check_values(t, num_blocks, bs, block_tables, cu_seqlens_q, kv_start, kv_len)
 
     out = torch.empty(t, h, d, device=q.device, dtype=q.dtype)
     if t == 0 or s == 0:
         return out
-    # A segment of n queries has ceil(n / block_m) tiles, so S segments have fewer than
-    # T / block_m + S: the grid is sized from shapes alone.
-    max_tiles = triton.cdiv(t, cfg.block_m) + s
-    tiles, runs = _tile_map(cu_seqlens_q, kv_start, kv_len, cfg.block_m, cfg.block_n, max_tiles)
+    plan = plan or prefill_plan(cu_seqlens_q, kv_start, kv_len, t, cfg)
+    max_tiles = plan.tiles.shape[1]
     interp = q.device.type == "cpu"
-    counts = runs.amax(1).tolist() if interp else [0, 0, 0]  # interpreter only: loop bounds
+    counts = _key_tile_runs(plan).amax(1).tolist() if interp else [0, 0, 0]  # interpreter only: loop bounds
     _prefill_kernel[(max_tiles * h,)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_start, kv_len, tiles,
+        q, k_cache, v_cache, out, block_tables, plan.tiles,
         s, max_tiles, scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         H=h, G=h // kvh, D=d, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PER_BLOCK=cfg.ids_per_block, LEAN_RUNS=cfg.lean_runs, ORDER=cfg.order,
+        ROW_ALIGN=math.gcd(16, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1)),
         PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         INTERP=interp, INTERP_HEAD=counts[0], INTERP_FULL=counts[1], INTERP_DIAG=counts[2],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

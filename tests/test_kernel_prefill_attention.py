@@ -3,7 +3,7 @@ against the engine's torch attention path, run by Triton's interpreter on the CP
 
 Every cache slot that no segment may read holds nan, so a kernel that reads one (a
 released block, a slot before kv_start or past the last key) fails loudly. Shapes stay
-small: the interpreter is slow (the whole file takes ~25 s on 2 cores)."""
+small: the interpreter is slow (the whole file takes ~40 s on 2 cores)."""
 
 import os
 
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from kernels.prefill_attention import (  # noqa: E402
-    PrefillConfig, _tile_map, prefill_attention, prefill_attention_reference)
+    PrefillConfig, _key_tile_runs, prefill_attention, prefill_attention_reference, prefill_plan)
 
 # (n queries, kv_start, kv_len) per segment: square causal; a chunk after a prefix whose
 # keys start mid-block (kv_start 20); one query after 29 keys with released blocks before
@@ -54,6 +54,10 @@ def _assert_close(out, ref, dtype):
     assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
 
 
+# The variants the H100 sweep chooses between (PrefillConfig's switches), all on.
+VARIANTS = dict(ids_per_block=True, lean_runs=True, order="group")
+
+
 # bf16 and fp32 take the same path in the interpreter (dot operands are upcast), so the
 # dtypes share out the configurations rather than multiply them.
 @pytest.mark.parametrize("dtype, kvh, g, cfg", [
@@ -61,6 +65,9 @@ def _assert_close(out, ref, dtype):
     (torch.bfloat16, 1, 3, PrefillConfig(32, 32, 1, 1)),  # two blocks per tile
     (torch.float32, 1, 5, PrefillConfig(32, 64, 1, 1)),  # Scout's ratio; four blocks per tile
     (torch.bfloat16, 1, 5, PrefillConfig(32, 64, 1, 1)),
+    (torch.float32, 2, 1, PrefillConfig(16, 16, 1, 1, ids_per_block=True)),  # one table entry a tile
+    (torch.float32, 2, 3, PrefillConfig(32, 32, 1, 1, lean_runs=True, order="tiles")),
+    (torch.bfloat16, 1, 5, PrefillConfig(32, 64, 1, 1, **VARIANTS)),  # four entries a tile
 ])
 def test_prefill_attention_matches_reference(dtype, kvh, g, cfg):
     args = _case(10 * kvh + g + (dtype == torch.bfloat16), dtype, kvh, g, SEGMENTS)
@@ -68,11 +75,28 @@ def test_prefill_attention_matches_reference(dtype, kvh, g, cfg):
     _assert_close(out, prefill_attention_reference(*args, 0.2), dtype)
 
 
-def test_prefill_attention_key_tile_inside_a_block():
+@pytest.mark.parametrize("variants", [{}, VARIANTS])
+def test_prefill_attention_key_tile_inside_a_block(variants):
     """block_size 32 with 16-key tiles: two tiles per cache block; fp16."""
     args = _case(7, torch.float16, 2, 2, [(18, 0, 18), (5, 40, 25)], bs=32)
-    out = prefill_attention(*args, 0.3, config=PrefillConfig(16, 16, 1, 1))
+    out = prefill_attention(*args, 0.3, config=PrefillConfig(16, 16, 1, 1, **variants))
     _assert_close(out, prefill_attention_reference(*args, 0.3), torch.float16)
+
+
+def test_variants_and_a_reused_plan_give_the_same_bits():
+    """Two layers of one step share a plan; each equals a call that builds its own, and
+    the variants change where things are loaded from, not the arithmetic."""
+    segments = [(20, 0, 20), (9, 16, 30)]
+    cfg = PrefillConfig(16, 32, 1, 1)
+    layer1 = _case(21, torch.float32, 1, 2, segments)
+    layer2 = _case(22, torch.float32, 1, 2, segments)
+    q, _, _, _, cu, start, length = layer1
+    plan = prefill_plan(cu, start, length, q.shape[0], cfg)
+    for args in (layer1, layer2):
+        out = prefill_attention(*args, 0.4, plan=plan)
+        assert torch.equal(out, prefill_attention(*args, 0.4, config=cfg))
+        assert torch.equal(out, prefill_attention(*args, 0.4, config=cfg._replace(**VARIANTS)))
+    _assert_close(out, prefill_attention_reference(*layer2, 0.4), torch.float32)
 
 
 def test_prefill_attention_default_config_unvalidated_and_no_queries():
@@ -83,20 +107,28 @@ def test_prefill_attention_default_config_unvalidated_and_no_queries():
     assert prefill_attention(q, k, v, table, cu, start, length, 0.5).shape == (0, 2, 32)
 
 
-def test_tile_map_covers_every_query_tile_once_heaviest_first():
+def test_plan_covers_every_query_tile_once_heaviest_first():
     n, start, length = [33, 0, 7, 64], [20, 0, 0, 128], [40, 0, 7, 200]
     cu = torch.tensor([0, *n]).cumsum(0).int()
-    tiles, runs = _tile_map(cu, torch.tensor(start).int(), torch.tensor(length).int(), 16, 32,
-                            max_tiles=triton.cdiv(sum(n), 16) + len(n))
-    real = tiles[0] < len(n)
-    assert sorted(zip(*tiles[:, real].tolist())) == [(0, 0), (0, 1), (0, 2), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
-    assert not real[int(real.sum()):].any()  # spare entries come last
-    work = runs.sum(0)
-    assert work.tolist() == sorted(work.tolist(), reverse=True)
+    plan = prefill_plan(cu, torch.tensor(start).int(), torch.tensor(length).int(), sum(n), PrefillConfig(16, 32, 1, 1))
+    seg, qt, row0, queries, kv_start, prefix = plan.tiles.tolist()
+    assert len(seg) == triton.cdiv(sum(n), 16) + len(n)
+    real = [i for i, s in enumerate(seg) if s < len(n)]
+    assert real == list(range(len(real)))  # spare entries come last
+    assert sorted(zip(seg[:len(real)], qt[:len(real)])) == [(0, 0), (0, 1), (0, 2), (2, 0), (3, 0), (3, 1), (3, 2),
+                                                             (3, 3)]
+    for i in real:  # each tile carries its segment's fields
+        s = seg[i]
+        assert (row0[i], queries[i], kv_start[i], prefix[i]) == (cu.tolist()[s], n[s], start[s], length[s] - n[s])
+    runs = _key_tile_runs(plan)
+    work = runs.sum(0).tolist()
+    assert work == sorted(work, reverse=True) and not any(work[len(real):])
     # Segment 3's last tile: queries at positions 312..327 see keys 128..327, tiles 4..10
     # of 32 keys: 312 cuts tile 9, so 4..8 are full and 9..10 diagonal.
-    last = list(zip(*tiles.tolist())).index((3, 3))
+    last = list(zip(seg, qt)).index((3, 3))
     assert runs[:, last].tolist() == [0, 5, 2]
+    # Segment 0 starts mid-tile (kv_start 20): its first tile has a head run.
+    assert runs[:, list(zip(seg, qt)).index((0, 0))].tolist() == [1, 0, 1]
 
 
 def _pieces(spans, chunk):
@@ -183,24 +215,37 @@ def test_prefill_attention_rejects_bad_inputs():
         prefill_attention(*args, 0.0)
     with pytest.raises(ValueError, match="block_n"):
         prefill_attention(*args, 1.0, config=PrefillConfig(16, 24, 1, 1))
+    plan = prefill_plan(cu, start, length, q.shape[0], PrefillConfig(16, 16, 1, 1))
+    with pytest.raises(ValueError, match="plan: built for T = 9, S = 2; got T = 5"):
+        prefill_attention(q[:5], k, v, table, torch.tensor([0, 5, 5], dtype=torch.int32), start, length, 1.0,
+                          plan=plan)
+    with pytest.raises(ValueError, match="config: .* differs from the plan's"):
+        prefill_attention(*args, 1.0, config=PrefillConfig(32, 16, 1, 1), plan=plan)
+    with pytest.raises(ValueError, match="kv_len: int32"):
+        prefill_plan(cu, start, length.long(), q.shape[0], PrefillConfig(16, 16, 1, 1))
+    with pytest.raises(ValueError, match="config.block_m"):
+        prefill_plan(cu, start, length, q.shape[0], PrefillConfig(48, 16, 1, 1))
+    with pytest.raises(ValueError, match="config.order"):
+        prefill_attention(*args, 1.0, config=PrefillConfig(16, 16, 1, 1, order="kv"))
 
 
 # -- compiled for the GPU ----------------------------------------------------------------
 # The interpreter never compiles, and what makes the kernel fast is decided by the
 # compiler: with the block-table load in the same iteration as the K/V loads, Triton's
-# pipeliner did not prefetch K/V at all (async_wait 0 in every loop). Triton compiles for
-# sm_90 without a GPU, so a subprocess without the interpreter builds Scout's launch
-# configuration and reports how it came out.
-def _sm90_build() -> dict:
+# pipeliner did not prefetch K/V at all (async_wait 0 in every loop), nor with per-block
+# row offsets whose divisibility the compiler could not see. Triton compiles for sm_90
+# without a GPU, so a subprocess without the interpreter builds Scout's launch
+# configuration, as first measured and with every variant on, and reports how they came out.
+def _sm90_build(cfg: PrefillConfig) -> dict:
     import re
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.prefill_attention import _prefill_kernel, default_config
+    from kernels.prefill_attention import _prefill_kernel
 
-    cfg = default_config(128, torch.bfloat16, torch.device("cuda"))
-    consts = dict(H=40, G=5, D=128, BS=16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION="tf32",
+    consts = dict(H=40, G=5, D=128, BS=16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PER_BLOCK=cfg.ids_per_block,
+                  LEAN_RUNS=cfg.lean_runs, ORDER=cfg.order, ROW_ALIGN=16, PRECISION="tf32",
                   INTERP=False, INTERP_HEAD=0, INTERP_FULL=0, INTERP_DIAG=0)
     fn = _prefill_kernel
     ints = ("num_segments", "num_tiles", "stride_tb")  # the others are multiples of 16 at Scout's shapes
@@ -218,6 +263,13 @@ def _sm90_build() -> dict:
             "waits": [int(w) for w in re.findall(r"async_wait .*\{num = (\d+)", ttgir)]}
 
 
+def _sm90_configs() -> list[PrefillConfig]:
+    from kernels.prefill_attention import default_config
+
+    cfg = default_config(128, torch.bfloat16, torch.device("cuda"))
+    return [cfg, cfg._replace(**VARIANTS)]
+
+
 def test_kernel_compiles_for_h100_with_pipelined_kv_loads():
     import json
     import subprocess
@@ -229,15 +281,17 @@ def test_kernel_compiles_for_h100_with_pipelined_kv_loads():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    build = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert build["wgmma"] > 0, build  # Hopper tensor-core MMAs
-    assert build["local"] == 0, build  # no register spills
-    assert build["shared"] <= 227 * 1024, build  # fits an H100 SM
-    # Each of the three key-tile runs keeps K/V copies in flight while it computes.
-    assert sum(w > 0 for w in build["waits"]) >= 3, build
+    builds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(builds) == len(_sm90_configs())
+    for build in builds:
+        assert build["wgmma"] > 0, build  # Hopper tensor-core MMAs
+        assert build["local"] == 0, build  # no register spills
+        assert build["shared"] <= 227 * 1024, build  # fits an H100 SM
+        # Each of the three key-tile runs keeps K/V copies in flight while it computes.
+        assert sum(w > 0 for w in build["waits"]) >= 3, build
 
 
 if __name__ == "__main__":  # the compile check's subprocess
     import json
 
-    print(json.dumps(_sm90_build()))
+    print(json.dumps([_sm90_build(cfg) for cfg in _sm90_configs()]))
