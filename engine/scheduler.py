@@ -7,7 +7,11 @@ Queue lifecycle of a request:
                        reset, front of the waiting queue
 Decode role, KV computed elsewhere:
   reserve() -> transferring (blocks held, not scheduled) -> complete_transfer() -> running
-                    | fail_transfer(recompute): blocks freed -> waiting (prefilled here)
+                    | first token: appended at once (the client may see it while the
+                    |   KV is still arriving); if it ends the request, finish_transferring()
+                    |   marks it finished, and the transfer's close frees its blocks
+                    | fail_transfer(recompute): blocks freed -> waiting (prefilled here,
+                    |   with its first token if it has one, as a preempted request is)
                     | finish(): aborted, blocks freed
 
 `schedule()` spends a token budget: first on running requests in arrival order (a
@@ -81,22 +85,36 @@ class Scheduler:
         self.transferring[req.request_id] = req
         return True
 
-    def complete_transfer(self, req: Request, first_token: int) -> None:
-        """The prompt's KV arrived and prefill sampled the first token: decode from here."""
+    def complete_transfer(self, req: Request) -> None:
+        """The prompt's KV arrived (its first token came before): decode from here. A
+        request its first token ended only gives its blocks back."""
+        if req.is_finished:
+            self.finish(req, req.status)
+            return
         del self.transferring[req.request_id]
-        start, req.num_computed_tokens = req.num_computed_tokens, req.num_tokens
+        start, req.num_computed_tokens = req.num_computed_tokens, req.num_prompt_tokens
         self.kv.cache_full_blocks(req, from_token=start)
-        req.output_token_ids.append(first_token)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
     def fail_transfer(self, req: Request) -> None:
-        """The transfer failed: drop the reserved blocks and prefill here instead."""
+        """The transfer failed: drop the reserved blocks and prefill here instead (prompt
+        and first token, if any: tokens already out are kept, as after a preemption)."""
+        if req.is_finished:
+            self.finish(req, req.status)
+            return
         del self.transferring[req.request_id]
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+
+    def finish_transferring(self, req: Request, status: RequestStatus) -> None:
+        """Its first token ended a request whose transfer is still open: it is finished
+        (its output says so), but it keeps its blocks, which bytes may still land in,
+        until complete_transfer or fail_transfer closes the transfer."""
+        assert self.transferring.get(req.request_id) is req, req.request_id
+        req.status = status
 
     @property
     def has_unfinished(self) -> bool:
@@ -176,9 +194,10 @@ class Scheduler:
                 req.output_token_ids.append(sampled[req.request_id] if sampled is not None else PENDING)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """End a request (stopped, length, aborted): release its blocks exactly once."""
-        if req.is_finished:
-            return
+        """End a request (stopped, length, aborted): release its blocks exactly once. (A
+        request still here may be finished already: see finish_transferring.)"""
+        if self.requests.get(req.request_id) is not req:
+            return  # released before
         req.status = status
         if req in self.running:
             self.running.remove(req)
