@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "end the request with UNAVAILABLE")
     g.add_argument("--prefill-timeout", type=float, default=120.0,
                    help="seconds a Prefill call (compute + transfer) may take before it counts as failed")
+    t = p.add_argument_group("testing (decode_service/faults.py; never in a deployment)")
+    t.add_argument("--test-kv-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="see each KV transfer's end no sooner than this long after it was set up")
+    t.add_argument("--test-kv-fail", action="store_true",
+                   help="see each KV transfer FAILED (after --test-kv-delay) instead of DONE")
     import registry
 
     registry.add_arguments(p)
@@ -46,6 +51,10 @@ def run(args) -> int:
     layout = CacheLayout.from_caches(cfg.model.fingerprint, engine.runner.kv_caches)
     receiver = make_receiver(args.kv_transport, layout, engine.runner.kv_caches, host=args.host, port=args.kv_port,
                              advertise_host=args.advertise_host)
+    if args.test_kv_delay or args.test_kv_fail:
+        from decode_service.faults import LateReceiver
+
+        receiver = LateReceiver(receiver, args.test_kv_delay, args.test_kv_fail)
     loop = EngineLoop(engine).start()
     info = static_info("decode", engine, layout, args.kv_transport, receiver.address)
     servicer = DecodeServicer(loop, receiver, info, local_prefill_threshold=args.local_prefill_threshold,

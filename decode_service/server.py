@@ -6,14 +6,36 @@ Lifecycle of one Generate RPC (with a prefill_address):
   2. uncached suffix <= --local-prefill-threshold: give the reservation back and
      prefill here (no transfer). Otherwise tell the KV receiver which blocks to expect
      and call PrefillService.Prefill with the destination blocks;
-  3. Prefill returns once the KV arrived (receiver DONE) with the first token: the
-     request joins the continuous batch and tokens stream back;
-  4. failure (prefill unreachable or dead, transfer failed or timed out): abort the
-     transfer FIRST (no late byte lands in blocks about to be freed), then recompute
-     the prompt here (--on-transfer-failure recompute, default) or end the RPC with
-     UNAVAILABLE (fail);
-  5. client cancel or Abort at any point: the prefill RPC is cancelled, the transfer
+  3. Prefill answers with the first token as soon as it is sampled; the token goes to
+     the client at once, while the request stays transferring (blocks held, not
+     scheduled) and the last layers may still be arriving;
+  4. the receiver reports the transfer DONE: the request joins the continuous batch and
+     the rest of its tokens stream back. A first token that ends the request (a stop
+     id, max_tokens=1) ends the RPC; its transfer is aborted, then its blocks freed;
+  5. failure (prefill unreachable or dead, transfer failed or timed out), before or
+     after the first token: abort the transfer FIRST (no late byte lands in blocks about
+     to be freed), then recompute here (--on-transfer-failure recompute, default: the
+     prompt, and the first token if the client has it, so it never sees that token
+     twice or a different one) or end the RPC with UNAVAILABLE (fail);
+  6. client cancel or Abort at any point: the prefill RPC is cancelled, the transfer
      aborted, the request aborted; its blocks are freed exactly once (by the engine).
+The receiver's record of a transfer is released when the RPC ends, not at DONE:
+prefill's `finish` for it is still on the way then, and the receiver answers a
+finish for a forgotten transfer with FAILED.
+
+Why a unary Prefill with decode waiting on its own receiver, rather than a streaming
+Prefill (message 1: the first token, message 2: the transfer's result): the receiver
+learns first-hand when the last block has landed, while prefill learns it only from
+the receiver's answer to its `finish`, a round trip later, and its second message would
+add another hop. The stream would also keep an RPC open per transfer just to carry
+news decode already has. What prefill still knows first, a push that failed before the
+answer, it reports as the RPC's error; failures after it reach the receiver on their
+own (the sender's abort, a dropped connection) or end in the timeout.
+
+One INFO line per request whose KV arrived: `reserve + request` (entry -> Prefill RPC
+sent), `Prefill RPC` (-> answer), `transfer close` (the receiver's DONE -> in the batch),
+`first token out` (answer -> the first token handed to gRPC), then `KV DONE X ms after
+the first token` (the wait for the KV once the client had its first token).
 """
 
 from __future__ import annotations
@@ -29,8 +51,10 @@ import grpc
 
 from engine.kv_cache import pushed_blocks
 from engine.loop import EngineLoop
+from kv_transfer.base import TransferStatus
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from protos.convert import blocks_to_pb, fill_info, logprobs_to_pb, sampling_from_pb, sampling_to_pb
+from protos.convert import (blocks_to_pb, fill_info, logprobs_to_pb, pack_token_ids, prompt_from_pb,
+                            sampling_from_pb, sampling_to_pb)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +66,22 @@ class PrefillStats:
     cached: int = 0  # prompt tokens decode already held
     sent: int = 0  # prompt tokens prefill pushed
     bytes: int = 0
-    seconds: float = 0.0  # remote prefill + transfer, as decode waited for it
+    seconds: float = 0.0  # Prefill RPC sent -> first token published
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A request whose first token came from prefill and whose KV may still be arriving
+    (steps 3-4), with the perf_counter() stamps of its way there."""
+
+    transfer_id: str
+    prefill_address: str
+    deadline: float  # the KV must be here by then (--prefill-timeout after the RPC was sent)
+    num_prompt: int
+    cached: int
+    t_in: float  # Generate entered
+    t_sent: float  # Prefill RPC sent
+    t_answer: float  # its answer received
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -60,21 +99,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.chunk = eng.config.model.attention_chunk_size
         self._channels: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
         self._channels_lock = threading.Lock()
-        self.transfers: dict[str, str] = {}  # request id -> transfer id, while transferring
+        self.transfers: dict[str, str] = {}  # request id -> transfer id, until the RPC ends or is aborted
 
     # -- the RPCs ------------------------------------------------------------------------
     def Generate(self, request, context):
+        t_in = time.perf_counter()
         rid = request.request_id or uuid.uuid4().hex
         try:
             params = sampling_from_pb(request.sampling)
+            ids = prompt_from_pb(request)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        ids = list(request.prompt_token_ids)
         if request.prefill_address:
-            stream, meta = self._disaggregated(rid, ids, params, request.prefill_address, context)
+            yield from self._disaggregated(rid, ids, params, request.prefill_address, context, t_in)
         else:
-            stream, meta = self._local(rid, ids, params, context), PrefillStats()
-        yield from self._stream(rid, stream, context, len(ids), meta)
+            yield from self._stream(rid, self._local(rid, ids, params, context), context, len(ids), PrefillStats())
 
     def Abort(self, request, context):
         self._drop_transfer(request.request_id)  # before the engine frees the blocks it writes
@@ -92,74 +131,146 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return stream
 
-    def _disaggregated(self, rid, ids, params, prefill_address, context):
+    def _disaggregated(self, rid, ids, params, prefill_address, context, t_in):
+        """Steps 1-5; yields the GenerateResponses."""
+        stream, cached, preq = self._reserve(rid, ids, params, context)
+        if preq is None:  # prefilled here
+            yield from self._stream(rid, stream, context, len(ids), PrefillStats(cached))
+            return
+        t_sent = time.perf_counter()
+        resp, error = self._call_prefill(rid, prefill_address, preq, context)
+        t_answer = time.perf_counter()
+        out = None
+        if resp is not None:
+            out, error = self._publish_first_token(rid, resp)
+        if out is None:  # the client left, Abort came, or prefill failed
+            if error is not None:
+                self._transfer_failed(rid, prefill_address, error, context)
+            yield from self._stream(rid, stream, context, len(ids), PrefillStats(cached))
+            return
+        t_first = time.perf_counter()
+        handoff = Handoff(preq.destination.transfer_id, prefill_address, t_sent + self.prefill_timeout, len(ids),
+                          cached, t_in, t_sent, t_answer)
+        stats = PrefillStats(cached, len(ids) - cached, resp.bytes_sent, t_first - t_sent)
+        yield from self._stream(rid, stream, context, len(ids), stats, handoff)
+
+    def _reserve(self, rid, ids, params, context) -> tuple[queue.Queue, int, prefill_pb2.PrefillRequest | None]:
+        """Steps 1-2: (the output stream, the prefix hit, the Prefill request to send, or
+        None when the prompt is prefilled here)."""
         loop, eng = self.loop, self.loop.engine
-        t_in = time.perf_counter()
         with loop.lock:
             try:
                 req = eng.reserve(ids, params, rid)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             if req is None:  # no room to reserve now: queue it here; it prefills when admitted
-                return self._local(rid, ids, params, context), PrefillStats()
-            cached = req.num_cached_tokens
+                return self._local(rid, ids, params, context), 0, None
             stream = loop.open_stream(rid)
+            cached = req.num_cached_tokens
             if len(ids) - cached <= self.threshold:
                 eng.fail_transfer(rid)  # give the reservation back; prefilled here
                 loop.wake.notify_all()
-                return stream, PrefillStats(cached)
+                return stream, cached, None
             tid = f"{rid}/{uuid.uuid4().hex[:8]}"
             self.receiver.expect(tid, self._expected_layers(req))
             self.transfers[rid] = tid
-            preq = prefill_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids,
+            preq = prefill_pb2.PrefillRequest(request_id=rid, packed_prompt_token_ids=pack_token_ids(ids),
                                               sampling=sampling_to_pb(params))
             preq.destination.address = self.receiver.address
             preq.destination.transfer_id = tid
             preq.destination.num_cached_tokens = cached
             blocks_to_pb(req.block_tables, preq.destination.blocks)
-        t0 = time.perf_counter()
-        future = self._stub(prefill_address).Prefill.future(preq, timeout=self.prefill_timeout)
-        error = None
+            return stream, cached, preq
+
+    def _call_prefill(self, rid, address, preq, context):
+        """(the answer, None), (None, why it failed), or (None, None) when the client left
+        or Abort came first (then the request is aborted here)."""
+        future = self._stub(address).Prefill.future(preq, timeout=self.prefill_timeout)
         while True:
             try:
-                resp = future.result(timeout=0.2)
-                break
+                return future.result(timeout=0.2), None
             except grpc.FutureTimeoutError:
                 if not context.is_active() or rid not in self.transfers:  # client gone / aborted
                     future.cancel()
                     self._drop_transfer(rid)
-                    with loop.lock:
-                        loop.abort(rid)
-                    return stream, PrefillStats(cached)
+                    self.loop.abort(rid)
+                    return None, None
             except grpc.RpcError as e:
-                error = e
-                break
-        t_answer = time.perf_counter()
-        if error is None:
-            status = self.receiver.wait(tid, 5.0)  # prefill answered after our ack: DONE already
-            error = None if status.name == "DONE" else f"transfer {tid} ended {status.name}"
-        self._drop_transfer(rid)
-        t_done = time.perf_counter()
+                return None, e.details()
+
+    def _publish_first_token(self, rid, resp):
+        """Step 3: (its output, None) once published; (None, why) for an answer the engine
+        refuses; (None, None) when the request was aborted meanwhile."""
+        lp = None
+        if resp.HasField("first_logprobs"):
+            lp = (resp.first_logprobs.chosen, [(t.token_id, t.logprob) for t in resp.first_logprobs.top])
+        with self.loop.lock:
+            if rid not in self.loop.engine.scheduler.transferring:
+                return None, None
+            try:
+                out = self.loop.engine.first_token(rid, resp.first_token_id, lp)
+            except ValueError as e:
+                return None, f"bad answer: {e}"
+            self.loop.publish(out)
+            return out, None
+
+    def _close_transfer(self, rid: str, h: Handoff, ended: bool, context) -> None:
+        """Step 4, once the first token is out: wait for the KV, then join the batch."""
+        loop, eng = self.loop, self.loop.engine
+        t_out = time.perf_counter()
+        if ended:  # the first token ended it: its KV is not needed
+            self._drop_transfer(rid)  # abort: no byte lands in the blocks from here
+            with loop.lock:
+                if rid in eng.scheduler.transferring:
+                    eng.fail_transfer(rid)  # a finished request: its blocks go back
+            return
+        status = self._await_kv(rid, h, context)
+        t_kv = time.perf_counter()
+        if status is None:  # client gone or aborted: the stream ends it
+            return
+        if status != TransferStatus.DONE:
+            why = (f"ended {status.name}: {self.receiver.reason(h.transfer_id)}" if status.terminal
+                   else f"not done within --prefill-timeout {self.prefill_timeout:g} s")
+            self._transfer_failed(rid, h.prefill_address, f"KV transfer {h.transfer_id} {why}", context)
+            return
         with loop.lock:
             if rid not in eng.scheduler.transferring:  # aborted meanwhile
-                return stream, PrefillStats(cached)
-            if error is None:
-                lp = None
-                if resp.HasField("first_logprobs"):
-                    lp = (resp.first_logprobs.chosen, [(t.token_id, t.logprob) for t in resp.first_logprobs.top])
-                loop.publish(eng.complete_transfer(rid, resp.first_token_id, lp))
-                loop.wake.notify_all()
-                t_out = time.perf_counter()
-                log.info("request %s: %d prompt tokens (%d cached); reserve + request %.1f ms, Prefill RPC %.1f ms, "
-                         "transfer close %.1f ms, first token out %.1f ms", rid, len(ids), cached,
-                         1e3 * (t0 - t_in), 1e3 * (t_answer - t0), 1e3 * (t_done - t_answer), 1e3 * (t_out - t_done))
-                return stream, PrefillStats(cached, len(ids) - cached, resp.bytes_sent, t_out - t0)
-            msg = error.details() if isinstance(error, grpc.RpcError) else error
+                return
+            eng.complete_transfer(rid)
+            loop.wake.notify_all()
+        t_joined = time.perf_counter()
+        log.info("request %s: %d prompt tokens (%d cached); reserve + request %.2f ms, Prefill RPC %.1f ms, "
+                 "transfer close %.2f ms, first token out %.2f ms; KV DONE %.1f ms after the first token", rid,
+                 h.num_prompt, h.cached, 1e3 * (h.t_sent - h.t_in), 1e3 * (h.t_answer - h.t_sent),
+                 1e3 * (t_joined - t_kv), 1e3 * (t_out - h.t_answer), 1e3 * (t_kv - t_out))
+
+    def _await_kv(self, rid: str, h: Handoff, context) -> TransferStatus | None:
+        """The receiver's status once it is terminal or the deadline passed; None when the
+        client left or the request was aborted."""
+        while True:
+            left = h.deadline - time.perf_counter()
+            try:
+                status = self.receiver.wait(h.transfer_id, min(0.2, max(0.0, left)))
+            except KeyError:  # released by an Abort
+                return None
+            if status.terminal or left <= 0:
+                return status
+            if not context.is_active() or rid not in self.transfers:
+                return None
+
+    def _transfer_failed(self, rid: str, prefill_address: str, msg: str, context) -> None:
+        """Step 5. Returns when the request recomputes here (or was aborted meanwhile);
+        ends the RPC with UNAVAILABLE under --on-transfer-failure fail."""
+        loop, eng = self.loop, self.loop.engine
+        self._drop_transfer(rid)  # first: no byte lands in the blocks about to be freed
+        with loop.lock:
+            if rid not in eng.scheduler.transferring:  # aborted meanwhile
+                return
             if self.recompute:
                 log.warning("request %s: prefill at %s failed (%s); recomputing here", rid, prefill_address, msg)
                 eng.fail_transfer(rid)
                 loop.wake.notify_all()
-                return stream, PrefillStats(cached)
+                return
             loop.abort(rid)
         context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill at {prefill_address} failed: {msg}")
 
@@ -170,15 +281,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self.receiver.release(tid)
 
     def _expected_layers(self, req) -> dict[int, list[int]]:
-        """The blocks prefill will push, per layer (the same `pushed_blocks` prefill uses)."""
+        """The blocks prefill will push, per layer (the same `pushed_blocks` prefill uses).
+        The layers of a group share one list, which the receiver then checks once."""
         ranges = pushed_blocks(req.num_tokens, req.num_cached_tokens, self.block_size, self.chunk,
                                set(self.layer_group))
-        out = {}
-        for layer, g in enumerate(self.layer_group):
-            blocks = req.block_tables[g][ranges[g].start : ranges[g].stop]
-            if blocks:
-                out[layer] = blocks
-        return out
+        blocks = {g: req.block_tables[g][r.start : r.stop] for g, r in ranges.items()}
+        return {layer: blocks[g] for layer, g in enumerate(self.layer_group) if blocks[g]}
 
     def _stub(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
         with self._channels_lock:
@@ -187,7 +295,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             return self._channels[address]
 
     # -- streaming -----------------------------------------------------------------------
-    def _stream(self, rid, stream: queue.Queue, context, num_prompt, meta: PrefillStats):
+    def _stream(self, rid, stream: queue.Queue, context, num_prompt, meta: PrefillStats,
+                handoff: Handoff | None = None):
+        """Yield the request's outputs as they come. With a `handoff`, the first one is the
+        first token from prefill, and the KV is waited for right after it went out."""
         finished = False
         try:
             while True:
@@ -206,9 +317,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     logprobs_to_pb(out.logprobs[len(out.token_ids) - len(out.new_token_ids):], resp.logprobs)
                 finished = out.finished
                 yield resp
+                if handoff is not None:
+                    self._close_transfer(rid, handoff, finished, context)
+                    handoff = None
                 if finished:
                     return
         finally:
+            self._drop_transfer(rid)  # the receiver's record lives as long as the RPC
             if not finished:  # client cancelled or the stream broke: abort everywhere
-                self._drop_transfer(rid)
                 self.loop.abort(rid)

@@ -58,6 +58,7 @@ def run(args) -> int:
     def stop():
         loop.stop()
         sender.close()
+        servicer.close()
 
     serve_until_signal(server, hs, stop, on_start=registration.start, on_drain=registration.stop)
     return 0

@@ -11,6 +11,8 @@ step for the partial tail. The step's range is fixed before the forward; `on_lay
 sends layer i's share of it right after layer i wrote its KV, so the transfer overlaps
 the next layer's compute. Source ids come from the request's own block table, and
 destination ids from decode's table at the same index (both sides use one block size).
+After the final step the pusher forgets the destination: its counters are final, and
+the Prefill RPC reads them from its own reference, without the engine's lock.
 """
 
 from __future__ import annotations
@@ -54,12 +56,16 @@ class KVPusher:
 
     def end(self) -> None:
         if self._step is not None:
-            self.after_step(self._step[1])
-            if self._step[1]:
+            plan, ranges = self._step
+            self.after_step(ranges)
+            if ranges:
                 # From here the engine may free or reuse this step's blocks (a finish, an
                 # abort, a preemption): the sender copies direct runs still queued and makes
                 # this stream wait for the sends already posted.
                 self.sender.fence()
+            for c in plan.chunks:  # prompts computed to their end: every block went out
+                if c.start + c.num_tokens == c.request.num_prompt_tokens:
+                    self.dest.pop(c.request.request_id, None)
             self._step = None
 
     def add(self, request_id: str, dest: Destination, prompt_len: int) -> None:
@@ -70,7 +76,7 @@ class KVPusher:
         dest.sent_upto = {g: r.start for g, r in ranges.items()}
         for g, r in ranges.items():
             table = dest.blocks.get(g, [])
-            if len(table) < r.stop or any(table[j] is None for j in r):
+            if len(table) < r.stop or None in table[r.start : r.stop]:
                 raise ValueError(f"destination blocks for {g!r} do not cover positions up to {prompt_len}")
         self.dest[request_id] = dest
 

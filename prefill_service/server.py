@@ -6,13 +6,23 @@ Lifecycle of one Prefill RPC:
   2. queue the prompt with max_tokens=1 and register its destination with the pusher;
      the engine loop batches it with other prefills (chunked under the token budget);
      each step's on_layer hook sends the layer's finished blocks right away;
-  3. when the first token is sampled, tell the receiver the transfer is complete and
-     wait for its acknowledgement (DONE), then answer with the first token.
-Blocks: the sender gathers each layer's blocks into its own buffer before this step's
-next layer runs, so the request's blocks are released by the engine as soon as the
-request finishes (step 3 waits only on buffers, not on cache blocks).
-Cancel / Abort / failure at any point: the request is aborted in the engine (blocks
+  3. when the first token is sampled, queue the transfer's end-of-stream marker
+     (`finish`) and answer with the first token at once: the last layers may still be
+     on the wire. Decode's receiver knows when they all landed before we could tell it
+     (our DONE is its acknowledgement of `finish`, one more round trip), so decode waits
+     for its own receiver, and the first token does not wait for the KV;
+  4. in the background (a small thread pool, `_close`): wait for the transfer's DONE or
+     FAILED, release its record, log the request's timings. Nothing else waits for it.
+Blocks: the sender gathers a layer's staged blocks before the next layer runs, and the
+pusher fences the sender after each step that pushed (direct runs still queued are
+copied, posted sends waited for), so the engine frees the request's blocks as soon as
+it finishes, before the transfer is acknowledged.
+Cancel / Abort / failure before the answer: the request is aborted in the engine (blocks
 freed once), the transfer aborted, and the RPC ends with the matching status.
+
+One INFO line per request, once its transfer ended: where its time went, from the RPC's
+entry (request in -> queued -> first token -> answer) and `pushed from position N in
+X ms` (request in -> the transfer acknowledged DONE).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import logging
 import queue
 import time
 import uuid
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -29,9 +40,19 @@ from engine.loop import EngineLoop
 from kv_transfer.base import LayoutMismatch, TransferError, TransferStatus
 from prefill_service.push import Destination, KVPusher
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
-from protos.convert import blocks_from_pb, fill_info, sampling_from_pb
+from protos.convert import blocks_from_pb, fill_info, sampling_from_pb, unpack_token_ids
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """perf_counter() stamps of one Prefill RPC."""
+
+    request_in: float
+    queued: float  # the engine has it (add_request returned)
+    first_token: float  # the handler holds the sampled first token
+    answer: float  # the response is built and returned to gRPC
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
@@ -42,12 +63,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.pusher = pusher
         self.info = info
         self.transfer_timeout = transfer_timeout
+        # Waits for answered transfers to end (step 4); a few threads, as most end within
+        # milliseconds of the answer.
+        self._closer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-close")
+
+    def close(self) -> None:
+        """At shutdown, after the sender is closed (which ends every wait)."""
+        self._closer.shutdown(wait=False, cancel_futures=True)
 
     def Prefill(self, request, context):
+        t_in = time.perf_counter()
         rid = request.request_id or uuid.uuid4().hex
         dest_pb = request.destination
         try:
             params = sampling_from_pb(request.sampling)
+            ids = unpack_token_ids(request.packed_prompt_token_ids)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not dest_pb.address or not dest_pb.transfer_id:
@@ -60,10 +90,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode's KV receiver {dest_pb.address}: {e}")
         dest = Destination(dest_pb.address, dest_pb.transfer_id, dest_pb.num_cached_tokens,
                            blocks_from_pb(dest_pb.blocks))
-        ids = list(request.prompt_token_ids)
         # Prefill samples the first token only; decode applies every stop rule to it.
         first_params = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
-        t0 = time.monotonic()
         try:
             with self.loop.lock:
                 self.pusher.add(rid, dest, len(ids))
@@ -74,32 +102,34 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     raise
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        context.add_callback(lambda: self._cancel(rid, dest.transfer_id))
+        t_queued = time.perf_counter()
+        answered = False  # from then on the RPC's end has nothing to undo
+        context.add_callback(lambda: answered or self._cancel(rid, dest.transfer_id))
         out = self._wait_output(stream, context)
-        with self.loop.lock:
-            d = self.pusher.remove(rid)
-        if out is None or out.finish_reason == "abort" or not out.token_ids or d is None:
+        t_first = time.perf_counter()
+        if out is None or out.finish_reason == "abort" or not out.token_ids:
+            with self.loop.lock:
+                self.pusher.remove(rid)
             self.sender.abort(dest.transfer_id)
             context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
-        if d.error is not None:
+        # The step that sampled the token pushed the prompt's last blocks, and the pusher
+        # dropped the destination then: its counters are final, read without the lock.
+        if dest.error is not None:
             self.sender.abort(dest.transfer_id)
-            context.abort(grpc.StatusCode.INTERNAL, f"KV push failed: {d.error}")
-        self.sender.finish(dest.address, dest.transfer_id, d.layers_sent)
-        status = self.sender.wait(dest.transfer_id, self.transfer_timeout)
-        self.sender.release(dest.transfer_id)
-        if status != TransferStatus.DONE:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer {dest.transfer_id} ended {status.name}")
-        log.info("prefill %s: %d tokens (%d cached here), pushed from position %d in %.1f ms", rid, len(ids),
-                 out.num_cached_tokens, dest.num_cached_tokens, 1e3 * (time.monotonic() - t0))
+            context.abort(grpc.StatusCode.INTERNAL, f"KV push failed: {dest.error}")
+        self.sender.finish(dest.address, dest.transfer_id, dest.layers_sent)
         resp = prefill_pb2.PrefillResponse(
             request_id=rid, first_token_id=out.token_ids[0],
             num_prefilled_tokens=len(ids) - out.num_cached_tokens,
-            num_sent_tokens=len(ids) - dest.num_cached_tokens, bytes_sent=d.bytes_sent,
+            num_sent_tokens=len(ids) - dest.num_cached_tokens, bytes_sent=dest.bytes_sent,
         )
         if out.logprobs:
             chosen, top = out.logprobs[0]
             resp.first_logprobs.chosen = chosen
             resp.first_logprobs.top.extend(common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in top)
+        answered = True
+        timings = Timings(t_in, t_queued, t_first, time.perf_counter())
+        self._closer.submit(self._close, rid, dest, len(ids), out.num_cached_tokens, timings)
         return resp
 
     def _wait_output(self, stream: queue.Queue, context):
@@ -113,13 +143,40 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if out.finished:
                 return out
 
+    def _close(self, rid: str, dest: Destination, num_tokens: int, cached_here: int, t: Timings) -> None:
+        """Step 4: the transfer's end, after the answer went out."""
+        try:
+            self._close_transfer(rid, dest, num_tokens, cached_here, t)
+        except Exception:  # a thread of the pool: nobody else would see it
+            log.exception("prefill %s: closing transfer %s failed", rid, dest.transfer_id)
+
+    def _close_transfer(self, rid: str, dest: Destination, num_tokens: int, cached_here: int, t: Timings) -> None:
+        tid = dest.transfer_id
+        status = self.sender.wait(tid, self.transfer_timeout)
+        t_end = time.perf_counter()
+        if not status.terminal:
+            self.sender.abort(tid)
+        reason = self.sender.reason(tid)
+        self.sender.release(tid)
+        split = (f"request in -> queued {1e3 * (t.queued - t.request_in):.2f} ms, queued -> first token "
+                 f"{1e3 * (t.first_token - t.queued):.1f} ms, first token -> answer "
+                 f"{1e3 * (t.answer - t.first_token):.2f} ms")
+        if status == TransferStatus.DONE:
+            log.info("prefill %s: %d tokens (%d cached here), pushed from position %d in %.1f ms; %s, "
+                     "answer -> transfer DONE %.1f ms", rid, num_tokens, cached_here, dest.num_cached_tokens,
+                     1e3 * (t_end - t.request_in), split, 1e3 * (t_end - t.answer))
+        else:  # decode recomputes, or aborted it itself (a first token that ended the request)
+            log.info("prefill %s: %d tokens (%d cached here); %s; transfer %s ended %s %.1f ms after the answer: "
+                     "%s", rid, num_tokens, cached_here, split, tid, status.name if status.terminal else "TIMED OUT",
+                     1e3 * (t_end - t.answer), reason or "no answer from decode")
+
     def _cancel(self, rid: str, transfer_id: str) -> None:
-        # Runs when the RPC ends for any reason; harmless after a normal finish.
+        # Runs when an unanswered RPC ends (cancelled, aborted, failed).
         with self.loop.lock:
             if rid in self.loop.engine.scheduler.requests:
                 self.loop.abort(rid)
-                self.pusher.remove(rid)
-                self.sender.abort(transfer_id)
+            self.pusher.remove(rid)
+        self.sender.abort(transfer_id)
 
     def Abort(self, request, context):
         with self.loop.lock:

@@ -4,11 +4,21 @@
 scalars, so 0 means "default" for max_tokens and top_p, and the optional fields carry
 presence. Validation stays in the engine's dataclass: a bad value raises ValueError
 naming the field, which servicers map to INVALID_ARGUMENT.
+
+Token ids travel packed where prompts are long (`packed_prompt_token_ids`: 4 bytes an
+id, uint32 little-endian). On this side they are an `array("I")`: bytes in and out with
+one copy, and the engine checks an array's ids at C speed (LLMEngine.validate_prompt).
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
+
 from protos import common_pb2
+
+if array("I").itemsize != 4:  # C unsigned int is 4 bytes on every platform we run on
+    raise ImportError("protos.convert: array('I') must hold 4-byte items")
 
 
 def sampling_to_pb(p) -> common_pb2.SamplingParams:
@@ -52,19 +62,55 @@ def logprobs_to_pb(entries, out) -> None:
         lp.top.extend(common_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in top)
 
 
+def pack_token_ids(ids: array) -> bytes:
+    """An array("I") of token ids as a packed_prompt_token_ids field."""
+    if sys.byteorder == "little":
+        return ids.tobytes()
+    swapped = array("I", ids)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def unpack_token_ids(data: bytes, field: str = "packed_prompt_token_ids") -> array:
+    """A packed_prompt_token_ids field as an array("I"); ValueError naming `field` when
+    its length is not whole ids."""
+    if len(data) % 4:
+        raise ValueError(f"{field}: {len(data)} bytes is not a whole number of 4-byte token ids")
+    ids = array("I", data)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids
+
+
+def prompt_from_pb(msg) -> array:
+    """A request's prompt (a message with `prompt_token_ids` and `packed_prompt_token_ids`)
+    as an array("I"), from whichever form it came in; ValueError when both are set."""
+    if msg.packed_prompt_token_ids:
+        if len(msg.prompt_token_ids):
+            raise ValueError("prompt_token_ids: set it or packed_prompt_token_ids, not both")
+        return unpack_token_ids(msg.packed_prompt_token_ids)
+    # [:] builds the list in one C call (list() iterates, ~40% slower); array() then copies it
+    return array("I", msg.prompt_token_ids[:])
+
+
 # Decode's block tables can hold released blocks (the chunked-local layers' blocks behind
 # the current chunk); on the wire they are this id, which no pool ever hands out.
 NO_BLOCK = 0xFFFFFFFF
 
 
 def blocks_to_pb(tables: dict[str, list[int | None]], out) -> None:
-    """Fill a `map<string, BlockIds>` field from block tables."""
+    """Fill a `map<string, BlockIds>` field from block tables. (A table without released
+    blocks, the usual case, is copied in one C call rather than id by id.)"""
     for g, table in tables.items():
-        out[g].ids.extend(NO_BLOCK if b is None else b for b in table)
+        out[g].ids.extend(table if None not in table else [NO_BLOCK if b is None else b for b in table])
 
 
 def blocks_from_pb(blocks) -> dict[str, list[int | None]]:
-    return {g: [None if b == NO_BLOCK else b for b in v.ids] for g, v in blocks.items()}
+    out = {}
+    for g, v in blocks.items():
+        table = v.ids[:]
+        out[g] = table if NO_BLOCK not in table else [None if b == NO_BLOCK else b for b in table]
+    return out
 
 
 def static_info(role: str, engine, layout, kv_transport: str, kv_address: str = "") -> common_pb2.InfoResponse:

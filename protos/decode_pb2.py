@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\ttandem.v1\x1a\x13protos/common.proto\"\x85\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\"\xa1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x1e\n\x16num_transferred_tokens\x18\x08 \x01(\r\x12%\n\x08logprobs\x18\t \x03(\x0b\x32\x13.tandem.v1.Logprobs\x12\x19\n\x11\x62ytes_transferred\x18\n \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x0b \x01(\x02\x32\xcb\x01\n\rDecodeService\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\ttandem.v1\x1a\x13protos/common.proto\"\xa6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x1f\n\x17packed_prompt_token_ids\x18\x05 \x01(\x0c\"\xa1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x1e\n\x16num_transferred_tokens\x18\x08 \x01(\r\x12%\n\x08logprobs\x18\t \x03(\x0b\x32\x13.tandem.v1.Logprobs\x12\x19\n\x11\x62ytes_transferred\x18\n \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x0b \x01(\x02\x32\xcb\x01\n\rDecodeService\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.decode_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=56
-  _globals['_GENERATEREQUEST']._serialized_end=189
-  _globals['_GENERATERESPONSE']._serialized_start=192
-  _globals['_GENERATERESPONSE']._serialized_end=481
-  _globals['_DECODESERVICE']._serialized_start=484
-  _globals['_DECODESERVICE']._serialized_end=687
+  _globals['_GENERATEREQUEST']._serialized_end=222
+  _globals['_GENERATERESPONSE']._serialized_start=225
+  _globals['_GENERATERESPONSE']._serialized_end=514
+  _globals['_DECODESERVICE']._serialized_start=517
+  _globals['_DECODESERVICE']._serialized_end=720
 # @@protoc_insertion_point(module_scope)

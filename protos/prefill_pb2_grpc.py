@@ -56,7 +56,8 @@ class PrefillServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Returns once the first token is sampled and every KV block reached decode.
+        """Returns as soon as the first token is sampled. The last KV blocks may still be on
+        their way then: decode's KV receiver, not this answer, says when they all arrived.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

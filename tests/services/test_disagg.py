@@ -2,103 +2,18 @@
 transport: greedy output equals the offline engine; only what decode lacks moves;
 aborts, cancels and a dead prefill leave both block pools whole."""
 
-import os
 import random
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
+from array import array
 
 import grpc
 import pytest
 
-from engine.llm import LLM
-from engine.sampling import SamplingParams
-from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from protos.convert import sampling_to_pb
-from protos.grpc_server import wait_healthy
-
-ROOT = Path(__file__).resolve().parents[2]
-ENGINE_FLAGS = ["--num-blocks", "96", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
-
-
-class Service:
-    def __init__(self, module: str, model, *extra: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--model", str(model), "--port", "0", "--log-level", "WARNING",
-             *ENGINE_FLAGS, *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        self.log = []
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{module} exited: {''.join(self.log)}")
-            self.log.append(line)
-            m = re.search(r"listening on (\S+?):(\d+)", line)
-            if m:
-                self.address = f"{m.group(1)}:{m.group(2)}"
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(module)
-        threading.Thread(target=self._drain, daemon=True).start()
-        wait_healthy(self.address)
-
-    def _drain(self):
-        for line in self.proc.stdout:
-            self.log.append(line)
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_llama4_dir):
-    p = Service("prefill_service", tiny_llama4_dir)
-    d = Service("decode_service", tiny_llama4_dir)
-    ch = grpc.insecure_channel(d.address)
-    yield p, d, decode_pb2_grpc.DecodeServiceStub(ch)
-    ch.close()
-    for s in (d, p):
-        s.kill(signal.SIGTERM)
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_llama4_dir):
-    return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512)
-
-
-def params(n=16):
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
-
-def generate(stub, prompt, prefill_address, n=16, rid=""):
-    req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_pb(params(n)),
-                                     prefill_address=prefill_address)
-    tokens, last = [], None
-    for r in stub.Generate(req, timeout=300):
-        tokens.extend(r.token_ids)
-        last = r
-    assert last.finished
-    return tokens, last
-
-
-def pools_whole(stub, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        info = stub.Info(common_pb2.InfoRequest())
-        assert info.integrity_error == "", info.integrity_error
-        if all(info.free_blocks[g] == info.total_blocks[g] for g in info.total_blocks) and not info.running \
-                and not info.waiting:
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"blocks not returned: {info}")
-        time.sleep(0.1)
+from protos import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
+from protos.convert import pack_token_ids, sampling_to_pb
+from tests.services.helpers import Service, generate, params, pools_whole
 
 
 def test_16_concurrent_requests_match_offline(stack, offline):
@@ -110,7 +25,7 @@ def test_16_concurrent_requests_match_offline(stack, offline):
     results = [None] * len(prompts)
 
     def one(i):
-        results[i] = generate(stub, prompts[i], p.address)
+        results[i] = generate(stub, prompts[i], p.address, packed=i % 2 == 1)  # both forms of a prompt
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -185,7 +100,7 @@ def test_layout_mismatch_refused_at_handshake(tiny_maverick_dir, stack):
     try:
         kv_address = stub.Info(common_pb2.InfoRequest()).kv_address
         pstub = prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(other.address))
-        req = prefill_pb2.PrefillRequest(request_id="x", prompt_token_ids=list(range(40)),
+        req = prefill_pb2.PrefillRequest(request_id="x", packed_prompt_token_ids=pack_token_ids(array("I", range(40))),
                                          sampling=sampling_to_pb(params()))
         req.destination.address = kv_address
         req.destination.transfer_id = "x/1"
@@ -199,13 +114,21 @@ def test_layout_mismatch_refused_at_handshake(tiny_maverick_dir, stack):
 
 def test_bad_requests_get_invalid_argument(stack):
     p, d, stub = stack
+    good = sampling_to_pb(params())
     bad_temperature = sampling_to_pb(params())
     bad_temperature.temperature = -1.0
-    cases = [([], sampling_to_pb(params()), "prompt_token_ids"), ([1, 10**7], sampling_to_pb(params()), "prompt_token_ids"),
-             ([1, 2], bad_temperature, "temperature")]
-    for prompt, sp, field in cases:
+    cases = [  # (prompt_token_ids, packed_prompt_token_ids, sampling, the field the error names)
+        ([], b"", good, "prompt_token_ids"),
+        ([1, 10**7], b"", good, "prompt_token_ids"),
+        ([1, 2], b"", bad_temperature, "temperature"),
+        ([], pack_token_ids(array("I", [1, 202048])), good, "prompt_token_ids"),  # outside the vocabulary
+        ([], b"\x01\x00\x00", good, "packed_prompt_token_ids"),  # not whole ids
+        ([1, 2], pack_token_ids(array("I", [1, 2])), good, "prompt_token_ids"),  # both forms
+    ]
+    for prompt, packed, sp, field in cases:
         for address in (p.address, ""):
-            req = decode_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sp, prefill_address=address)
+            req = decode_pb2.GenerateRequest(prompt_token_ids=prompt, packed_prompt_token_ids=packed, sampling=sp,
+                                             prefill_address=address)
             with pytest.raises(grpc.RpcError) as e:
                 list(stub.Generate(req, timeout=30))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()

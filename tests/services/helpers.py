@@ -1,0 +1,94 @@
+"""Shared by the services tests: the services as real processes, and what the tests ask
+of them (a generation, whole block pools)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from pathlib import Path
+
+from engine.sampling import SamplingParams
+from protos import common_pb2, decode_pb2
+from protos.convert import pack_token_ids, sampling_to_pb
+from protos.grpc_server import wait_healthy
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE_FLAGS = ["--num-blocks", "96", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
+
+
+class Service:
+    """`python -m module --model model ...` on a free port, its output kept in `log`."""
+
+    def __init__(self, module: str, model, *extra: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--model", str(model), "--port", "0", "--log-level", "WARNING",
+             *ENGINE_FLAGS, *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        self.log = []
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{module} exited: {''.join(self.log)}")
+            self.log.append(line)
+            m = re.search(r"listening on (\S+?):(\d+)", line)
+            if m:
+                self.address = f"{m.group(1)}:{m.group(2)}"
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(module)
+        threading.Thread(target=self._drain, daemon=True).start()
+        wait_healthy(self.address)
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+def params(n=16, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+def generate_request(prompt, prefill_address, n=16, rid="", sampling=None, packed=False):
+    req = decode_pb2.GenerateRequest(request_id=rid, sampling=sampling_to_pb(sampling or params(n)),
+                                     prefill_address=prefill_address)
+    if packed:
+        req.packed_prompt_token_ids = pack_token_ids(array("I", prompt))
+    else:
+        req.prompt_token_ids.extend(prompt)
+    return req
+
+
+def generate(stub, prompt, prefill_address, n=16, rid="", sampling=None, packed=False):
+    """(all tokens, the last response) of one Generate call, which must finish."""
+    req = generate_request(prompt, prefill_address, n, rid, sampling, packed)
+    tokens, last = [], None
+    for r in stub.Generate(req, timeout=300):
+        tokens.extend(r.token_ids)
+        last = r
+    assert last.finished
+    return tokens, last
+
+
+def pools_whole(stub, timeout=10.0):
+    """Wait until the service's block pools are all free and pass its integrity check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stub.Info(common_pb2.InfoRequest())
+        assert info.integrity_error == "", info.integrity_error
+        if all(info.free_blocks[g] == info.total_blocks[g] for g in info.total_blocks) and not info.running \
+                and not info.waiting:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks not returned: {info}")
+        time.sleep(0.1)
