@@ -32,10 +32,11 @@ news decode already has. What prefill still knows first, a push that failed befo
 answer, it reports as the RPC's error; failures after it reach the receiver on their
 own (the sender's abort, a dropped connection) or end in the timeout.
 
-One INFO line per request whose KV arrived: `reserve + request` (entry -> Prefill RPC
-sent), `Prefill RPC` (-> answer), `transfer close` (the receiver's DONE -> in the batch),
-`first token out` (answer -> the first token handed to gRPC), then `KV DONE X ms after
-the first token` (the wait for the KV once the client had its first token).
+One INFO line per request whose KV arrived: `reserve + request` (Generate entered ->
+Prefill RPC sent), `Prefill RPC` (-> its answer), `transfer close` (the receiver's DONE
+-> in the batch), `first token out` (answer -> the first token handed to gRPC), then
+`KV DONE X ms after the first token` (how much longer the KV took; 0 when it was
+already here).
 """
 
 from __future__ import annotations
@@ -214,10 +215,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self.loop.publish(out)
             return out, None
 
-    def _close_transfer(self, rid: str, h: Handoff, ended: bool, context) -> None:
-        """Step 4, once the first token is out: wait for the KV, then join the batch."""
+    def _close_transfer(self, rid: str, h: Handoff, t_out: float, ended: bool, context) -> None:
+        """Step 4, once the first token is out (handed to gRPC at `t_out`): wait for the
+        KV, then join the batch."""
         loop, eng = self.loop, self.loop.engine
-        t_out = time.perf_counter()
         if ended:  # the first token ended it: its KV is not needed
             self._drop_transfer(rid)  # abort: no byte lands in the blocks from here
             with loop.lock:
@@ -316,9 +317,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if out.logprobs is not None and out.new_token_ids:
                     logprobs_to_pb(out.logprobs[len(out.token_ids) - len(out.new_token_ids):], resp.logprobs)
                 finished = out.finished
+                t_out = time.perf_counter()
                 yield resp
                 if handoff is not None:
-                    self._close_transfer(rid, handoff, finished, context)
+                    self._close_transfer(rid, handoff, t_out, finished, context)
                     handoff = None
                 if finished:
                     return
