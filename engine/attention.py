@@ -12,6 +12,7 @@ are released), so its key range starts at the chunk start, never at 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,6 +54,23 @@ class PrefillSegment:
 
 
 @dataclass
+class PrefillBatch:
+    """The step's prefill segments (the PrefillSegments, in order) as the paged prefill
+    kernel takes them (kernels/prefill_attention.py): segment s owns q rows
+    cu_seqlens_q[s]:cu_seqlens_q[s + 1] of q[rows] and sees the key positions
+    [kv_start[s], kv_start[s] + kv_len[s]) through its block table, its queries being
+    the last of them. Index tensors on the device, int32."""
+
+    rows: slice | torch.Tensor  # the segments' rows of the step's batch: a slice when they are back to back
+    block_tables: torch.Tensor  # [S, W] physical block of each logical block (-1: released)
+    cu_seqlens_q: torch.Tensor  # [S + 1]
+    kv_start: torch.Tensor  # [S]
+    kv_len: torch.Tensor  # [S]
+    num_tokens: int  # T, the rows in all
+    plan: Any = None  # the kernel's tile plan, built by the first layer that runs the kernel, shared by the rest
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     decode: DecodeBatch | None
@@ -62,6 +80,7 @@ class AttentionMetadata:
     # reads decode rows and prefill segments with it, and the models pass it to write_kv.
     # One pair for every layer the metadata serves. None: the cache holds the model's dtype.
     kv_scale: torch.Tensor | None = None
+    prefill_batch: PrefillBatch | None = None  # the prefills again, for the Triton kernel (None: no prefill)
 
 
 @dataclass(frozen=True)
@@ -134,7 +153,7 @@ def build_metadata(
         decode = DecodeBatch(rows.to(device), h.table[d].to(torch.int32).to(device), kv_start.to(torch.int32).to(device),
                              length.to(torch.int32).to(device), int(length.max()))
 
-    prefills = []
+    prefills, pieces = [], []  # pieces: (request, first row, rows, kv_start, kv_len) of each segment
     for i, sp in enumerate(spans):
         if sp.num_tokens == 1:
             continue
@@ -146,4 +165,22 @@ def build_metadata(
             row = sp.batch_start + a - lo
             slots = table_dev[i, kpos // block_size] * block_size + kpos % block_size
             prefills.append(PrefillSegment(row, row + b - a, slots))
-    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills, kv_scale)
+            pieces.append((i, row, b - a, kv_start, b - kv_start))
+    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills, kv_scale,
+                             _prefill_batch(pieces, h.table, device) if pieces else None)
+
+
+def _prefill_batch(pieces: list[tuple[int, int, int, int, int]], table: torch.Tensor,
+                   device: torch.device) -> PrefillBatch:
+    """The pieces (request, first row, rows, kv_start, kv_len) as one PrefillBatch: host
+    numbers, then one copy of each index tensor."""
+    req, rows0, n, kv_start, kv_len = (list(x) for x in zip(*pieces))
+    cu = [0]
+    for k in n:
+        cu.append(cu[-1] + k)
+    back_to_back = all(rows0[j + 1] == rows0[j] + n[j] for j in range(len(n) - 1))
+    rows = (slice(rows0[0], rows0[0] + cu[-1]) if back_to_back else
+            torch.cat([torch.arange(r, r + k) for r, k in zip(rows0, n)]).to(device))
+    i32 = dict(dtype=torch.int32)
+    return PrefillBatch(rows, table[req].to(**i32).to(device), torch.tensor(cu, **i32).to(device),
+                        torch.tensor(kv_start, **i32).to(device), torch.tensor(kv_len, **i32).to(device), cu[-1])

@@ -214,6 +214,7 @@ class TritonOps(TorchOps):
 
     name = "triton"
     on_cpu = False
+    prefill_on_cpu = False  # with on_cpu: prefill attention too (slow in the interpreter; its own tests)
     # No step syncs the host (the fused MoE routes on the device), so decode steps can be
     # captured in CUDA graphs (engine/cuda_graphs.py).
     graph_safe = True
@@ -222,6 +223,7 @@ class TritonOps(TorchOps):
         from kernels.kv_write import write_kv  # needs triton
         from kernels.moe import fused_moe
         from kernels.paged_attention import choose_num_splits, paged_decode_attention
+        from kernels.prefill_attention import default_config, prefill_attention, prefill_plan
         from kernels.rms_norm import fused_add_rms_norm, rms_norm
         from kernels.rope import rope
 
@@ -232,6 +234,9 @@ class TritonOps(TorchOps):
         self._moe = fused_moe
         self._paged_decode = paged_decode_attention
         self._num_splits = choose_num_splits
+        self._prefill = prefill_attention
+        self._prefill_plan = prefill_plan
+        self._prefill_config = default_config
         self._num_sms: dict[torch.device, int] = {}
 
     def _kernel(self, t: torch.Tensor) -> bool:
@@ -251,6 +256,27 @@ class TritonOps(TorchOps):
         # the value checks and their host syncs are skipped.
         return self._paged_decode(q, kv_cache[0], kv_cache[1], dec.block_tables, dec.kv_start, dec.kv_len,
                                   scale, kv_scale, num_splits=splits, validate=False)
+
+    def _attention(self, q, kv_cache, meta, scale):
+        """Prefill segments through the paged prefill kernel, all of them in one launch per
+        layer, reading K/V through the block tables (no gather), with one tile plan per
+        step and layer group (built by the first layer, kept on the metadata). The kernel
+        reads K/V in q's dtype only: an fp8 cache keeps the SDPA path. On CPU tensors only
+        with prefill_on_cpu (the interpreter is slow at prompt lengths)."""
+        pb = meta.prefill_batch
+        if pb is None or kv_cache.dtype != q.dtype or not (q.is_cuda or (self.on_cpu and self.prefill_on_cpu)):
+            return super()._attention(q, kv_cache, meta, scale)
+        out = torch.empty_like(q)
+        if meta.decode is not None:
+            dec = meta.decode
+            out[dec.token_index] = self.decode_attention(q[dec.token_index], kv_cache, dec, scale, meta.kv_scale)
+        if pb.plan is None:
+            pb.plan = self._prefill_plan(pb.cu_seqlens_q, pb.kv_start, pb.kv_len, pb.num_tokens,
+                                         self._prefill_config(q.shape[-1], q.dtype, q.device))
+        # The metadata is the engine's own (build_metadata checked the block indices): no value checks, no sync.
+        out[pb.rows] = self._prefill(q[pb.rows], kv_cache[0], kv_cache[1], pb.block_tables, pb.cu_seqlens_q,
+                                     pb.kv_start, pb.kv_len, scale, validate=False, plan=pb.plan)
+        return out
 
     def rope_interleaved(self, q, k, positions, inv_freq, norm_eps=None):
         if not self._kernel(q):

@@ -72,15 +72,18 @@ class PrefillConfig(NamedTuple):
 def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
     """Fixed heuristics (no runtime autotuning, so results never depend on timing noise),
     checked by compiling for sm_90 with Triton 3.6 (shared memory, registers, spills).
-    bf16/fp16 at D <= 128: 128 x 64 tiles, two warpgroups of 64 query rows, 3 stages:
-    Q 32 KiB + 3 x 32 KiB of K/V, 215 registers, no spills at D = 128. fp32 (parity runs,
-    3xTF32 dots) needs smaller tiles: 64 x 32 still spills a little (192 B of stack)."""
+    bf16/fp16 at D <= 128: 128 x 64 tiles, two warpgroups of 64 query rows, 4 stages (Q
+    32 KiB + 4 x 32 KiB of K/V), one table entry per cache block and lean runs: the
+    fastest row of `bench/kernels_prefill_attention.py --sweep` on an H100 at 8k causal,
+    2k after 6k and 32k chunked-local alike (8k: 1.50 ms of GPU time against 1.69 ms for
+    the first kernel, 3 stages and an entry per key; SDPA flash 2.08 ms). fp32 (parity
+    runs, 3xTF32 dots) needs smaller tiles: 64 x 32 still spills a little (192 B of stack)."""
     if device.type == "cpu":  # the interpreter: larger tiles mean fewer Python-level steps
         return PrefillConfig(32, 32, 1, 1)
     if dtype == torch.float32:
         return PrefillConfig(64, 32, 4, 2) if head_dim <= 128 else PrefillConfig(32, 16, 4, 2)
     if head_dim <= 128:
-        return PrefillConfig(128, 64, 8, 3)
+        return PrefillConfig(128, 64, 8, 4, ids_per_block=True, lean_runs=True)
     return PrefillConfig(64, 32, 8, 2)
 
 
