@@ -142,6 +142,10 @@ def main() -> int:
             xs = pushed[-args.requests:]
             print(f"| prefill service: request in -> transfer DONE | {statistics.median(xs):.1f} ms | "
                   f"{pct(xs, 0.99):.1f} ms |")
+        # The services' own lines for the last request: the finer split (prefill: in ->
+        # queued -> first token -> answer; decode: the KV's DONE after the first token).
+        for x in [x for x in d_log if "reserve + request" in x][-1:] + [x for x in p_log if "prefill " in x][-1:]:
+            print("  " + x.strip().split(": ", 1)[-1])
     finally:
         for proc in (d, p):
             proc.terminate()

@@ -460,14 +460,15 @@ class NcclSender(_NcclOptions, TcpSender):
         event on the caller's stream orders the sends after both."""
         staged = None if ids.staged is None else self._gather(layer, ids.staged)  # [2, m, bs, kvh, d]
         runs = self._run_views(layer, ids)
-        ready = None
+        ready = stream = None
         if self.device.type == "cuda":
             try:
                 ready = self._free_events.pop()
             except IndexError:
                 ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-        return _Payload(staged, runs, ready, views=bool(runs))
+            stream = torch.cuda.current_stream(self.device)
+            ready.record(stream)
+        return _Payload(staged, runs, ready, ready_stream=stream, views=bool(runs))
 
     def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
@@ -479,15 +480,18 @@ class NcclSender(_NcclOptions, TcpSender):
             nbytes = wire.send_frame(peer.sock, header, ids)
         with self._lock:  # from here fence() can no longer copy these parts' runs
             tensors = self._take(peer, parts, sent)
-            readies = [p.payload.ready for p in parts]
+            # Events recorded on one stream complete in order: waiting for the last one
+            # recorded on each stream covers the parts before it. (Each wait is a torch
+            # call that lets go of the GIL, and getting it back can take a switch interval.)
+            readies = [p.payload.ready for p in parts if p.payload.ready is not None]
+            last = {p.payload.ready_stream: p.payload.ready for p in parts if p.payload.ready is not None}
             for p in parts:
                 p.payload.ready = None
         sent.keep.extend(tensors)  # alive until the ack (or the pair's teardown)
         with _on_device(self.device), _on_stream(pair.stream):
-            for ready in readies:
-                if ready is not None:
-                    pair.stream.wait_event(ready)
-                    self._free_events.append(ready)
+            for ready in last.values():
+                pair.stream.wait_event(ready)
+            self._free_events.extend(readies)  # their waits are enqueued: free to record again
             works = pair.post(tensors, send=True)
             sent.keep.extend(works)
             pair.last = works

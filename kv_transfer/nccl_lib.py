@@ -124,9 +124,10 @@ def version() -> str:
 class Work:
     """A posted group of ops, done when the event recorded after it on its stream is."""
 
-    def __init__(self, comm: NcclComm, event: torch.cuda.Event):
+    def __init__(self, comm: NcclComm, event: torch.cuda.Event, stream: torch.cuda.Stream):
         self.comm = comm
         self.event = event
+        self.stream = stream
 
     def is_completed(self) -> bool:
         if self.event.query():
@@ -135,8 +136,11 @@ class Work:
         return False
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
-        """Orders the current stream after the ops (no host wait), as torch's works do."""
-        torch.cuda.current_stream().wait_event(self.event)
+        """Orders the current stream after the ops (no host wait), as torch's works do;
+        nothing to do on the stream they were posted on."""
+        current = torch.cuda.current_stream(self.comm.device)
+        if current != self.stream:
+            current.wait_event(self.event)
         return True
 
 
@@ -201,7 +205,7 @@ class NcclComm:
                 _check(lib, "ncclGroupEnd", lib.ncclGroupEnd())
             event = torch.cuda.Event()
             event.record(stream)
-            works.append(Work(self, event))
+            works.append(Work(self, event, stream))
         return works
 
     def raise_async_error(self) -> None:

@@ -117,6 +117,7 @@ class _Payload:
     staged: torch.Tensor | None  # [2, m, bs, kvh, d], contiguous; None if every block is in a run
     runs: list[torch.Tensor]  # [count, bs, kvh, d] each, contiguous: K then V of each run
     ready: Any = None  # CUDA: event recorded on the caller's stream once the tensors may be read
+    ready_stream: Any = None  # the stream `ready` was recorded on
     views: bool = False  # runs are views of the cache, read when sent (fence() copies them)
 
     def __post_init__(self) -> None:
@@ -739,7 +740,8 @@ class TcpSender(TransferRecords, KVSender):
         payload.runs = [t.clone() for t in payload.runs]
         payload.views = False
         if payload.ready is not None:
-            payload.ready.record(torch.cuda.current_stream(self.device))
+            payload.ready_stream = torch.cuda.current_stream(self.device)
+            payload.ready.record(payload.ready_stream)
 
     def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
