@@ -94,7 +94,8 @@ import select
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -300,7 +301,7 @@ class _Pair:
     grouped: bool  # a message's ops go as one group (both sides alike)
     group: Any = None  # the 2-rank group: nccl_lib.NcclComm or _C10dGroup
     stream: Any = None  # sender, CUDA: the stream its sends are posted from
-    last: list | None = None  # sender: the works of the message posted last
+    posted: deque = field(default_factory=deque)  # sender: the works of the messages posted last (LINK_DEPTH)
 
     def post(self, tensors: list[torch.Tensor], send: bool) -> list:
         """One p2p op per tensor, in order, on the current stream: sends to the receiver or
@@ -494,7 +495,9 @@ class NcclSender(_NcclOptions, TcpSender):
             self._free_events.extend(readies)  # their waits are enqueued: free to record again
             works = pair.post(tensors, send=True)
             sent.keep.extend(works)
-            pair.last = works
+            pair.posted.append(works)
+            if len(pair.posted) > self.LINK_DEPTH:
+                pair.posted.popleft()
             if self.device.type == "cuda":
                 # The pair's stream now follows the sends (fence() records an event on it),
                 # and torch drops its own references to the sent tensors at once; ours in
@@ -506,13 +509,14 @@ class NcclSender(_NcclOptions, TcpSender):
             self._cond.notify_all()
         return nbytes + sum(p.payload.nbytes for p in parts)
 
-    def _link_idle(self, peer: _Peer) -> bool:
-        """CUDA: the sends posted last on the pair are complete (a CUDA event query). gloo
-        (CPU tests): every message sent is acked."""
+    def _link_wants_more(self, peer: _Peer) -> bool:
+        """Fewer than LINK_DEPTH messages in flight. CUDA: of the last LINK_DEPTH posted,
+        those whose sends are not complete (a CUDA event query each). gloo (CPU tests): the
+        messages not acked yet."""
         if self.device.type != "cuda":
-            return not peer.inflight
-        last = peer.data.last
-        return last is None or all(w.is_completed() for w in last)
+            return len(peer.inflight) < self.LINK_DEPTH
+        busy = sum(not all(w.is_completed() for w in works) for works in tuple(peer.data.posted))
+        return busy < self.LINK_DEPTH
 
     def _fence_sent(self) -> None:
         """CUDA: the caller's stream waits for every posted send that reads the cache (an

@@ -43,11 +43,12 @@ Sender lifecycle (prefill side), one record per transfer_id:
   header, the parts' data back to back. A caller that outruns the link therefore gets
   fewer, larger messages; one that sends a layer per layer-compute gets a message per
   layer. Parts of different transfers share messages in call order.
-  Inline writes: where the data plane can tell that the link is idle (NCCL: the last
-  posted sends are complete; never on TCP), send_layer and finish write what is queued
-  on the caller's own thread instead of waking the writer thread, which needs the GIL
-  from a caller busy running Python (measured: 2-3 ms before the writer ran again while
-  a loop of send_layer calls held it). Whoever writes holds the peer's `writing` lock
+  Inline writes: where the data plane can tell how busy the link is (NCCL: sends posted
+  and not complete; never on TCP), send_layer writes what is queued on the caller's own
+  thread while fewer than LINK_DEPTH messages are in flight, and finish always, instead
+  of waking the writer thread, which needs the GIL from a caller busy running Python
+  (measured: 2-3 ms before the writer ran again while a loop of send_layer calls held
+  it). Whoever writes holds the peer's `writing` lock
   from taking the items to sending them, so messages keep queue order. finish and abort
   are messages of their own, in queue order, so the receiver answers finish only after
   every earlier part on the connection: its DONE covers all parts. A part whose
@@ -241,7 +242,12 @@ class _Outgoing:
 class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
     max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
-    write_inline = True  # the caller writes queued messages itself when the link is idle (_write_inline)
+    write_inline = True  # the caller writes queued messages itself when the link runs dry (_write_inline)
+    # Messages in flight below which send_layer writes inline. 1: only onto an idle link. At
+    # 2 (one on the wire, the next posted behind it) a caller that sends a layer at a time
+    # wrote a message per layer: 47 messages for 48 layers, and the receiver's per-message
+    # Python made the transfer slower, 49-59% of raw NCCL against 70-84% (2x H200).
+    LINK_DEPTH = 1
     fence_timeout = 30.0  # s; a peer whose posted sends fence() waits on longer than this is torn down
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
@@ -344,7 +350,7 @@ class TcpSender(TransferRecords, KVSender):
             rec.finished = True
             peer = rec.peer
             peer.outbox.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
-        self._write_inline(peer)
+        self._write_inline(peer, flush=True)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; queued parts are dropped and the receiver is told.
@@ -402,6 +408,9 @@ class TcpSender(TransferRecords, KVSender):
             ids = None if rec is None else rec.find_ids(num_blocks, src_blocks, dst_blocks)
         if ids is not None:
             return ids
+        whole = self._one_run(num_blocks, src_blocks, dst_blocks)
+        if whole is not None:
+            return whole
         src = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
         if len(dst_blocks) != len(src_blocks):
             raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
@@ -421,6 +430,26 @@ class TcpSender(TransferRecords, KVSender):
             staged = staged.pin_memory().to(self.device, non_blocking=True)
         return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), dst, runs,
                          [int(src[offset]) for offset, _ in runs], staged if num_staged else None, num_staged)
+
+    def _one_run(self, num_blocks: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> _BlockIds | None:
+        """The common case of a fresh pool, in plain Python: both lists are one run of
+        consecutive ids, long enough to go direct, src within the pool. The general path
+        costs ~0.3 ms of torch ops a list pair, paid on the first send_layer of a transfer
+        before any byte moves. None: not this case (the general path checks and explains)."""
+        n = len(src_blocks)
+        if n < self.min_direct_blocks or len(dst_blocks) != n or type(src_blocks) is not list \
+                or type(dst_blocks) is not list:
+            return None
+        s0, d0 = src_blocks[0], dst_blocks[0]
+        if type(s0) is not int or type(d0) is not int or not (0 <= s0 and s0 + n <= num_blocks) or d0 < 0:
+            return None
+        if src_blocks != list(range(s0, s0 + n)) or dst_blocks != list(range(d0, d0 + n)):
+            return None
+        try:
+            dst = wire.block_ids(dst_blocks, "dst_blocks")
+        except ValueError:
+            return None
+        return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), dst, ((0, n),), [s0], None, 0)
 
     # ---- connections
 
@@ -541,14 +570,17 @@ class TcpSender(TransferRecords, KVSender):
         elif batch:
             self._send_parts(peer, batch)
 
-    def _write_inline(self, peer: _Peer) -> None:
-        """On the caller's thread, after it queued something: write what is queued now,
-        unless the writer thread is writing or the link is still busy (then the writer
-        sends it, coalesced with what comes next). The writer thread needs the GIL to
-        start, and a caller running Python (prefill's forward pass; the bench's loop)
-        can keep it from getting it for milliseconds: an idle link would wait that long."""
+    def _write_inline(self, peer: _Peer, flush: bool = False) -> None:
+        """On the caller's thread, after it queued something: write what is queued now, if
+        the link is about to run dry (fewer than LINK_DEPTH messages in flight) or `flush`
+        (finish: nothing follows to carry the queue out), unless another thread is
+        writing. Otherwise the writer thread, or the caller's next call, sends it,
+        coalesced with what comes next. The writer thread needs the GIL to start, and a
+        caller running Python (prefill's forward pass; the bench's loop) can keep it from
+        getting it for milliseconds: a link left without work would idle that long."""
         try:
-            if not (self.write_inline and self._link_idle(peer) and peer.writing.acquire(blocking=False)):
+            if not (self.write_inline and (flush or self._link_wants_more(peer))
+                    and peer.writing.acquire(blocking=False)):
                 return
         except Exception:  # a broken pair: the writer thread runs into it and fails the peer
             return
@@ -700,9 +732,9 @@ class TcpSender(TransferRecords, KVSender):
     def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
         """Reader, outside the lock: `sent` was acked; its buffers go when this returns."""
 
-    def _link_idle(self, peer: _Peer) -> bool:
-        """May the caller's thread write queued messages itself (see _write_inline)? TCP:
-        never; its sends carry the data and would block the caller for as long."""
+    def _link_wants_more(self, peer: _Peer) -> bool:
+        """Should the caller's thread write queued messages itself (see _write_inline)?
+        TCP: never; its sends carry the data and would block the caller for as long."""
         return False
 
     def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:

@@ -227,34 +227,37 @@ def test_bad_parts_messages_from_a_raw_sender():
 
 
 @pytest.mark.parametrize("backend", ["gloo", "gloo-grouped"])
-def test_inline_writes_when_the_link_is_idle_and_the_writer_coalesces_otherwise(backend):
-    """The NCCL flow (gloo: the link is idle when every message is acked): with the
-    receiver's completer held (no acks), the first send_layer goes out on the caller's
-    thread and the rest queue behind its unacked message, for the writer thread to send
-    as one message. Bytes land exactly, in queue order, with finish last."""
-    sender_cls, receiver_cls = gated(*DIRECT_BACKENDS[backend])  # writer thread and completer held
+def test_inline_writes_onto_an_idle_link_and_finish_flushes(backend):
+    """The NCCL flow (gloo: a message is in flight until acked), the writer thread and the
+    receiver's completer held: the first send_layer goes out on the caller's thread (the
+    link is idle), the next ones queue behind it, and finish writes the queue inline as
+    one message (nothing would follow to carry it out). Bytes land exactly, in queue
+    order, with finish last."""
+    sender_cls, receiver_cls = gated(*DIRECT_BACKENDS[backend])
     sender_cls = type("InlineGatedSender", (sender_cls,), {"write_inline": True})
     src, dst = make_caches(torch.float32, seed=45), make_caches(torch.float32, seed=None)
     before = [c.clone() for c in dst]
     layout = layout_of(src)
     a, b = two_plans(45)
     with receiver_cls(layout, dst) as rx, sender_cls(layout, src) as tx:
+        assert tx.LINK_DEPTH == 1
         rx.expect("a", dst_of(a))
         rx.expect("b", dst_of(b))
         tx.connect(rx.address)
-        tx.send_layer(rx.address, "a", 0, *a[0])  # link idle: written inline, before this returns
+        tx.send_layer(rx.address, "a", 0, *a[0])  # written before the call returns
         assert tx.stats()["messages_inline"] == tx.stats()["messages_sent"] == 1
         for layer in (1, 2, 3):
             tx.send_layer(rx.address, "a", layer, *a[layer])
         for layer in (0, 1, 2, 3):
             tx.send_layer(rx.address, "b", layer, *b[layer])
-        tx.finish(rx.address, "a", 4)
+        assert tx.stats()["messages_sent"] == 1  # one in flight (unacked): the rest queue
+        tx.finish(rx.address, "a", 4)  # flushes the seven queued parts as one message, then itself
         tx.finish(rx.address, "b", 4)
-        assert tx.stats()["messages_sent"] == 1  # queued behind the unacked message
+        st = tx.stats()
+        assert st["messages_inline"] == st["messages_sent"] == 2, st
         open_gates(tx, rx)
         for tid in "ab":
             assert tx.wait(tid, 20) == S.DONE, tx.reason(tid)
             assert rx.wait(tid, 20) == S.DONE, rx.reason(tid)
         check_written(dst, before, src, [a, b])
-        st = tx.stats()
-        assert st["messages_inline"] == 1 and st["messages_sent"] == 2, st  # the writer coalesced the other 7
+        assert tx.stats()["messages_sent"] == 2

@@ -86,3 +86,31 @@ def test_every_acked_message_goes_to_the_release_hook(pair):
     tx.finish(rx.address, "t", 4)
     assert tx.wait("t", 20) == S.DONE, tx.reason("t")
     assert sorted(released) == [("t", layer) for layer in range(4)]
+
+
+def test_one_run_fast_path_matches_the_general_conversion():
+    """A fresh pool's lists (each one run of consecutive ids) take a plain-Python path;
+    it must give exactly what the general, tensor-based conversion gives, and anything
+    else must fall through to it (which checks and explains)."""
+    from kv_transfer import TcpSender
+
+    caches = make_caches(torch.float32, seed=0)  # 24 blocks in layer 0
+    tx = TcpSender(layout_of(caches), caches, min_direct_blocks=3)
+    src, dst = list(range(5, 15)), list(range(2, 12))
+    fast = tx._one_run(24, src, dst)
+    tx2 = TcpSender(layout_of(caches), caches, min_direct_blocks=3)
+    tx2._one_run = lambda *a: None  # the general path only
+    general = tx2._block_ids("x", 0, src, dst)
+    for field in ("num_blocks", "src_blocks", "dst_blocks", "dst", "runs", "run_src", "num_staged"):
+        assert getattr(fast, field) == getattr(general, field), field
+    assert fast.staged is None and general.staged is None
+    for s, d in ((src[:2], dst[:2]),  # too short to go direct
+                 ([5, 6, 8], [2, 3, 4]), ([5, 6, 7], [2, 3, 5]),  # not consecutive
+                 (list(range(20, 26)), list(range(6))),  # past the pool
+                 ([-1, 0, 1], [0, 1, 2]), ([0, 1, 2], [-1, 0, 1]),  # negative
+                 ([0.0, 1.0, 2.0], [0, 1, 2]), ([0, 1, 2], [2 ** 31, 2 ** 31 + 1, 2 ** 31 + 2])):
+        assert tx._one_run(24, s, d) is None, (s, d)
+    with pytest.raises(ValueError, match="src_blocks"):
+        tx._block_ids("y", 0, list(range(20, 26)), list(range(6)))
+    tx.close()
+    tx2.close()
