@@ -14,6 +14,7 @@ done -> first decode step), beside the steady decode step time.
 from __future__ import annotations
 
 import argparse
+from array import array
 import random
 import re
 import statistics
@@ -62,7 +63,7 @@ def main() -> int:
     import grpc
 
     from protos import decode_pb2, decode_pb2_grpc
-    from protos.convert import sampling_to_pb
+    from protos.convert import pack_token_ids, sampling_to_pb
     from protos.grpc_server import wait_healthy
     from engine.sampling import SamplingParams
 
@@ -86,7 +87,8 @@ def main() -> int:
         rng = random.Random(0)
 
         def run(prompt, prefill_address):
-            req = decode_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sp, prefill_address=prefill_address)
+            req = decode_pb2.GenerateRequest(packed_prompt_token_ids=pack_token_ids(array("I", prompt)), sampling=sp,
+                                             prefill_address=prefill_address)
             t0 = time.perf_counter()
             stamps, tokens, last = [], [], None
             for r in stub.Generate(req, timeout=600):

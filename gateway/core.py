@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.router import Route, Router, RouteRequest
 from gateway.state import Session, StateStore, RECORD_EVERY
 from protos import common_pb2, decode_pb2, decode_pb2_grpc
+from protos.convert import pack_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +368,9 @@ class Gateway:
         """Stream one attempt on `route.decode`. The router's load counters count the
         request while it runs (and its prompt on the prefill until the first token)."""
         rid, r = job.request_id, self.router
-        req = decode_pb2.GenerateRequest(request_id=rid, prompt_token_ids=job.prompt_ids, sampling=job.sampling,
+        # Packed (4 bytes an id): decode parses it without a Python int per id.
+        req = decode_pb2.GenerateRequest(request_id=rid, sampling=job.sampling,
+                                         packed_prompt_token_ids=pack_token_ids(array("I", job.prompt_ids)),
                                          prefill_address=route.prefill.address if route.prefill else "")
         self.state.record(rid, status="running", decode=route.decode.id, route_reason=route.reason,
                           prefill=route.prefill.id if route.prefill else "")
