@@ -270,9 +270,9 @@ class TritonOps(TorchOps):
         if meta.decode is not None:
             dec = meta.decode
             out[dec.token_index] = self.decode_attention(q[dec.token_index], kv_cache, dec, scale, meta.kv_scale)
-        if pb.plan is None:
-            pb.plan = self._prefill_plan(pb.cu_seqlens_q, pb.kv_start, pb.kv_len, pb.num_tokens,
-                                         self._prefill_config(q.shape[-1], q.dtype, q.device))
+        config = self._prefill_config(q.shape[-1], q.dtype, q.device)
+        if pb.plan is None or pb.plan.config != config:  # a plan is made for one config
+            pb.plan = self._prefill_plan(pb.cu_seqlens_q, pb.kv_start, pb.kv_len, pb.num_tokens, config)
         # The metadata is the engine's own (build_metadata checked the block indices): no value checks, no sync.
         out[pb.rows] = self._prefill(q[pb.rows], kv_cache[0], kv_cache[1], pb.block_tables, pb.cu_seqlens_q,
                                      pb.kv_start, pb.kv_len, scale, validate=False, plan=pb.plan)

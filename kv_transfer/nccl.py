@@ -315,6 +315,20 @@ class _Pair:
             self.group = None
 
 
+def _latest_per_stream(payloads: list[_Payload]) -> list:
+    """The ready events a message's sends must wait for: per stream, the one recorded last.
+    Events recorded on one stream complete in order, so it covers the others, and each
+    wait is a torch call that lets go of the GIL (getting it back can take a switch
+    interval). Last by ready_seq, not by queue order: fence() records a queued part's
+    event again."""
+    last: dict[Any, _Payload] = {}
+    for pl in payloads:
+        seen = last.get(pl.ready_stream)
+        if seen is None or pl.ready_seq > seen.ready_seq:
+            last[pl.ready_stream] = pl
+    return [pl.ready for pl in last.values()]
+
+
 def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -419,6 +433,7 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
 
 
 class NcclSender(_NcclOptions, TcpSender):
+    write_inline = True  # posting a message's ops is quick; the link is watched through CUDA events
 
     def _check_data_plane(self) -> None:
         self._pg.require(self.device)
@@ -461,15 +476,14 @@ class NcclSender(_NcclOptions, TcpSender):
         event on the caller's stream orders the sends after both."""
         staged = None if ids.staged is None else self._gather(layer, ids.staged)  # [2, m, bs, kvh, d]
         runs = self._run_views(layer, ids)
-        ready = stream = None
+        payload = _Payload(staged, runs, views=bool(runs))
         if self.device.type == "cuda":
             try:
-                ready = self._free_events.pop()
+                payload.ready = self._free_events.pop()
             except IndexError:
-                ready = torch.cuda.Event()
-            stream = torch.cuda.current_stream(self.device)
-            ready.record(stream)
-        return _Payload(staged, runs, ready, ready_stream=stream, views=bool(runs))
+                payload.ready = torch.cuda.Event()
+            self._record_ready(payload, torch.cuda.current_stream(self.device))
+        return payload
 
     def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
@@ -481,16 +495,14 @@ class NcclSender(_NcclOptions, TcpSender):
             nbytes = wire.send_frame(peer.sock, header, ids)
         with self._lock:  # from here fence() can no longer copy these parts' runs
             tensors = self._take(peer, parts, sent)
-            # Events recorded on one stream complete in order: waiting for the last one
-            # recorded on each stream covers the parts before it. (Each wait is a torch
-            # call that lets go of the GIL, and getting it back can take a switch interval.)
-            readies = [p.payload.ready for p in parts if p.payload.ready is not None]
-            last = {p.payload.ready_stream: p.payload.ready for p in parts if p.payload.ready is not None}
+            readies = [p.payload for p in parts if p.payload.ready is not None]
+            waits = _latest_per_stream(readies)
+            readies = [pl.ready for pl in readies]
             for p in parts:
                 p.payload.ready = None
         sent.keep.extend(tensors)  # alive until the ack (or the pair's teardown)
         with _on_device(self.device), _on_stream(pair.stream):
-            for ready in last.values():
+            for ready in waits:
                 pair.stream.wait_event(ready)
             self._free_events.extend(readies)  # their waits are enqueued: free to record again
             works = pair.post(tensors, send=True)
@@ -525,8 +537,9 @@ class NcclSender(_NcclOptions, TcpSender):
         if self.device.type != "cuda":
             return super()._fence_sent()
         with self._cond:
-            posted = self._cond.wait_for(lambda: all(s.posted for s in self._reading), timeout=self.fence_timeout)
-            stuck = {s.peer for s in self._reading if not s.posted}
+            posted = self._cond.wait_for(lambda: all(s.posted for s in self._live_reading()),
+                                         timeout=self.fence_timeout)
+            stuck = {s.peer for s in self._live_reading() if not s.posted}
             caller = torch.cuda.current_stream(self.device)
             for peer in {s.peer for s in self._reading if s.posted} - stuck:
                 done = torch.cuda.Event()

@@ -154,6 +154,9 @@ class NcclComm:
         self.peer = 1 - rank
         self.device = device
         self._aborted = False
+        # One thread at a time uses the communicator (NCCL's rule): abort, from the thread
+        # that saw the peer die, must not free it while another thread posts or polls.
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, store, rank: int, device: torch.device, timeout: datetime.timedelta) -> NcclComm:
@@ -187,6 +190,10 @@ class NcclComm:
         """Send each tensor's bytes to the peer (or receive into it), in order, on the
         current stream: as one group with one Work for the lot, or (not grouped) each op
         its own group and Work."""
+        with self._lock:
+            return self._post(tensors, send, grouped)
+
+    def _post(self, tensors: list[torch.Tensor], send: bool, grouped: bool) -> list[Work]:
         if self._aborted:
             raise NcclError("communicator aborted")
         lib, handle, peer = self._lib, self._handle, self.peer
@@ -209,18 +216,20 @@ class NcclComm:
         return works
 
     def raise_async_error(self) -> None:
-        if self._aborted:
-            raise NcclError("communicator aborted")
         err = ctypes.c_int()
-        _check(self._lib, "ncclCommGetAsyncError", self._lib.ncclCommGetAsyncError(self._handle, ctypes.byref(err)))
+        with self._lock:
+            if self._aborted:
+                raise NcclError("communicator aborted")
+            _check(self._lib, "ncclCommGetAsyncError", self._lib.ncclCommGetAsyncError(self._handle, ctypes.byref(err)))
         if err.value not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
             _check(self._lib, "NCCL communicator", err.value)
 
     def abort(self) -> None:
         """Ends every op of this communicator, those still waiting for the peer included,
         and frees it. Idempotent."""
-        if self._aborted:
-            return
-        self._aborted = True
-        with torch.cuda.device(self.device):
-            self._lib.ncclCommAbort(self._handle)
+        with self._lock:
+            if self._aborted:
+                return
+            self._aborted = True
+            with torch.cuda.device(self.device):
+                self._lib.ncclCommAbort(self._handle)

@@ -70,6 +70,7 @@ do there).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
@@ -119,6 +120,7 @@ class _Payload:
     runs: list[torch.Tensor]  # [count, bs, kvh, d] each, contiguous: K then V of each run
     ready: Any = None  # CUDA: event recorded on the caller's stream once the tensors may be read
     ready_stream: Any = None  # the stream `ready` was recorded on
+    ready_seq: int = -1  # when: _record_ready's count (a message waits for the latest recording per stream)
     views: bool = False  # runs are views of the cache, read when sent (fence() copies them)
 
     def __post_init__(self) -> None:
@@ -242,7 +244,7 @@ class _Outgoing:
 class TcpSender(TransferRecords, KVSender):
     data_plane = "tcp"
     max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
-    write_inline = True  # the caller writes queued messages itself when the link runs dry (_write_inline)
+    write_inline = False  # the caller writes queued messages itself when the link runs dry (_write_inline; NCCL)
     # Messages in flight below which send_layer writes inline. 1: only onto an idle link. At
     # 2 (one on the wire, the next posted behind it) a caller that sends a layer at a time
     # wrote a message per layer: 47 messages for 48 layers, and the receiver's per-message
@@ -274,6 +276,8 @@ class TcpSender(TransferRecords, KVSender):
         self._peers: dict[str, _Peer] = {}
         self._connect_locks: dict[str, threading.Lock] = {}
         self._reading: set[_Sent] = set()  # messages sent or being sent whose data plane may still read cache views
+        self._record_lock = threading.Lock()
+        self._ready_seq = itertools.count()
         self._stats: Counter[str] = Counter()
         self._closed = False
 
@@ -349,8 +353,9 @@ class TcpSender(TransferRecords, KVSender):
                 raise ValueError(f"num_layers: {num_layers}, but {rec.layers_queued} layer messages were sent")
             rec.finished = True
             peer = rec.peer
-            peer.outbox.put(_Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers}))
-        self._write_inline(peer, flush=True)
+            item = _Control(transfer_id, {"op": "finish", "tid": transfer_id, "num_layers": num_layers})
+            peer.outbox.put(item)
+        self._write_inline(peer, until=item)
 
     def abort(self, transfer_id: str) -> None:
         """FAILED unless already DONE; queued parts are dropped and the receiver is told.
@@ -440,8 +445,10 @@ class TcpSender(TransferRecords, KVSender):
         if n < self.min_direct_blocks or len(dst_blocks) != n or type(src_blocks) is not list \
                 or type(dst_blocks) is not list:
             return None
+        if not (all(type(x) is int for x in src_blocks) and all(type(x) is int for x in dst_blocks)):
+            return None
         s0, d0 = src_blocks[0], dst_blocks[0]
-        if type(s0) is not int or type(d0) is not int or not (0 <= s0 and s0 + n <= num_blocks) or d0 < 0:
+        if not (0 <= s0 and s0 + n <= num_blocks) or d0 < 0:
             return None
         if src_blocks != list(range(s0, s0 + n)) or dst_blocks != list(range(d0, d0 + n)):
             return None
@@ -570,16 +577,18 @@ class TcpSender(TransferRecords, KVSender):
         elif batch:
             self._send_parts(peer, batch)
 
-    def _write_inline(self, peer: _Peer, flush: bool = False) -> None:
-        """On the caller's thread, after it queued something: write what is queued now, if
-        the link is about to run dry (fewer than LINK_DEPTH messages in flight) or `flush`
-        (finish: nothing follows to carry the queue out), unless another thread is
-        writing. Otherwise the writer thread, or the caller's next call, sends it,
-        coalesced with what comes next. The writer thread needs the GIL to start, and a
-        caller running Python (prefill's forward pass; the bench's loop) can keep it from
-        getting it for milliseconds: a link left without work would idle that long."""
+    def _write_inline(self, peer: _Peer, until: _Control | None = None) -> None:
+        """On the caller's thread, after it queued something: write one message of what is
+        queued now if the link is about to run dry (fewer than LINK_DEPTH messages in
+        flight), or (until: the finish just queued; nothing follows to carry the queue
+        out) everything up to and including that item, unless another thread is writing.
+        Otherwise the writer thread, or the caller's next call, sends it, coalesced with
+        what comes next. The writer thread needs the GIL to start, and a caller running
+        Python (prefill's forward pass; the bench's loop) can keep it from getting it for
+        milliseconds: a link left without work would idle that long. Only where the data
+        plane allows it (write_inline: never on TCP, whose sends carry the data)."""
         try:
-            if not (self.write_inline and (flush or self._link_wants_more(peer))
+            if not (self.write_inline and (until is not None or self._link_wants_more(peer))
                     and peer.writing.acquire(blocking=False)):
                 return
         except Exception:  # a broken pair: the writer thread runs into it and fails the peer
@@ -590,8 +599,12 @@ class TcpSender(TransferRecords, KVSender):
                 if isinstance(batch, list):
                     with self._lock:
                         self._stats["messages_inline"] += 1
-        except Exception as e:
+                if until is None or batch is until:
+                    break
+        except BaseException as e:  # a header may be out without its data: the connection is out of step
             self._peer_failed(peer, f"send failed: {type(e).__name__}: {e}")
+            if not isinstance(e, Exception):
+                raise
         finally:
             peer.writing.release()
 
@@ -630,6 +643,8 @@ class TcpSender(TransferRecords, KVSender):
         """Caller holds the lock. The data plane is about to read the parts' tensors: from
         now on fence() cannot copy them, and orders after the message instead. Returns
         the message's tensors in wire order."""
+        if not peer.alive:  # its teardown already cleared what fence() waits on: add nothing
+            raise ConnectionError(f"connection to {peer.address} lost")
         for p in parts:
             peer.unposted.pop(p, None)
         if any(p.payload.views for p in parts):
@@ -642,11 +657,17 @@ class TcpSender(TransferRecords, KVSender):
         views. The default (CPU caches) waits for their acks; a peer that does not ack
         within fence_timeout is torn down, which ends its reads."""
         with self._cond:
-            if self._cond.wait_for(lambda: not self._reading, timeout=self.fence_timeout):
+            if self._cond.wait_for(lambda: not self._live_reading(), timeout=self.fence_timeout):
                 return
-            stuck = {s.peer for s in self._reading}
+            stuck = {s.peer for s in self._live_reading()}
         for peer in stuck:
             self._peer_failed(peer, f"fence(): no ack within {self.fence_timeout:g} s")
+
+    def _live_reading(self) -> set[_Sent]:
+        """Caller holds the lock: the messages that may still read cache views, less those
+        of dead peers (a torn-down pair reads nothing; its entries are dropped here)."""
+        self._reading = {s for s in self._reading if s.peer.alive}
+        return self._reading
 
     # ---- the reader: the receiver's answers
 
@@ -766,14 +787,21 @@ class TcpSender(TransferRecords, KVSender):
         payload.ready.record(torch.cuda.current_stream(self.device))
         return payload
 
+    def _record_ready(self, payload: _Payload, stream) -> None:
+        """Record payload.ready on `stream`, numbered in recording order: of a message's
+        parts, the one recorded last on a stream covers the others (fence() records a
+        queued part's event again, so queue order is not recording order)."""
+        with self._record_lock:
+            payload.ready.record(stream)
+            payload.ready_stream, payload.ready_seq = stream, next(self._ready_seq)
+
     def _detach(self, payload: _Payload) -> None:
         """Caller holds the lock (fence()): copy the runs out of the cache, on the current
         stream, so the part no longer reads blocks the caller is about to reuse."""
         payload.runs = [t.clone() for t in payload.runs]
         payload.views = False
         if payload.ready is not None:
-            payload.ready_stream = torch.cuda.current_stream(self.device)
-            payload.ready.record(payload.ready_stream)
+            self._record_ready(payload, torch.cuda.current_stream(self.device))
 
     def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:

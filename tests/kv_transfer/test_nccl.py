@@ -143,3 +143,28 @@ def test_gpu_pair_outlives_an_aborted_transfer():
         torch.cuda.synchronize("cuda:1")
         for layer, (s, d) in y.items():
             assert torch.equal(dst[layer][:, d].cpu(), src[layer][:, s].cpu())
+
+
+def test_a_message_waits_for_the_latest_recording_on_each_stream():
+    """A message's sends wait, per stream, for the part event recorded last on it, which
+    covers the others. fence() records a queued part's event again, so the latest is by
+    recording order, not queue order: here part a, re-recorded after b."""
+    from kv_transfer.nccl import _latest_per_stream
+    from kv_transfer.sender import _Payload
+
+    class Event:  # stands in for torch.cuda.Event (no GPU here)
+        def __init__(self):
+            self.streams = []
+
+        def record(self, stream):
+            self.streams.append(stream)
+
+    caches = make_caches(torch.float32, seed=0)
+    with GlooSender(layout_of(caches), caches) as tx:
+        a, b, c = (_Payload(None, [], ready=Event()) for _ in range(3))
+        for payload, stream in ((a, "S"), (b, "S"), (c, "T")):
+            tx._record_ready(payload, stream)
+        assert _latest_per_stream([a, b, c]) == [b.ready, c.ready]
+        tx._record_ready(a, "S")  # fence() copied a's runs and recorded its event again
+        assert _latest_per_stream([a, b, c]) == [a.ready, c.ready]
+        assert a.ready.streams == ["S", "S"] and a.ready_seq > b.ready_seq

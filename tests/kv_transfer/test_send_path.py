@@ -108,7 +108,8 @@ def test_one_run_fast_path_matches_the_general_conversion():
                  ([5, 6, 8], [2, 3, 4]), ([5, 6, 7], [2, 3, 5]),  # not consecutive
                  (list(range(20, 26)), list(range(6))),  # past the pool
                  ([-1, 0, 1], [0, 1, 2]), ([0, 1, 2], [-1, 0, 1]),  # negative
-                 ([0.0, 1.0, 2.0], [0, 1, 2]), ([0, 1, 2], [2 ** 31, 2 ** 31 + 1, 2 ** 31 + 2])):
+                 ([0.0, 1.0, 2.0], [0, 1, 2]), ([5, 6.0, 7.0], [0, 1, 2]), ([0, 1, 2], [0, 1.0, 2]),
+                 ([0, 1, 2], [2 ** 31, 2 ** 31 + 1, 2 ** 31 + 2])):
         assert tx._one_run(24, s, d) is None, (s, d)
     with pytest.raises(ValueError, match="src_blocks"):
         tx._block_ids("y", 0, list(range(20, 26)), list(range(6)))
