@@ -23,6 +23,8 @@ the local pool the blocks of L's chunk, [C * (L // C), L).
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,8 +39,14 @@ GLOBAL, LOCAL = "global", "local"
 
 
 def hash_block(parent: bytes, tokens: list[int]) -> bytes:
+    """The prefix hash of a block: its parent's hash and its token ids as 4-byte little-
+    endian words. The ids are packed by array in C (a per-id to_bytes cost ~3 ms per
+    8,000 tokens, paid on both sides of a disaggregated request)."""
+    words = array("I", tokens)
+    if sys.byteorder != "little":
+        words.byteswap()
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    h.update(words.tobytes())
     return h.digest()
 
 

@@ -110,3 +110,24 @@ def test_long_prompt_local_layers_keep_only_the_chunk(tiny_llama4_dir):
     assert peak[GLOBAL] == 26  # ceil(407 / 16): every token's KV, for the global layers
     assert peak[LOCAL] <= 2 + 64 // 16 + 1
     assert eng.kv.stats()[GLOBAL].used == 0 and eng.kv.stats()[LOCAL].used == 0
+
+
+def test_hash_block_is_blake2b_of_the_parent_and_little_endian_words():
+    """The prefix hash's definition (4-byte little-endian ids after the parent's hash),
+    written out per id: the packed implementation must give the same bytes, so hashes
+    stay comparable across versions and machines."""
+    import hashlib
+    import random
+
+    from engine.kv_cache import hash_block
+
+    rng = random.Random(3)
+    parent = b""
+    for _ in range(20):
+        tokens = [rng.randrange(202_048) for _ in range(16)]
+        want = hashlib.blake2b(parent, digest_size=16)
+        want.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+        assert hash_block(parent, tokens) == want.digest()
+        parent = want.digest()
+    with pytest.raises(OverflowError):
+        hash_block(parent, [-1])  # PENDING is never hashed
