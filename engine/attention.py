@@ -11,6 +11,7 @@ are released), so its key range starts at the chunk start, never at 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,18 @@ class PrefillSegment:
 
     start: int
     end: int
-    kv_slots: torch.Tensor  # [L] cache slots of the visible keys, in position order
+    kv_start: int  # positions of the visible keys: [kv_start, kv_end)
+    kv_end: int
+    block_table: torch.Tensor  # [W] int32 on the device: the request's row of PrefillBatch.block_tables
+    block_size: int
+
+    @functools.cached_property
+    def kv_slots(self) -> torch.Tensor:
+        """[L] cache slots of the visible keys, in position order, built on the device when
+        first asked for (the torch path gathers K/V by them; the Triton kernel reads the
+        block table and never asks)."""
+        kpos = torch.arange(self.kv_start, self.kv_end, device=self.block_table.device)
+        return self.block_table.long()[kpos // self.block_size] * self.block_size + kpos % self.block_size
 
 
 @dataclass
@@ -142,7 +154,6 @@ def build_metadata(
     runs megabyte-sized CPU ops nor copies them to the GPU (measured: ~30 ms a step at
     16 x 8k before)."""
     h = host_tables(spans, block_size, chunk)
-    table_dev = h.table.to(device)
 
     decode = None
     dec = [i for i, s in enumerate(spans) if s.num_tokens == 1]
@@ -153,7 +164,7 @@ def build_metadata(
         decode = DecodeBatch(rows.to(device), h.table[d].to(torch.int32).to(device), kv_start.to(torch.int32).to(device),
                              length.to(torch.int32).to(device), int(length.max()))
 
-    prefills, pieces = [], []  # pieces: (request, first row, rows, kv_start, kv_len) of each segment
+    pieces = []  # (request, first row, rows, kv_start, kv_len) of each prefill segment
     for i, sp in enumerate(spans):
         if sp.num_tokens == 1:
             continue
@@ -161,13 +172,11 @@ def build_metadata(
         cuts = [lo, *(range((lo // chunk + 1) * chunk, hi, chunk) if chunk is not None else ()), hi]
         for a, b in zip(cuts, cuts[1:]):  # each piece lies in one local chunk
             kv_start = (a // chunk) * chunk if chunk is not None else 0
-            kpos = torch.arange(kv_start, b, device=device)
-            row = sp.batch_start + a - lo
-            slots = table_dev[i, kpos // block_size] * block_size + kpos % block_size
-            prefills.append(PrefillSegment(row, row + b - a, slots))
-            pieces.append((i, row, b - a, kv_start, b - kv_start))
-    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills, kv_scale,
-                             _prefill_batch(pieces, h.table, device) if pieces else None)
+            pieces.append((i, sp.batch_start + a - lo, b - a, kv_start, b - kv_start))
+    pb = _prefill_batch(pieces, h.table, device) if pieces else None
+    prefills = [PrefillSegment(row, row + n, kv_start, kv_start + kv_len, pb.block_tables[j], block_size)
+                for j, (_, row, n, kv_start, kv_len) in enumerate(pieces)]
+    return AttentionMetadata(h.slot_mapping.to(device), decode, prefills, kv_scale, pb)
 
 
 def _prefill_batch(pieces: list[tuple[int, int, int, int, int]], table: torch.Tensor,
