@@ -14,7 +14,6 @@ done -> first decode step), beside the steady decode step time.
 from __future__ import annotations
 
 import argparse
-from array import array
 import random
 import re
 import statistics
@@ -22,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,9 @@ What changes is where a part's bytes travel:
     publishes the unique id in the store), or torch's `ProcessGroupNCCL` (pg_backend
     "nccl-torch", tens of microseconds more per op); the hello names the kind
     ("nccl/<pg_backend>"), so a mismatch is refused before either side builds one.
-    They exchange a one-element warm-up send/recv, posted the way data will be, so NCCL communicator set-up (and its errors) happen at connect time rather than
-    inside the first transfer. There is no global world: each pair's group is private,
+    They exchange a one-element warm-up send/recv, posted the way data will be, so NCCL
+    communicator set-up (and its errors) happen at connect time rather than inside the
+    first transfer. There is no global world: each pair's group is private,
     made on first contact and reused for every later transfer.
   a parts message (several layers, maybe of several transfers; see sender.py):
     sender   send_layer gathers each part's staged blocks into a contiguous
@@ -80,10 +81,10 @@ Environment: NCCL_* variables already set are respected; this module sets none (
 particular never NCCL_NVLS_ENABLE: NVLink multicast stays off). Sender and receiver must
 use different GPUs (NCCL cannot pair a device with itself).
 
-The pair's group kinds are a small registry (`PG_BACKENDS`, keyed by `pg_backend`): "nccl"
-(ctypes, the default), "nccl-torch"; tests and `bench/kv_transfer.py --cpu` use "gloo" to run this exact control flow on CPU
-tensors, since those machines have no GPU, and "gloo-grouped", a gloo that takes NCCL's
-grouping calls, to run the grouped flow.
+The pair's group kinds are a small registry (`PG_BACKENDS`, keyed by `pg_backend`):
+"nccl" (ctypes, the default) and "nccl-torch"; tests and `bench/kv_transfer.py --cpu` use
+"gloo" to run this exact control flow on CPU tensors, since those machines have no GPU,
+and "gloo-grouped", a gloo that takes NCCL's grouping calls, to run the grouped flow.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ PG_BACKENDS: dict[str, PgBackend] = {
 class _Pair:
     """One connection's data plane."""
     store: Any  # TCPStore: the receiver hosts it, the sender is its client
-    prefix: str  # unique per pair: store keys and the group's name
+    prefix: str  # unique per pair: the store's keys
     grouped: bool  # a message's ops go as one group (both sides alike)
     group: Any = None  # the 2-rank group: nccl_lib.NcclComm or _C10dGroup
     stream: Any = None  # sender, CUDA: the stream its sends are posted from
@@ -491,13 +492,12 @@ class NcclSender(_NcclOptions, TcpSender):
         back (or as one group) with no host wait, on the pair's stream after each part's
         event."""
         pair = peer.data
-        with peer.write_lock:
-            nbytes = wire.send_frame(peer.sock, header, ids)
+        nbytes = wire.send_frame(peer.sock, header, ids)
         with self._lock:  # from here fence() can no longer copy these parts' runs
             tensors = self._take(peer, parts, sent)
-            readies = [p.payload for p in parts if p.payload.ready is not None]
-            waits = _latest_per_stream(readies)
-            readies = [pl.ready for pl in readies]
+            recorded = [p.payload for p in parts if p.payload.ready is not None]
+            waits = _latest_per_stream(recorded)
+            readies = [pl.ready for pl in recorded]
             for p in parts:
                 p.payload.ready = None
         sent.keep.extend(tensors)  # alive until the ack (or the pair's teardown)

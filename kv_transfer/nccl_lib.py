@@ -71,8 +71,7 @@ class _Library:
     (5 ms): posting one message took 0.3-2 ms that way on the GPU machine."""
 
     BLOCKING = (("ncclGetVersion", ["i32*"]), ("ncclGetUniqueId", ["uid*"]),
-                ("ncclCommInitRank", ["ptr*", "i32", "uid", "i32"]), ("ncclCommAbort", ["ptr"]),
-                ("ncclCommDestroy", ["ptr"]))
+                ("ncclCommInitRank", ["ptr*", "i32", "uid", "i32"]), ("ncclCommAbort", ["ptr"]))
     FAST = (("ncclSend", ["ptr", "size", "i32", "i32", "ptr", "ptr"]),
             ("ncclRecv", ["ptr", "size", "i32", "i32", "ptr", "ptr"]),
             ("ncclGroupStart", []), ("ncclGroupEnd", []), ("ncclCommGetAsyncError", ["ptr", "i32*"]))
@@ -207,7 +206,7 @@ class NcclComm:
                 for t in chunk:
                     if not t.is_contiguous():
                         raise ValueError("NcclComm.post: tensors must be contiguous")
-                    _check(lib, name, op(t.data_ptr(), t.numel() * t.element_size(), NCCL_UINT8, peer, handle, s))
+                    _check(lib, name, op(t.data_ptr(), t.nbytes, NCCL_UINT8, peer, handle, s))
             finally:
                 _check(lib, "ncclGroupEnd", lib.ncclGroupEnd())
             event = torch.cuda.Event()

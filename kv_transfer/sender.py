@@ -48,8 +48,8 @@ Sender lifecycle (prefill side), one record per transfer_id:
   thread while fewer than LINK_DEPTH messages are in flight, and finish always, instead
   of waking the writer thread, which needs the GIL from a caller busy running Python
   (measured: 2-3 ms before the writer ran again while a loop of send_layer calls held
-  it). Whoever writes holds the peer's `writing` lock
-  from taking the items to sending them, so messages keep queue order. finish and abort
+  it). Whoever writes holds the peer's `writing` lock from taking the items to sending
+  them, so messages keep queue order. finish and abort
   are messages of their own, in queue order, so the receiver answers finish only after
   every earlier part on the connection: its DONE covers all parts. A part whose
   transfer is FAILED (aborted, rejected) when the writer takes it is dropped unsent;
@@ -203,8 +203,10 @@ class _Peer:
     sock: socket.socket
     reader: wire.Reader  # every read on sock goes through it
     outbox: _Outbox = field(default_factory=_Outbox)
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
-    writing: threading.Lock = field(default_factory=threading.Lock)  # held by whoever takes and sends messages
+    # Held by whoever takes messages from the outbox and writes them (the writer thread or
+    # a caller writing inline), from the take to the last byte: every write on sock after
+    # the handshake happens under it, in queue order.
+    writing: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     threads: list[threading.Thread] = field(default_factory=list)
     threads_running: int = 2  # writer and reader
@@ -613,8 +615,7 @@ class TcpSender(TransferRecords, KVSender):
             rec = self._transfers.get(item.tid)
             dropped = item.header["op"] != "abort" and (rec is None or rec.status == S.FAILED)
         if not dropped:
-            with peer.write_lock:
-                wire.send_frame(peer.sock, item.header)
+            wire.send_frame(peer.sock, item.header)
 
     def _send_parts(self, peer: _Peer, parts: list[_Part]) -> None:
         with self._lock:
@@ -812,5 +813,4 @@ class TcpSender(TransferRecords, KVSender):
                 p.payload.ready.synchronize()
         with self._lock:
             tensors = self._take(peer, parts, sent)
-        with peer.write_lock:
-            return wire.send_frame(peer.sock, header, ids + [wire.tensor_bytes(t) for t in tensors])
+        return wire.send_frame(peer.sock, header, ids + [wire.tensor_bytes(t) for t in tensors])

@@ -69,7 +69,8 @@ GIL_SWITCH_INTERVAL_US = 200
 
 
 def service_main(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
-    """`python -m prefill_service` / `decode_service`: the service's flags plus --log-level."""
+    """`python -m prefill_service` / `decode_service`: the service's flags plus --log-level
+    and --gil-switch-interval-us."""
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=description)
