@@ -1,6 +1,6 @@
 """Disaggregated vs colocated time-to-first-token on two GPUs, with the real services.
 
-    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8] [--ops triton]
+    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8] [--ops triton] [--cpu]
 
 Prefill service on cuda:0, decode service on cuda:1, KV over the nccl backend, model
 scout-slice --layers 4 (written to /tmp if --model is not given). For each prompt:
@@ -58,7 +58,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request")
     ap.add_argument("--ops", default="triton", choices=["torch", "triton"],
                     help="engine ops of both services (default triton: Triton kernels and decode CUDA graphs)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="both services on the CPU, KV over tcp (needs --model: a small one, e.g. made by "
+                         "`python -m launcher.make_model tiny-llama4 DIR`); measures the service overheads "
+                         "without a GPU")
     args = ap.parse_args()
+    if args.cpu and not args.model:
+        ap.error("--cpu needs --model (scout-slice does not fit a CPU run)")
 
     import grpc
 
@@ -72,12 +78,17 @@ def main() -> int:
         from launcher.make_model import make_model
 
         make_model("scout-slice", model, seed=0, layers=4)
-    common = ["--model", model, "--port", "0", "--kv-transport", "nccl", "--max-model-len", "16384",
-              "--max-num-batched-tokens", "8192", "--no-prefix-caching", "--log-level", "WARNING",
-              "--gpu-memory-utilization", "0.5", "--ops", args.ops]
+    common = ["--model", model, "--port", "0", "--kv-transport", "tcp" if args.cpu else "nccl",
+              "--max-model-len", "16384", "--max-num-batched-tokens", "8192", "--no-prefix-caching",
+              "--log-level", "WARNING", "--ops", "torch" if args.cpu else args.ops]
+    if args.cpu:
+        common += ["--num-blocks", str(2 * -(-16384 // 16))]
+    else:
+        common += ["--gpu-memory-utilization", "0.5"]
+    devices = ("cpu", "cpu") if args.cpu else ("cuda:0", "cuda:1")
     # INFO: each service logs one line per request with where its time went (parsed below).
-    p, p_addr, p_log = start("prefill_service", *common, "--device", "cuda:0", "--log-level", "INFO")
-    d, d_addr, d_log = start("decode_service", *common, "--device", "cuda:1", "--local-prefill-threshold", "0",
+    p, p_addr, p_log = start("prefill_service", *common, "--device", devices[0], "--log-level", "INFO")
+    d, d_addr, d_log = start("decode_service", *common, "--device", devices[1], "--local-prefill-threshold", "0",
                              "--log-level", "INFO")
     try:
         wait_healthy(p_addr)
@@ -86,10 +97,13 @@ def main() -> int:
         sp = sampling_to_pb(SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True))
         rng = random.Random(0)
 
-        def run(prompt, prefill_address):
+        sent_at: dict[str, float] = {}  # request id -> when the client sent it (CLOCK_MONOTONIC)
+
+        def run(prompt, prefill_address, rid=""):
             req = decode_pb2.GenerateRequest(packed_prompt_token_ids=pack_token_ids(array("I", prompt)), sampling=sp,
-                                             prefill_address=prefill_address)
+                                             prefill_address=prefill_address, request_id=rid)
             t0 = time.perf_counter()
+            sent_at[rid] = t0
             stamps, tokens, last = [], [], None
             for r in stub.Generate(req, timeout=600):
                 stamps.append(time.perf_counter() - t0)
@@ -101,10 +115,10 @@ def main() -> int:
             run([rng.randrange(200000) for _ in range(args.prompt_len)], mode)
         res = {"colocated": [], "disaggregated": []}
         same = 0
-        for _ in range(args.requests):
+        for i in range(args.requests):
             prompt = [rng.randrange(200000) for _ in range(args.prompt_len)]
             c = run(prompt, "")
-            g = run(prompt, p_addr)
+            g = run(prompt, p_addr, f"disagg-{i}")
             res["colocated"].append(c)
             res["disaggregated"].append(g)
             same += c[1] == g[1]
@@ -144,6 +158,29 @@ def main() -> int:
             xs = pushed[-args.requests:]
             print(f"| prefill service: request in -> transfer DONE | {statistics.median(xs):.1f} ms | "
                   f"{pct(xs, 0.99):.1f} ms |")
+        # One clock for all three processes (perf_counter is CLOCK_MONOTONIC on Linux):
+        # the way of a disaggregated request from the client to its first token.
+        d_at = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4))) for m in (
+            re.search(r"request (\S+):.*reserve \+ request ([\d.]+) ms.*CLOCK_MONOTONIC: sent ([\d.]+), answer ([\d.]+)",
+                      x) for x in d_log) if m}
+        p_at = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in (
+            re.search(r"prefill (\S+):.*CLOCK_MONOTONIC: in ([\d.]+), answer ([\d.]+)", x) for x in p_log) if m}
+        hops = []
+        for i, (s, _, _) in enumerate(res["disaggregated"]):
+            rid = f"disagg-{i}"
+            if rid in d_at and rid in p_at:
+                reserve_ms, d_sent, d_answer = d_at[rid]
+                p_in, p_answer = p_at[rid]
+                t0 = sent_at[rid]
+                hops.append(((d_sent - 1e-3 * reserve_ms) - t0, p_in - d_sent, p_answer - p_in, d_answer - p_answer,
+                             t0 + s[0] - d_answer))
+        if hops:
+            names = ("client -> decode's Generate", "decode -> prefill's Prefill (gRPC, one way)",
+                     "prefill's handler (in -> answer)", "prefill -> decode (the answer, one way)",
+                     "decode's answer -> client's first token")
+            for k, name in enumerate(names):
+                xs = [h[k] for h in hops]
+                print(f"| on one clock: {name} | {1e3 * statistics.median(xs):.2f} ms | {1e3 * pct(xs, 0.99):.2f} ms |")
         # The services' own lines for the last request: the finer split (prefill: in ->
         # queued -> first token -> answer; decode: the KV's DONE after the first token).
         for x in [x for x in d_log if "reserve + request" in x][-1:] + [x for x in p_log if "prefill " in x][-1:]:

@@ -36,7 +36,8 @@ One INFO line per request whose KV arrived: `reserve + request` (Generate entere
 Prefill RPC sent), `Prefill RPC` (-> its answer), `transfer close` (the receiver's DONE
 -> in the batch), `first token out` (answer -> the first token handed to gRPC), then
 `KV DONE X ms after the first token` (how much longer the KV took; 0 when it was
-already here).
+already here), and the RPC's sent and answer stamps on CLOCK_MONOTONIC (perf_counter on
+Linux), which prefill's line also uses: bench/disagg.py takes the one-way hops from them.
 """
 
 from __future__ import annotations
@@ -241,9 +242,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             loop.wake.notify_all()
         t_joined = time.perf_counter()
         log.info("request %s: %d prompt tokens (%d cached); reserve + request %.2f ms, Prefill RPC %.1f ms, "
-                 "transfer close %.2f ms, first token out %.2f ms; KV DONE %.1f ms after the first token", rid,
+                 "transfer close %.2f ms, first token out %.2f ms; KV DONE %.1f ms after the first token "
+                 "(CLOCK_MONOTONIC: sent %.6f, answer %.6f)", rid,
                  h.num_prompt, h.cached, 1e3 * (h.t_sent - h.t_in), 1e3 * (h.t_answer - h.t_sent),
-                 1e3 * (t_joined - t_kv), 1e3 * (t_out - h.t_answer), 1e3 * (t_kv - t_out))
+                 1e3 * (t_joined - t_kv), 1e3 * (t_out - h.t_answer), 1e3 * (t_kv - t_out), h.t_sent, h.t_answer)
 
     def _await_kv(self, rid: str, h: Handoff, context) -> TransferStatus | None:
         """The receiver's status once it is terminal or the deadline passed; None when the

@@ -68,7 +68,11 @@ class _Library:
     default; the per-message calls (ncclSend/Recv, group start and end, the error poll:
     microseconds each) keep it. Dropping and retaking the GIL around each of them let
     another thread take it, and getting it back could take the whole switch interval
-    (5 ms): posting one message took 0.3-2 ms that way on the GPU machine."""
+    (5 ms): posting one message took 0.3-2 ms that way on the GPU machine.
+    Except a communicator's first group (the warm-up): its ncclGroupEnd connects the two
+    ranks and blocks until the peer posts too, so it must drop the GIL
+    (`ncclGroupEnd_releasing`): holding it there hangs two ranks in one process, and
+    stalls every other thread of the process for the hand-shake otherwise."""
 
     BLOCKING = (("ncclGetVersion", ["i32*"]), ("ncclGetUniqueId", ["uid*"]),
                 ("ncclCommInitRank", ["ptr*", "i32", "uid", "i32"]), ("ncclCommAbort", ["ptr"]))
@@ -87,6 +91,8 @@ class _Library:
                 fn = getattr(handle, name)
                 fn.argtypes, fn.restype = [self.TYPES[a] for a in args], ctypes.c_int
                 setattr(self, name, fn)
+        self.ncclGroupEnd_releasing = releasing.ncclGroupEnd
+        self.ncclGroupEnd_releasing.argtypes, self.ncclGroupEnd_releasing.restype = [], ctypes.c_int
         self.ncclGetErrorString = holding.ncclGetErrorString
         self.ncclGetErrorString.argtypes, self.ncclGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
 
@@ -153,6 +159,7 @@ class NcclComm:
         self.peer = 1 - rank
         self.device = device
         self._aborted = False
+        self._connected = False  # the first group connects the ranks (see _Library)
         # One thread at a time uses the communicator (NCCL's rule): abort, from the thread
         # that saw the peer die, must not free it while another thread posts or polls.
         self._lock = threading.Lock()
@@ -208,7 +215,9 @@ class NcclComm:
                         raise ValueError("NcclComm.post: tensors must be contiguous")
                     _check(lib, name, op(t.data_ptr(), t.nbytes, NCCL_UINT8, peer, handle, s))
             finally:
-                _check(lib, "ncclGroupEnd", lib.ncclGroupEnd())
+                end = lib.ncclGroupEnd if self._connected else lib.ncclGroupEnd_releasing
+                _check(lib, "ncclGroupEnd", end())
+                self._connected = True
             event = torch.cuda.Event()
             event.record(stream)
             works.append(Work(self, event, stream))

@@ -160,7 +160,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.sender.release(tid)
         split = (f"request in -> queued {1e3 * (t.queued - t.request_in):.2f} ms, queued -> first token "
                  f"{1e3 * (t.first_token - t.queued):.1f} ms, first token -> answer "
-                 f"{1e3 * (t.answer - t.first_token):.2f} ms")
+                 f"{1e3 * (t.answer - t.first_token):.2f} ms (CLOCK_MONOTONIC: in {t.request_in:.6f}, "
+                 f"answer {t.answer:.6f})")
         if status == TransferStatus.DONE:
             log.info("prefill %s: %d tokens (%d cached here), pushed from position %d in %.1f ms; %s, "
                      "answer -> transfer DONE %.1f ms", rid, num_tokens, cached_here, dest.num_cached_tokens,
