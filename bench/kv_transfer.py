@@ -27,6 +27,10 @@ process. Rows:
                                  direct runs existed; ops grouped
   fresh pool, writer thread only  the same with every message written by the sender's
                                  writer thread (NcclSender.write_inline = False)
+  fresh pool, torch CUDA events (before)   (GPU only) the default with torch.cuda.Event
+                                 for every per-message event call (ctypes_events = False
+                                 on both sides), each of which lets go of the GIL; the
+                                 default calls the CUDA driver through ctypes and keeps it
   ..., torch ProcessGroupNCCL    (GPU only, first) the fresh and fragmented rows with the
                                  pair's ops posted through torch.distributed
                                  (pg_backend "nccl-torch") instead of NCCL through ctypes
@@ -140,11 +144,12 @@ class Variant:
     group_ops: bool  # NcclReceiver.group_ops
     pg_backend: str = "nccl"  # the pair's group (kv_transfer.nccl.PG_BACKENDS); GPU only
     write_inline: bool = True  # NcclSender.write_inline: the caller writes when the link is idle
+    ctypes_events: bool = True  # both sides' ctypes_events: CUDA events through the driver; GPU only
 
     @property
-    def pair(self) -> tuple[bool, str]:
+    def pair(self) -> tuple[bool, str, bool]:
         """Rows with the same pair settings share one sender/receiver pair."""
-        return self.group_ops, self.pg_backend
+        return self.group_ops, self.pg_backend, self.ctypes_events
 
 
 # Rows in this order: torch's ProcessGroupNCCL first (the data plane before ctypes NCCL),
@@ -153,9 +158,11 @@ VARIANTS = (Variant("fresh pool, torch ProcessGroupNCCL", "consecutive", True, "
             Variant("fragmented pool, torch ProcessGroupNCCL", "fragmented", True, "nccl-torch"),
             Variant("fresh pool, ungrouped", "consecutive", False),
             Variant("fresh pool, writer thread only", "consecutive", True, write_inline=False),
+            Variant("fresh pool, torch CUDA events (before)", "consecutive", True, ctypes_events=False),
             Variant("fresh pool", "consecutive", True),
             Variant("fragmented pool", "fragmented", True))
-CPU_VARIANTS = tuple(v for v in VARIANTS if v.pg_backend == "nccl")  # --cpu: gloo stands in for both
+# --cpu: gloo stands in for both group kinds, and there are no CUDA events
+CPU_VARIANTS = tuple(v for v in VARIANTS if v.pg_backend == "nccl" and v.ctypes_events)
 
 
 def variants(cfg) -> tuple[Variant, ...]:
@@ -433,7 +440,7 @@ def receiver(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
                 assert to_receiver.get() == "closed"  # the sender hung up first: no 'connection lost' noise
                 rx.close()
             rx = (GlooReceiver if cfg.cpu else NcclReceiver)(CacheLayout.from_caches("bench", kv), kv)
-            rx.group_ops, pair = v.group_ops, v.pair
+            rx.group_ops, rx.ctypes_events, pair = v.group_ops, v.ctypes_events, v.pair
             if not cfg.cpu:
                 rx.pg_backend = v.pg_backend
             to_sender.put(rx.address)
@@ -488,6 +495,7 @@ def sender(cfg: Config, port: int, to_sender, to_receiver, results) -> None:
             tx = (GlooSender if cfg.cpu else NcclSender)(CacheLayout.from_caches("bench", kv), kv,
                                                          min_direct_blocks=cfg.min_direct_blocks)
             tx.max_message_bytes = cfg.max_message_bytes
+            tx.ctypes_events = v.ctypes_events  # before connect: the pair's communicator takes it then
             if not cfg.cpu:
                 tx.pg_backend = v.pg_backend
             pair = v.pair

@@ -54,6 +54,15 @@ What changes is where a part's bytes travel:
     Data for an unknown or aborted transfer is still received (into staging or scratch)
     to keep that order, then dropped.
 
+  CUDA events (`ctypes_events`, both sides): the per-message event calls -- a part's
+    ready event recorded on the caller's stream, the pair's stream waiting for it, the
+    event after each posted group (nccl_lib.Work) and its polls, fence()'s event --
+    go through the CUDA driver with ctypes and keep the GIL (cuda_events.py), like the
+    NCCL calls themselves: torch's events let go of it on every call, and getting it
+    back can take a switch interval. Events are pooled and recorded again. Off
+    (`ctypes_events = False`): torch.cuda.Event everywhere, for bench/kv_transfer.py's
+    comparison row. Host waits (the receiver's synchronize for DONE) stay on torch.
+
   grouped ops (`group_ops`, the receiver's choice, told to the sender at hello): a
     message's ops are posted as one NCCL group (ncclGroupStart/End; through torch:
     `_start_coalescing` / `_end_coalescing`), one launch and one work for the lot
@@ -101,7 +110,7 @@ from typing import Any, Callable
 
 import torch
 
-from kv_transfer import nccl_lib, wire
+from kv_transfer import cuda_events, nccl_lib, wire
 from kv_transfer.base import TransferError, register_backend
 from kv_transfer.receiver import TcpReceiver, _Arrived, _Conn, _InPart, _Message
 from kv_transfer.sender import TcpSender, _BlockIds, _Part, _Payload, _Peer, _Sent
@@ -319,9 +328,9 @@ class _Pair:
 def _latest_per_stream(payloads: list[_Payload]) -> list:
     """The ready events a message's sends must wait for: per stream, the one recorded last.
     Events recorded on one stream complete in order, so it covers the others, and each
-    wait is a torch call that lets go of the GIL (getting it back can take a switch
-    interval). Last by ready_seq, not by queue order: fence() records a queued part's
-    event again."""
+    wait is a driver call (and with torch's events one that lets go of the GIL, which
+    can take a switch interval to get back). Last by ready_seq, not by queue order:
+    fence() records a queued part's event again."""
     last: dict[Any, _Payload] = {}
     for pl in payloads:
         seen = last.get(pl.ready_stream)
@@ -340,6 +349,7 @@ def _on_stream(stream):
 
 class _NcclOptions:
     pg_backend = "nccl"  # which PG_BACKENDS entry builds and waits on the pair's group
+    ctypes_events = True  # CUDA events through the driver, GIL kept (cuda_events.py); False: torch's
     pg_timeout = datetime.timedelta(seconds=120)  # backstop; dead peers are seen on TCP first
     store_timeout = datetime.timedelta(seconds=30)
 
@@ -352,6 +362,16 @@ class _NcclOptions:
     @property
     def _pg(self) -> PgBackend:
         return PG_BACKENDS[self.pg_backend]
+
+    def _make_group(self, store, rank: int):
+        group = self._pg.make_group(store, rank, self.pg_timeout, self.device)
+        if isinstance(group, nccl_lib.NcclComm):
+            group.ctypes_events = self.ctypes_events  # its per-group events follow ours
+        return group
+
+    def _new_event(self):
+        """A CUDA event for this side's device, of the kind ctypes_events says."""
+        return cuda_events.CudaEvent(self.device) if self.ctypes_events else torch.cuda.Event()
 
 
 class NcclReceiver(_NcclOptions, TcpReceiver):
@@ -370,7 +390,7 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
         pair = conn.data
         store = _dist().PrefixStore(pair.prefix, pair.store)
         with _on_device(self.device):
-            pair.group = self._pg.make_group(store, RECEIVER_RANK, self.pg_timeout, self.device)
+            pair.group = self._make_group(store, RECEIVER_RANK)
             probe = torch.empty(1, dtype=torch.uint8, device=self.device)
             (work,) = pair.post([probe], send=False)
             self._wait(conn, work, -1, "warm-up recv")
@@ -452,8 +472,7 @@ class NcclSender(_NcclOptions, TcpSender):
             with _on_device(self.device):
                 if self.device.type == "cuda":
                     pair.stream = torch.cuda.Stream(self.device)
-                pair.group = self._pg.make_group(dist.PrefixStore(pair.prefix, pair.store),
-                                                 SENDER_RANK, self.pg_timeout, self.device)
+                pair.group = self._make_group(dist.PrefixStore(pair.prefix, pair.store), SENDER_RANK)
                 probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
                 (work,) = pair.post([probe], send=True)
                 self._pg.wait(work, lambda: _socket_open(peer.sock), self.pg_timeout.total_seconds(),
@@ -467,8 +486,8 @@ class NcclSender(_NcclOptions, TcpSender):
             peer.data.abort()
 
     def __init__(self, *args, **kwargs):
-        # CUDA events whose waits the writer has enqueued: free to record again (a stream
-        # waits for the record that was last at the time of its wait_event call).
+        # CUDA events whose waits are enqueued and that nothing queries: free to record
+        # again (a stream waits for the record that was last at the time of its wait call).
         self._free_events: list = []
         super().__init__(*args, **kwargs)
 
@@ -479,12 +498,16 @@ class NcclSender(_NcclOptions, TcpSender):
         runs = self._run_views(layer, ids)
         payload = _Payload(staged, runs, views=bool(runs))
         if self.device.type == "cuda":
-            try:
-                payload.ready = self._free_events.pop()
-            except IndexError:
-                payload.ready = torch.cuda.Event()
+            payload.ready = self._free_event()
             self._record_ready(payload, torch.cuda.current_stream(self.device))
         return payload
+
+    def _free_event(self):
+        """An event from the pool, or a new one."""
+        try:
+            return self._free_events.pop()
+        except IndexError:
+            return self._new_event()
 
     def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
                   sent: _Sent) -> int:
@@ -503,7 +526,7 @@ class NcclSender(_NcclOptions, TcpSender):
         sent.keep.extend(tensors)  # alive until the ack (or the pair's teardown)
         with _on_device(self.device), _on_stream(pair.stream):
             for ready in waits:
-                pair.stream.wait_event(ready)
+                ready.wait(pair.stream)
             self._free_events.extend(readies)  # their waits are enqueued: free to record again
             works = pair.post(tensors, send=True)
             sent.keep.extend(works)
@@ -542,9 +565,10 @@ class NcclSender(_NcclOptions, TcpSender):
             stuck = {s.peer for s in self._live_reading() if not s.posted}
             caller = torch.cuda.current_stream(self.device)
             for peer in {s.peer for s in self._reading if s.posted} - stuck:
-                done = torch.cuda.Event()
+                done = self._free_event()
                 done.record(peer.data.stream)
-                caller.wait_event(done)
+                done.wait(caller)
+                self._free_events.append(done)  # its wait is enqueued: free to record again
         if not posted:
             for peer in stuck:
                 self._peer_failed(peer, f"fence(): sends not posted within {self.fence_timeout:g} s")

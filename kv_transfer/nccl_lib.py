@@ -8,6 +8,9 @@ ops on each side; that CPU, not the link, set the pace of a transfer (BENCHMARKS
 Here an op is one ctypes call (a few microseconds): `ncclSend`/`ncclRecv` of a
 contiguous tensor's bytes on a stream, the ops of one message inside one
 ncclGroupStart/End, and one CUDA event recorded after the group stands for all of them.
+That event is a cuda_events.CudaEvent (the driver API through ctypes, GIL kept; from
+a per-communicator pool: a Work hands its event back when it is dropped), or with
+`ctypes_events = False` a torch.cuda.Event, whose every call lets go of the GIL.
 
     comm = NcclComm.create(store, rank, device, timeout)  # both ranks; blocks until both joined
     works = comm.post(tensors, send=True)                 # on the current stream
@@ -33,6 +36,8 @@ import os
 import threading
 
 import torch
+
+from kv_transfer.cuda_events import CudaEvent
 
 NCCL_UINT8 = 1  # ncclDataType_t ncclUint8: every op moves raw bytes
 NCCL_SUCCESS, NCCL_IN_PROGRESS = 0, 7
@@ -127,30 +132,45 @@ def version() -> str:
 
 
 class Work:
-    """A posted group of ops, done when the event recorded after it on its stream is."""
+    """A posted group of ops, done when the event recorded after it on its stream is.
+    `recycle`: the communicator's pool of free events, which this Work's event joins when
+    the Work is dropped (no one can query or wait on its record after that)."""
 
-    def __init__(self, comm: NcclComm, event: torch.cuda.Event, stream: torch.cuda.Stream):
+    def __init__(self, comm: NcclComm, event, stream: torch.cuda.Stream, recycle: list | None = None):
         self.comm = comm
-        self.event = event
+        self.event = event  # CudaEvent or torch.cuda.Event
         self.stream = stream
+        self._recycle = recycle
+        self._done = False  # seen complete once: the event is not queried again
 
     def is_completed(self) -> bool:
+        if self._done:
+            return True
         if self.event.query():
+            self._done = True
             return True
         self.comm.raise_async_error()
         return False
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         """Orders the current stream after the ops (no host wait), as torch's works do;
-        nothing to do on the stream they were posted on."""
+        nothing to do on the stream they were posted on, nor once they were seen complete."""
+        if self._done:
+            return True
         current = torch.cuda.current_stream(self.comm.device)
         if current != self.stream:
-            current.wait_event(self.event)
+            self.event.wait(current)
         return True
+
+    def __del__(self) -> None:
+        if self._recycle is not None:
+            self._recycle.append(self.event)  # list.append: atomic, so safe from any thread's GC
 
 
 class NcclComm:
     """One rank of a two-rank NCCL communicator (see the module docstring)."""
+
+    ctypes_events = True  # False: a new torch.cuda.Event per group (bench/kv_transfer.py's "before" row)
 
     def __init__(self, lib: _Library, handle: ctypes.c_void_p, rank: int, device: torch.device):
         self._lib = lib
@@ -160,6 +180,7 @@ class NcclComm:
         self.device = device
         self._aborted = False
         self._connected = False  # the first group connects the ranks (see _Library)
+        self._free_events: list[CudaEvent] = []  # recorded by no live Work (Work.__del__ returns them)
         # One thread at a time uses the communicator (NCCL's rule): abort, from the thread
         # that saw the peer die, must not free it while another thread posts or polls.
         self._lock = threading.Lock()
@@ -218,10 +239,21 @@ class NcclComm:
                 end = lib.ncclGroupEnd if self._connected else lib.ncclGroupEnd_releasing
                 _check(lib, "ncclGroupEnd", end())
                 self._connected = True
+            works.append(self._record(stream))
+        return works
+
+    def _record(self, stream: torch.cuda.Stream) -> Work:
+        """A Work for what was just posted on `stream`: an event recorded after it."""
+        if not self.ctypes_events:
             event = torch.cuda.Event()
             event.record(stream)
-            works.append(Work(self, event, stream))
-        return works
+            return Work(self, event, stream)
+        try:
+            event = self._free_events.pop()
+        except IndexError:
+            event = CudaEvent(self.device)
+        event.record(stream)
+        return Work(self, event, stream, self._free_events)
 
     def raise_async_error(self) -> None:
         err = ctypes.c_int()

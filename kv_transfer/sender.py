@@ -118,7 +118,9 @@ class _Payload:
     each direct run."""
     staged: torch.Tensor | None  # [2, m, bs, kvh, d], contiguous; None if every block is in a run
     runs: list[torch.Tensor]  # [count, bs, kvh, d] each, contiguous: K then V of each run
-    ready: Any = None  # CUDA: event recorded on the caller's stream once the tensors may be read
+    # CUDA: event recorded on the caller's stream once the tensors may be read; NCCL: a
+    # cuda_events.CudaEvent (or torch's), TCP: a torch.cuda.Event (its writer host-waits on it)
+    ready: Any = None
     ready_stream: Any = None  # the stream `ready` was recorded on
     ready_seq: int = -1  # when: _record_ready's count (a message waits for the latest recording per stream)
     views: bool = False  # runs are views of the cache, read when sent (fence() copies them)
