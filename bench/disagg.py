@@ -62,6 +62,9 @@ def main() -> int:
                     help="both services on the CPU, KV over tcp (needs --model: a small one, e.g. made by "
                          "`python -m launcher.make_model tiny-llama4 DIR`); measures the service overheads "
                          "without a GPU")
+    ap.add_argument("--reserve-first-too", action="store_true",
+                    help="also time the disaggregated path with decode reserving the blocks before it calls prefill "
+                         "(a second decode service with --early-prefill-tokens 0, same GPU), for every prompt")
     args = ap.parse_args()
     if args.cpu and not args.model:
         ap.error("--cpu needs --model (scout-slice does not fit a CPU run)")
@@ -88,51 +91,64 @@ def main() -> int:
     devices = ("cpu", "cpu") if args.cpu else ("cuda:0", "cuda:1")
     # INFO: each service logs one line per request with where its time went (parsed below).
     p, p_addr, p_log = start("prefill_service", *common, "--device", devices[0], "--log-level", "INFO")
-    d, d_addr, d_log = start("decode_service", *common, "--device", devices[1], "--local-prefill-threshold", "0",
-                             "--log-level", "INFO")
+    procs = [p]
+    decode = [*common, "--device", devices[1], "--local-prefill-threshold", "0", "--log-level", "INFO"]
+    if args.reserve_first_too and not args.cpu:  # two decodes on one GPU: a fixed cache each (4,096 blocks)
+        decode += ["--num-blocks", "4096"]
+    d, d_addr, d_log = start("decode_service", *decode)
+    procs.append(d)
+    stubs = {"disaggregated": d_addr}
+    if args.reserve_first_too:
+        d2, d2_addr, _ = start("decode_service", *decode, "--early-prefill-tokens", "0")
+        procs.append(d2)
+        stubs["disaggregated, reserve first"] = d2_addr
     try:
-        wait_healthy(p_addr)
-        wait_healthy(d_addr)
-        stub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(d_addr))
+        for address in [p_addr, *stubs.values()]:
+            wait_healthy(address)
+        stubs = {k: decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(a)) for k, a in stubs.items()}
+        stub = stubs["disaggregated"]
         sp = sampling_to_pb(SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True))
         rng = random.Random(0)
 
         sent_at: dict[str, float] = {}  # request id -> when the client sent it (CLOCK_MONOTONIC)
 
-        def run(prompt, prefill_address, rid=""):
+        def run(prompt, prefill_address, rid="", via=None):
             req = decode_pb2.GenerateRequest(packed_prompt_token_ids=pack_token_ids(array("I", prompt)), sampling=sp,
                                              prefill_address=prefill_address, request_id=rid)
             t0 = time.perf_counter()
             sent_at[rid] = t0
             stamps, tokens, last = [], [], None
-            for r in stub.Generate(req, timeout=600):
+            for r in (via or stub).Generate(req, timeout=600):
                 stamps.append(time.perf_counter() - t0)
                 tokens.extend(r.token_ids)
                 last = r
             return stamps, tokens, last
 
         for mode in ("", p_addr):  # warm-up both paths (NCCL pair set-up, kernels)
-            run([rng.randrange(200000) for _ in range(args.prompt_len)], mode)
-        res = {"colocated": [], "disaggregated": []}
+            for via in stubs.values():
+                run([rng.randrange(200000) for _ in range(args.prompt_len)], mode, via=via)
+        res = {"colocated": [], **{k: [] for k in stubs}}
         same = 0
         for i in range(args.requests):
             prompt = [rng.randrange(200000) for _ in range(args.prompt_len)]
             c = run(prompt, "")
-            g = run(prompt, p_addr, f"disagg-{i}")
             res["colocated"].append(c)
-            res["disaggregated"].append(g)
-            same += c[1] == g[1]
-            assert g[2].num_transferred_tokens == args.prompt_len, g[2]
+            for k, via in stubs.items():
+                g = run(prompt, p_addr, f"disagg-{i}" if k == "disaggregated" else f"{k[-5:]}-{i}", via=via)
+                res[k].append(g)
+                same += c[1] == g[1]
+                assert g[2].num_transferred_tokens == args.prompt_len, g[2]
         ttft = {k: [s[0] for s, _, _ in v] for k, v in res.items()}
         handoff = [s[1] - s[0] for s, _, _ in res["disaggregated"]]
         step = [statistics.median([b - a for a, b in zip(s[1:], s[2:])]) for s, _, _ in res["disaggregated"]]
-        c50, g50 = statistics.median(ttft["colocated"]), statistics.median(ttft["disaggregated"])
+        c50 = statistics.median(ttft["colocated"])
         print(f"\nprompt {args.prompt_len} tokens, {args.requests} requests per mode; greedy outputs identical "
-              f"in {same}/{args.requests}")
+              f"in {same}/{args.requests * len(stubs)}")
         print("| measure | p50 | p99 |\n|---|---|---|")
-        for k in ("colocated", "disaggregated"):
+        for k in res:
             print(f"| TTFT {k} | {1e3 * statistics.median(ttft[k]):.1f} ms | {1e3 * pct(ttft[k], 0.99):.1f} ms |")
-        print(f"| TTFT disaggregated / colocated | {g50 / c50:.3f} | |")
+        for k in stubs:
+            print(f"| TTFT {k} / colocated | {statistics.median(ttft[k]) / c50:.3f} | |")
         print(f"| handoff (first -> second token, disaggregated) | {1e3 * statistics.median(handoff):.1f} ms | "
               f"{1e3 * pct(handoff, 0.99):.1f} ms |")
         print(f"| decode step (steady) | {1e3 * statistics.median(step):.1f} ms | |")
@@ -145,10 +161,10 @@ def main() -> int:
         print(f"| disaggregated: TTFT minus that wait | {1e3 * statistics.median(rest):.1f} ms | "
               f"{1e3 * pct(rest, 0.99):.1f} ms |")
         time.sleep(0.5)  # the services' last log lines
-        parts = [m.groups() for m in (re.search(r"reserve \+ request ([\d.]+) ms, Prefill RPC ([\d.]+) ms, transfer "
-                                                r"close ([\d.]+) ms, first token out ([\d.]+) ms", x) for x in d_log) if m]
+        parts = [m.groups() for m in (re.search(r"reserve \+ request ([\d.]+) ms, Prefill RPC ([\d.]+) ms(?: \([^)]*\))?, "
+                                                r"transfer close ([\d.]+) ms, first token out ([\d.]+) ms", x) for x in d_log) if m]
         pushed = [float(m.group(1)) for m in (re.search(r"pushed from position \d+ in ([\d.]+) ms", x) for x in p_log) if m]
-        names = ("decode: reserve + build the Prefill request", "decode: Prefill RPC", "decode: close the transfer",
+        names = ("decode: Generate in -> Prefill RPC sent", "decode: Prefill RPC", "decode: close the transfer",
                  "decode: publish the first token")
         for k, name in enumerate(names):
             xs = [float(g[k]) for g in parts[-args.requests:]]
@@ -186,9 +202,9 @@ def main() -> int:
         for x in [x for x in d_log if "reserve + request" in x][-1:] + [x for x in p_log if "prefill " in x][-1:]:
             print("  " + x.strip().split(": ", 1)[-1])
     finally:
-        for proc in (d, p):
+        for proc in procs[::-1]:
             proc.terminate()
-        for proc in (d, p):
+        for proc in procs[::-1]:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

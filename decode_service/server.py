@@ -5,7 +5,11 @@ Lifecycle of one Generate RPC (with a prefill_address):
      plus the rest of the prompt (for chunked-local layers only the current chunk);
   2. uncached suffix <= --local-prefill-threshold: give the reservation back and
      prefill here (no transfer). Otherwise tell the KV receiver which blocks to expect
-     and call PrefillService.Prefill with the destination blocks;
+     and call PrefillService.Prefill with the destination blocks. A prompt of at least
+     --early-prefill-tokens goes to prefill BEFORE step 1 (`destination_follows`), and
+     its blocks follow in SetDestination once reserved: the 1-2 ms of reservation
+     overlap prefill's compute, and no KV byte moves before the blocks are known. If
+     the reservation then says "prefill here", that Prefill is cancelled;
   3. Prefill answers with the first token as soon as it is sampled; the token goes to
      the client at once, while the request stays transferring (blocks held, not
      scheduled) and the last layers may still be arriving;
@@ -84,17 +88,20 @@ class Handoff:
     t_in: float  # Generate entered
     t_sent: float  # Prefill RPC sent
     t_answer: float  # its answer received
+    t_dest: float | None = None  # SetDestination sent (the blocks followed the prompt)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, loop: EngineLoop, receiver, info: common_pb2.InfoResponse, *,
-                 local_prefill_threshold: int, on_transfer_failure: str, prefill_timeout: float):
+                 local_prefill_threshold: int, on_transfer_failure: str, prefill_timeout: float,
+                 early_prefill_tokens: int = 0):
         self.loop = loop
         self.receiver = receiver
         self.info = info
         self.threshold = local_prefill_threshold
         self.recompute = on_transfer_failure == "recompute"
         self.prefill_timeout = prefill_timeout
+        self.early_tokens = early_prefill_tokens
         eng = loop.engine
         self.layer_group = eng.runner.layer_group
         self.block_size = eng.config.cache.block_size
@@ -135,12 +142,37 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     def _disaggregated(self, rid, ids, params, prefill_address, context, t_in):
         """Steps 1-5; yields the GenerateResponses."""
-        stream, cached, preq = self._reserve(rid, ids, params, context)
-        if preq is None:  # prefilled here
+        tid = f"{rid}/{uuid.uuid4().hex[:8]}"
+        stub = self._stub(prefill_address)
+        early = 0 < self.early_tokens <= len(ids)
+        future = t_dest = None
+        if early:  # the prompt first: prefill computes while the blocks are reserved here
+            preq = self._prefill_request(rid, ids, params, tid)
+            preq.destination_follows = True
+            future = stub.Prefill.future(preq, timeout=self.prefill_timeout)
+            t_sent = time.perf_counter()
+        try:
+            stream, cached, dest = self._reserve(rid, ids, params, context, tid)
+        except BaseException:  # a bad request (INVALID_ARGUMENT): prefill's copy goes too
+            if future is not None:
+                future.cancel()
+            raise
+        if dest is None:  # prefilled here
+            if future is not None:
+                future.cancel()  # prefill aborts its copy
             yield from self._stream(rid, stream, context, len(ids), PrefillStats(cached))
             return
-        t_sent = time.perf_counter()
-        resp, error = self._call_prefill(rid, prefill_address, preq, context)
+        if early:
+            t_dest = time.perf_counter()
+            call = stub.SetDestination.future(prefill_pb2.SetDestinationRequest(request_id=rid, destination=dest),
+                                              timeout=self.prefill_timeout)
+            call.add_done_callback(lambda c: self._destination_sent(rid, prefill_address, c))
+        else:
+            preq = self._prefill_request(rid, ids, params, tid)
+            preq.destination.CopyFrom(dest)
+            future = stub.Prefill.future(preq, timeout=self.prefill_timeout)
+            t_sent = time.perf_counter()
+        resp, error = self._await_prefill(rid, future, context)
         t_answer = time.perf_counter()
         out = None
         if resp is not None:
@@ -151,14 +183,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield from self._stream(rid, stream, context, len(ids), PrefillStats(cached))
             return
         t_first = time.perf_counter()
-        handoff = Handoff(preq.destination.transfer_id, prefill_address, t_sent + self.prefill_timeout, len(ids),
-                          cached, t_in, t_sent, t_answer)
+        handoff = Handoff(tid, prefill_address, t_sent + self.prefill_timeout, len(ids), cached, t_in, t_sent,
+                          t_answer, t_dest)
         stats = PrefillStats(cached, len(ids) - cached, resp.bytes_sent, t_first - t_sent)
         yield from self._stream(rid, stream, context, len(ids), stats, handoff)
 
-    def _reserve(self, rid, ids, params, context) -> tuple[queue.Queue, int, prefill_pb2.PrefillRequest | None]:
-        """Steps 1-2: (the output stream, the prefix hit, the Prefill request to send, or
-        None when the prompt is prefilled here)."""
+    def _reserve(self, rid, ids, params, context, tid: str) -> tuple[queue.Queue, int, common_pb2.KVDestination | None]:
+        """Steps 1-2: (the output stream, the prefix hit, the destination to send, or None
+        when the prompt is prefilled here)."""
         loop, eng = self.loop, self.loop.engine
         with loop.lock:
             try:
@@ -173,21 +205,34 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 eng.fail_transfer(rid)  # give the reservation back; prefilled here
                 loop.wake.notify_all()
                 return stream, cached, None
-            tid = f"{rid}/{uuid.uuid4().hex[:8]}"
             self.receiver.expect(tid, self._expected_layers(req))
             self.transfers[rid] = tid
-            preq = prefill_pb2.PrefillRequest(request_id=rid, packed_prompt_token_ids=pack_token_ids(ids),
-                                              sampling=sampling_to_pb(params))
-            preq.destination.address = self.receiver.address
-            preq.destination.transfer_id = tid
-            preq.destination.num_cached_tokens = cached
-            blocks_to_pb(req.block_tables, preq.destination.blocks)
-            return stream, cached, preq
+            dest = common_pb2.KVDestination(address=self.receiver.address, transfer_id=tid, num_cached_tokens=cached)
+            blocks_to_pb(req.block_tables, dest.blocks)
+            return stream, cached, dest
 
-    def _call_prefill(self, rid, address, preq, context):
+    def _prefill_request(self, rid, ids, params, tid: str) -> prefill_pb2.PrefillRequest:
+        preq = prefill_pb2.PrefillRequest(request_id=rid, packed_prompt_token_ids=pack_token_ids(ids),
+                                          sampling=sampling_to_pb(params))
+        preq.destination.address = self.receiver.address
+        preq.destination.transfer_id = tid
+        return preq
+
+    @staticmethod
+    def _destination_sent(rid: str, address: str, call) -> None:
+        """SetDestination's end (a gRPC thread). A failure needs nothing here: prefill then
+        fails its Prefill (no destination), and that answer leads to the recompute."""
+        if call.cancelled():
+            return
+        try:
+            if not call.result().found:
+                log.warning("request %s: prefill at %s had no Prefill for its destination", rid, address)
+        except grpc.RpcError as e:
+            log.warning("request %s: SetDestination to %s failed: %s", rid, address, e.details())
+
+    def _await_prefill(self, rid, future, context):
         """(the answer, None), (None, why it failed), or (None, None) when the client left
         or Abort came first (then the request is aborted here)."""
-        future = self._stub(address).Prefill.future(preq, timeout=self.prefill_timeout)
         while True:
             try:
                 return future.result(timeout=0.2), None
@@ -241,10 +286,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             eng.complete_transfer(rid)
             loop.wake.notify_all()
         t_joined = time.perf_counter()
-        log.info("request %s: %d prompt tokens (%d cached); reserve + request %.2f ms, Prefill RPC %.1f ms, "
+        follows = "" if h.t_dest is None else f" (blocks reserved and sent {1e3 * (h.t_dest - h.t_sent):.2f} ms after it)"
+        log.info("request %s: %d prompt tokens (%d cached); reserve + request %.2f ms, Prefill RPC %.1f ms%s, "
                  "transfer close %.2f ms, first token out %.2f ms; KV DONE %.1f ms after the first token "
                  "(CLOCK_MONOTONIC: sent %.6f, answer %.6f)", rid,
-                 h.num_prompt, h.cached, 1e3 * (h.t_sent - h.t_in), 1e3 * (h.t_answer - h.t_sent),
+                 h.num_prompt, h.cached, 1e3 * (h.t_sent - h.t_in), 1e3 * (h.t_answer - h.t_sent), follows,
                  1e3 * (t_joined - t_kv), 1e3 * (t_out - h.t_answer), 1e3 * (t_kv - t_out), h.t_sent, h.t_answer)
 
     def _await_kv(self, rid: str, h: Handoff, context) -> TransferStatus | None:

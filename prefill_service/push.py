@@ -9,15 +9,28 @@ decode lacks exactly once, as soon as it is complete:
 Within a step, block j goes out once it is full ((j+1)·B ≤ computed), or at the final
 step for the partial tail. The step's range is fixed before the forward; `on_layer(i)`
 sends layer i's share of it right after layer i wrote its KV, so the transfer overlaps
-the next layer's compute. Source ids come from the request's own block table, and
-destination ids from decode's table at the same index (both sides use one block size).
+the next layer's compute. The sender is fenced at the start of the step after one that
+pushed, before its forward can write a block the engine freed or reused. Source ids
+come from the request's own block table, and destination ids from decode's table at
+the same index (both sides use one block size).
 After the final step the pusher forgets the destination: its counters are final, and
 the Prefill RPC reads them from its own reference, without the engine's lock.
+
+A destination may come after its prompt (decode's `destination_follows`: decode sends
+the prompt first and reserves its blocks while this engine already computes). Until
+SetDestination fills it in (`set_blocks`, from a gRPC thread, without the engine's
+lock), on_layer defers the request's layers; the first callback that finds the blocks
+known sends what was deferred, trimmed to what decode lacks. The end of a step with
+deferred layers waits for the blocks (at most DESTINATION_WAIT), so a deferred layer
+never outlives the step whose block tables it read. A destination that arrives within
+the step's compute costs nothing; decode sends only prompts of at least
+--early-prefill-tokens this way, whose steps outlast its reservation.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from engine.config import cdiv
@@ -27,29 +40,58 @@ from engine.scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 
+# How long the end of a step waits for a destination that follows its prompt: decode
+# sends it right after reserving (milliseconds); a decode that cancels its Prefill wakes
+# the wait at once (Destination.cancel), so this bounds only a decode that went silent.
+DESTINATION_WAIT = 2.0
+
+
 @dataclass
 class Destination:
     address: str
     transfer_id: str
-    num_cached_tokens: int  # decode already holds positions below this (block-aligned)
-    blocks: dict[str, list[int | None]]  # decode's block table per layer group
+    num_cached_tokens: int | None  # decode already holds positions below this (block-aligned); None: follows
+    blocks: dict[str, list[int | None]] | None  # decode's block table per layer group; None: follows
     sent_upto: dict[str, int] = field(default_factory=dict)  # next block index to send
     layers_sent: int = 0  # layer messages handed to the sender
     bytes_sent: int = 0  # KV bytes in those messages
     error: str | None = None  # the push failed; the Prefill RPC reports it
+    # Set once blocks and num_cached_tokens are known, or the request is cancelled (error).
+    known: threading.Event = field(default_factory=threading.Event)
+    prompt_len: int = 0
+    deferred: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, lo, hi) waiting for blocks
+    first_sent: dict[str, int] | None = None  # per group, the first block index decode lacks (once known)
+
+    def cancel(self, reason: str) -> None:
+        """From any thread, without the engine's lock: no more sends; wakes a step waiting
+        for the blocks."""
+        if self.error is None:
+            self.error = reason
+        self.known.set()
 
 
 class KVPusher:
-    def __init__(self, sender, layer_group: list[str], block_size: int, chunk: int | None):
+    def __init__(self, sender, layer_group: list[str], block_size: int, chunk: int | None,
+                 destination_wait: float = DESTINATION_WAIT):
         self.sender = sender
+        self.destination_wait = destination_wait
         self.layer_group = layer_group
         self.block_size = block_size
         self.chunk = chunk
         self.dest: dict[str, Destination] = {}
         self._step: tuple[SchedulerOutput, dict] | None = None
+        self.fence_due = False  # a step pushed: fence the sender before the next forward
 
     # The engine's step hook: begin(plan) -> on_layer callback; end() after the forward.
     def begin(self, plan: SchedulerOutput):
+        if self.fence_due:
+            # The last step pushed, and this one may write blocks the engine freed since
+            # (a finish, an abort, a preemption): the sender copies direct runs still
+            # queued, and this stream waits for the sends already posted. Here rather than
+            # at that step's end, so the first token it sampled is not held up behind the
+            # sends of the last layers.
+            self.sender.fence()
+            self.fence_due = False
         ranges = self.plan_ranges(plan)
         self._step = (plan, ranges)
         return (lambda i: self.on_layer(i, plan, ranges)) if ranges else None
@@ -57,31 +99,58 @@ class KVPusher:
     def end(self) -> None:
         if self._step is not None:
             plan, ranges = self._step
+            self._flush_deferred(plan)
             self.after_step(ranges)
-            if ranges:
-                # From here the engine may free or reuse this step's blocks (a finish, an
-                # abort, a preemption): the sender copies direct runs still queued and makes
-                # this stream wait for the sends already posted.
-                self.sender.fence()
+            self.fence_due = self.fence_due or bool(ranges)  # before the next step's forward (begin)
             for c in plan.chunks:  # prompts computed to their end: every block went out
                 if c.start + c.num_tokens == c.request.num_prompt_tokens:
                     self.dest.pop(c.request.request_id, None)
             self._step = None
 
     def add(self, request_id: str, dest: Destination, prompt_len: int) -> None:
-        bs = self.block_size
-        if dest.num_cached_tokens % bs:
-            raise ValueError(f"num_cached_tokens {dest.num_cached_tokens} is not a multiple of block_size {bs}")
-        ranges = pushed_blocks(prompt_len, dest.num_cached_tokens, bs, self.chunk, set(self.layer_group))
+        """Caller holds the engine's lock. A destination whose blocks are None follows
+        (set_blocks); until then its ranges start as if decode held nothing."""
+        dest.prompt_len = prompt_len
+        if dest.blocks is None:
+            ranges = pushed_blocks(prompt_len, 0, self.block_size, self.chunk, set(self.layer_group))
+        else:
+            ranges = self._check(prompt_len, dest.num_cached_tokens, dest.blocks)
+            dest.first_sent = {g: r.start for g, r in ranges.items()}
+            dest.known.set()
         dest.sent_upto = {g: r.start for g, r in ranges.items()}
-        for g, r in ranges.items():
-            table = dest.blocks.get(g, [])
-            if len(table) < r.stop or None in table[r.start : r.stop]:
-                raise ValueError(f"destination blocks for {g!r} do not cover positions up to {prompt_len}")
         self.dest[request_id] = dest
 
+    def set_blocks(self, dest: Destination, num_cached_tokens: int, blocks: dict[str, list[int | None]]) -> None:
+        """A following destination's blocks, from any thread (the engine's lock is not
+        needed: the engine thread reads them only once `known` is set). ValueError for
+        blocks that do not fit the prompt; the destination then fails, so the Prefill
+        RPC reports it."""
+        if dest.known.is_set():
+            raise ValueError("destination: already known (or the request ended)")
+        try:
+            self._check(dest.prompt_len, num_cached_tokens, blocks)
+        except ValueError as e:
+            dest.cancel(f"bad destination: {e}")
+            raise
+        dest.num_cached_tokens, dest.blocks = num_cached_tokens, blocks
+        dest.known.set()
+
+    def _check(self, prompt_len: int, num_cached: int, blocks) -> dict[str, range]:
+        bs = self.block_size
+        if num_cached % bs:
+            raise ValueError(f"num_cached_tokens {num_cached} is not a multiple of block_size {bs}")
+        ranges = pushed_blocks(prompt_len, num_cached, bs, self.chunk, set(self.layer_group))
+        for g, r in ranges.items():
+            table = blocks.get(g, [])
+            if len(table) < r.stop or None in table[r.start : r.stop]:
+                raise ValueError(f"destination blocks for {g!r} do not cover positions up to {prompt_len}")
+        return ranges
+
     def remove(self, request_id: str) -> Destination | None:
-        return self.dest.pop(request_id, None)
+        d = self.dest.pop(request_id, None)
+        if d is not None:
+            d.cancel("removed")
+        return d
 
     def plan_ranges(self, plan: SchedulerOutput) -> dict[str, dict[str, tuple[int, int]]]:
         """Block-index ranges [lo, hi) each request sends this step, per group."""
@@ -107,17 +176,55 @@ class KVPusher:
             d = self.dest[c.request.request_id]
             if d.error is not None:
                 continue
-            src = c.request.block_tables[g][r[0] : r[1]]
-            dst = d.blocks[g][r[0] : r[1]]
-            try:
-                self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
-            except Exception as e:  # one bad transfer must not stop the engine's step
-                log.exception("KV push for %s failed", c.request.request_id)
-                d.error = str(e)
+            if not d.known.is_set():  # the blocks follow: send this layer once they are here
+                d.deferred.append((layer, *r))
                 continue
-            d.layers_sent += 1
-            kv = self.sender.kv_caches[layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
-            d.bytes_sent += len(src) * kv[:, 0].nbytes
+            if d.deferred:
+                self._send_deferred(d, c.request)
+            self._send(d, c.request, layer, *r)
+
+    def _send(self, d: Destination, request, layer: int, lo: int, hi: int) -> None:
+        if d.error is not None:
+            return
+        g = self.layer_group[layer]
+        if d.first_sent is None:  # a following destination, just known: skip decode's prefix hit
+            start = pushed_blocks(d.prompt_len, d.num_cached_tokens, self.block_size, self.chunk,
+                                  set(self.layer_group))
+            d.first_sent = {h: r.start for h, r in start.items()}
+            d.sent_upto = {h: max(v, d.first_sent[h]) for h, v in d.sent_upto.items()}
+        lo = max(lo, d.first_sent[g])
+        if lo >= hi:
+            return
+        src = request.block_tables[g][lo:hi]
+        dst = d.blocks[g][lo:hi]
+        try:
+            self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
+        except Exception as e:  # one bad transfer must not stop the engine's step
+            log.exception("KV push for %s failed", request.request_id)
+            d.error = str(e)
+            return
+        d.layers_sent += 1
+        kv = self.sender.kv_caches[layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
+        d.bytes_sent += len(src) * kv[:, 0].nbytes
+
+    def _send_deferred(self, d: Destination, request) -> None:
+        deferred, d.deferred = d.deferred, []
+        for layer, lo, hi in deferred:
+            self._send(d, request, layer, lo, hi)
+
+    def _flush_deferred(self, plan: SchedulerOutput) -> None:
+        """End of a step: layers deferred for blocks that follow go out now, after waiting
+        for the blocks if they are not here yet (the forward is queued on the GPU)."""
+        for c in plan.chunks:
+            d = self.dest.get(c.request.request_id)
+            if d is None or not d.deferred:
+                continue
+            if not d.known.wait(self.destination_wait):
+                d.cancel(f"the destination blocks did not come within {self.destination_wait:g} s")
+            if d.error is not None:
+                d.deferred.clear()
+                continue
+            self._send_deferred(d, c.request)
 
     def after_step(self, ranges) -> None:
         for rid, groups in ranges.items():

@@ -5,7 +5,11 @@ Lifecycle of one Prefill RPC:
      (handshake: a layout mismatch is FAILED_PRECONDITION);
   2. queue the prompt with max_tokens=1 and register its destination with the pusher;
      the engine loop batches it with other prefills (chunked under the token budget);
-     each step's on_layer hook sends the layer's finished blocks right away;
+     each step's on_layer hook sends the layer's finished blocks right away. With
+     `destination_follows`, decode reserves its blocks while the engine already
+     computes, and SetDestination brings them (it may overtake the Prefill: it waits
+     up to DESTINATION_WAIT for it); layers computed before then go out once they are
+     known (prefill_service/push.py);
   3. when the first token is sampled, queue the transfer's end-of-stream marker
      (`finish`) and answer with the first token at once: the last layers may still be
      on the wire. Decode's receiver knows when they all landed before we could tell it
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +43,7 @@ import grpc
 
 from engine.loop import EngineLoop
 from kv_transfer.base import LayoutMismatch, TransferError, TransferStatus
-from prefill_service.push import Destination, KVPusher
+from prefill_service.push import DESTINATION_WAIT, Destination, KVPusher
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from protos.convert import blocks_from_pb, fill_info, sampling_from_pb, unpack_token_ids
 
@@ -66,6 +71,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         # Waits for answered transfers to end (step 4); a few threads, as most end within
         # milliseconds of the answer.
         self._closer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-close")
+        # Prefills whose destination follows, until SetDestination fills it in or the RPC ends.
+        self._following: dict[str, Destination] = {}
+        self._following_cond = threading.Condition()
 
     def close(self) -> None:
         """At shutdown, after the sender is closed (which ends every wait)."""
@@ -88,8 +96,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch with {dest_pb.address}: {e}")
         except (TransferError, OSError) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode's KV receiver {dest_pb.address}: {e}")
-        dest = Destination(dest_pb.address, dest_pb.transfer_id, dest_pb.num_cached_tokens,
-                           blocks_from_pb(dest_pb.blocks))
+        follows = request.destination_follows
+        dest = (Destination(dest_pb.address, dest_pb.transfer_id, None, None) if follows else
+                Destination(dest_pb.address, dest_pb.transfer_id, dest_pb.num_cached_tokens,
+                            blocks_from_pb(dest_pb.blocks)))
         # Prefill samples the first token only; decode applies every stop rule to it.
         first_params = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
         try:
@@ -104,8 +114,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         t_queued = time.perf_counter()
         answered = False  # from then on the RPC's end has nothing to undo
-        context.add_callback(lambda: answered or self._cancel(rid, dest.transfer_id))
-        out = self._wait_output(stream, context)
+        context.add_callback(lambda: answered or self._cancel(rid, dest))
+        if follows:
+            with self._following_cond:
+                self._following[rid] = dest
+                self._following_cond.notify_all()
+        try:
+            out = self._wait_output(stream, context)
+        finally:
+            if follows:
+                with self._following_cond:
+                    if self._following.get(rid) is dest:
+                        del self._following[rid]
         t_first = time.perf_counter()
         if out is None or out.finish_reason == "abort" or not out.token_ids:
             with self.loop.lock:
@@ -171,15 +191,40 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                      "%s", rid, num_tokens, cached_here, split, tid, status.name if status.terminal else "TIMED OUT",
                      1e3 * (t_end - t.answer), reason or "no answer from decode")
 
-    def _cancel(self, rid: str, transfer_id: str) -> None:
-        # Runs when an unanswered RPC ends (cancelled, aborted, failed).
+    def _cancel(self, rid: str, dest: Destination) -> None:
+        # Runs when an unanswered RPC ends (cancelled, aborted, failed). First, without the
+        # engine's lock: a step waiting for this destination's blocks holds it.
+        dest.cancel("the Prefill RPC ended")
         with self.loop.lock:
             if rid in self.loop.engine.scheduler.requests:
                 self.loop.abort(rid)
             self.pusher.remove(rid)
-        self.sender.abort(transfer_id)
+        self.sender.abort(dest.transfer_id)
+
+    def SetDestination(self, request, context):
+        rid = request.request_id
+        deadline = time.monotonic() + DESTINATION_WAIT
+        with self._following_cond:  # the Prefill may not be here yet: the two calls can overtake each other
+            while (dest := self._following.pop(rid, None)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not context.is_active():
+                    return prefill_pb2.SetDestinationResponse(found=False)
+                self._following_cond.wait(left)
+        d = request.destination
+        if d.transfer_id != dest.transfer_id:
+            dest.cancel(f"SetDestination named transfer {d.transfer_id!r}, not {dest.transfer_id!r}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"destination.transfer_id: {d.transfer_id!r} is not "
+                                                            f"the Prefill's {dest.transfer_id!r}")
+        try:
+            self.pusher.set_blocks(dest, d.num_cached_tokens, blocks_from_pb(d.blocks))
+        except ValueError as e:  # the destination failed with it: the Prefill reports it too
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"destination: {e}")
+        return prefill_pb2.SetDestinationResponse(found=True)
 
     def Abort(self, request, context):
+        d = self.pusher.dest.get(request.request_id)
+        if d is not None:  # first, without the lock: a step may be waiting for its blocks
+            d.cancel("aborted")
         with self.loop.lock:
             found = self.loop.abort(request.request_id)
             d = self.pusher.remove(request.request_id)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/prefill.proto\x12\ttandem.v1\x1a\x13protos/common.proto\"\xa7\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x18.tandem.v1.KVDestination\x12\x1f\n\x17packed_prompt_token_ids\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03\"\xcd\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x30\n\x0e\x66irst_logprobs\x18\x03 \x01(\x0b\x32\x13.tandem.v1.LogprobsH\x00\x88\x01\x01\x12\x1c\n\x14num_prefilled_tokens\x18\x04 \x01(\r\x12\x17\n\x0fnum_sent_tokens\x18\x05 \x01(\r\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x42\x11\n\x0f_first_logprobs2\xc7\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/prefill.proto\x12\ttandem.v1\x1a\x13protos/common.proto\"\xc4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x18.tandem.v1.KVDestination\x12\x1f\n\x17packed_prompt_token_ids\x18\x05 \x01(\x0c\x12\x1b\n\x13\x64\x65stination_follows\x18\x06 \x01(\x08J\x04\x08\x02\x10\x03\"Z\n\x15SetDestinationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x18.tandem.v1.KVDestination\"\'\n\x16SetDestinationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xcd\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x30\n\x0e\x66irst_logprobs\x18\x03 \x01(\x0b\x32\x13.tandem.v1.LogprobsH\x00\x88\x01\x01\x12\x1c\n\x14num_prefilled_tokens\x18\x04 \x01(\r\x12\x17\n\x0fnum_sent_tokens\x18\x05 \x01(\r\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x42\x11\n\x0f_first_logprobs2\x9e\x02\n\x0ePrefillService\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12U\n\x0eSetDestination\x12 .tandem.v1.SetDestinationRequest\x1a!.tandem.v1.SetDestinationResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.prefill_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=57
-  _globals['_PREFILLREQUEST']._serialized_end=224
-  _globals['_PREFILLRESPONSE']._serialized_start=227
-  _globals['_PREFILLRESPONSE']._serialized_end=432
-  _globals['_PREFILLSERVICE']._serialized_start=435
-  _globals['_PREFILLSERVICE']._serialized_end=634
+  _globals['_PREFILLREQUEST']._serialized_end=253
+  _globals['_SETDESTINATIONREQUEST']._serialized_start=255
+  _globals['_SETDESTINATIONREQUEST']._serialized_end=345
+  _globals['_SETDESTINATIONRESPONSE']._serialized_start=347
+  _globals['_SETDESTINATIONRESPONSE']._serialized_end=386
+  _globals['_PREFILLRESPONSE']._serialized_start=389
+  _globals['_PREFILLRESPONSE']._serialized_end=594
+  _globals['_PREFILLSERVICE']._serialized_start=597
+  _globals['_PREFILLSERVICE']._serialized_end=883
 # @@protoc_insertion_point(module_scope)

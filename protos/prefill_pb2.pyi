@@ -7,16 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "sampling", "destination", "packed_prompt_token_ids")
+    __slots__ = ("request_id", "sampling", "destination", "packed_prompt_token_ids", "destination_follows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     PACKED_PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _common_pb2.SamplingParams
     destination: _common_pb2.KVDestination
     packed_prompt_token_ids: bytes
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_common_pb2.KVDestination, _Mapping]] = ..., packed_prompt_token_ids: _Optional[bytes] = ...) -> None: ...
+    destination_follows: bool
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_common_pb2.KVDestination, _Mapping]] = ..., packed_prompt_token_ids: _Optional[bytes] = ..., destination_follows: _Optional[bool] = ...) -> None: ...
+
+class SetDestinationRequest(_message.Message):
+    __slots__ = ("request_id", "destination")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    destination: _common_pb2.KVDestination
+    def __init__(self, request_id: _Optional[str] = ..., destination: _Optional[_Union[_common_pb2.KVDestination, _Mapping]] = ...) -> None: ...
+
+class SetDestinationResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_prefilled_tokens", "num_sent_tokens", "bytes_sent")

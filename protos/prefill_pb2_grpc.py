@@ -40,6 +40,11 @@ class PrefillServiceStub:
                 request_serializer=protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=protos_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.SetDestination = channel.unary_unary(
+                '/tandem.v1.PrefillService/SetDestination',
+                request_serializer=protos_dot_prefill__pb2.SetDestinationRequest.SerializeToString,
+                response_deserializer=protos_dot_prefill__pb2.SetDestinationResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/tandem.v1.PrefillService/Abort',
                 request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -58,6 +63,16 @@ class PrefillServiceServicer:
     def Prefill(self, request, context):
         """Returns as soon as the first token is sampled. The last KV blocks may still be on
         their way then: decode's KV receiver, not this answer, says when they all arrived.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDestination(self, request, context):
+        """The destination blocks of a Prefill sent with destination_follows. Decode sends the
+        prompt first and reserves its blocks while prefill already computes; no KV byte
+        goes out before the blocks are known. Waits a few seconds for a Prefill that has
+        not arrived yet (the two calls may overtake each other); found = false when none came.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +97,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=protos_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=protos_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'SetDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDestination,
+                    request_deserializer=protos_dot_prefill__pb2.SetDestinationRequest.FromString,
+                    response_serializer=protos_dot_prefill__pb2.SetDestinationResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -121,6 +141,33 @@ class PrefillService:
             '/tandem.v1.PrefillService/Prefill',
             protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
             protos_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.PrefillService/SetDestination',
+            protos_dot_prefill__pb2.SetDestinationRequest.SerializeToString,
+            protos_dot_prefill__pb2.SetDestinationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,7 +46,7 @@ def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
             if o.finished:
                 first = o.token_ids[0]
         P.check_integrity()
-    assert sender.fences > 0  # after each step that sent, before the engine may free those blocks
+    assert pusher.fence_due  # the last step sent: the next forward is fenced first (engine may reuse its blocks)
     o = D.complete_transfer(req.request_id, first)
     final = o if o.finished else None
     while final is None:
@@ -102,3 +102,119 @@ def test_seeded_sampling_disaggregated_equals_colocated(tiny_llama4_dir):
     d_llm = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512)
     out, _, _ = disaggregated(p_llm, d_llm, prompt, params)
     assert out.token_ids == colo.token_ids
+
+
+class Following:
+    """The pusher as the engine's hook, with the destination's blocks handed over (as
+    SetDestination does, set_blocks) right after on_layer(`at_layer`) of step `at_step`:
+    the layers before it wait, deferred, and go out once the blocks are known."""
+
+    def __init__(self, pusher, dest, num_cached, blocks, at_step, at_layer):
+        self.pusher, self.dest = pusher, dest
+        self.blocks, self.num_cached = blocks, num_cached
+        self.at_step, self.at_layer, self.step = at_step, at_layer, -1
+        self.deferred = 0
+
+    def begin(self, plan):
+        self.step += 1
+        inner = self.pusher.begin(plan)
+        if inner is None:
+            return None
+
+        def on_layer(i):
+            inner(i)
+            if (self.step, i) == (self.at_step, self.at_layer):
+                self.deferred = len(self.dest.deferred)  # layers that waited for the blocks
+                self.pusher.set_blocks(self.dest, self.num_cached, self.blocks)
+
+        return on_layer
+
+    def end(self):
+        self.pusher.end()
+
+
+def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARAMS):
+    P, D = p_llm.engine, d_llm.engine
+    req = D.reserve(prompt, params)
+    sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
+    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size)
+    rid = P.add_request(prompt, replace(params, max_tokens=1))
+    dest = Destination("local", "t", None, None)
+    pusher.add(rid, dest, len(prompt))
+    hook = Following(pusher, dest, req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()},
+                     at_step, at_layer)
+    first = None
+    while P.has_unfinished:
+        for o in P.step(hook):
+            if o.finished:
+                first = o.token_ids[0]
+    assert dest.error is None and not dest.deferred
+    if at_step == 0 and P.config.scheduler.max_num_batched_tokens >= len(prompt):
+        assert hook.deferred == at_layer + 1  # one step: every layer up to the handover waited
+    o = D.complete_transfer(req.request_id, first)
+    final = o if o.finished else None
+    while final is None:
+        for o in D.step():
+            if o.request_id == req.request_id and o.finished:
+                final = o
+    for e in (P, D):
+        e.check_integrity()
+    return final, sender.sent, req.num_cached_tokens
+
+
+@pytest.mark.parametrize("budget,at_step,at_layer", [(2048, 0, 0), (2048, 0, 3), (24, 0, 1), (24, 0, 3)])
+def test_blocks_that_follow_the_prompt_move_the_same(tiny_llama4_dir, budget, at_step, at_layer):
+    """decode's destination_follows: the destination comes while the prompt is computed
+    (after a given layer of a given step; budget 24 chunks the prompt), and decode
+    receives exactly the blocks, and generates exactly the tokens, of the ordinary path,
+    its own prefix hit included."""
+    rng = random.Random(5)
+    shared = [rng.randrange(202048) for _ in range(64)]
+    prompts = [[rng.randrange(202048) for _ in range(n)] for n in (70, 130)] + [shared + [1, 2, 3],
+                                                                             shared + [9] * 21]
+    colo = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).generate(prompts, PARAMS)
+    plain = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512, max_num_batched_tokens=budget)
+    plain_d = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512)
+    p_llm = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512, max_num_batched_tokens=budget)
+    d_llm = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512)
+    for prompt, ref in zip(prompts, colo):
+        _, want_sent, want_cached = disaggregated(plain, plain_d, prompt)
+        out, sent, cached = disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer)
+        assert out.token_ids == ref.token_ids
+        assert cached == want_cached
+        per_layer = lambda s: sorted((layer, sum(k for l, k in s if l == layer)) for layer in {l for l, _ in s})  # noqa: E731
+        assert per_layer(sent) == per_layer(want_sent)
+    assert cached == 64  # the last prompt: decode held the shared prefix, and it was not sent
+
+
+def test_blocks_that_never_come_fail_the_push_not_the_engine(tiny_llama4_dir):
+    """No SetDestination: the step waits destination_wait, then the push fails (the
+    Prefill RPC reports it), nothing is sent, and the engine carries on."""
+    P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
+    sender = CopySender(P.runner.kv_caches, P.runner.kv_caches)
+    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
+                      destination_wait=0.05)
+    rid = P.add_request(list(range(100, 150)), replace(PARAMS, max_tokens=1))
+    dest = Destination("local", "t", None, None)
+    pusher.add(rid, dest, 50)
+    while P.has_unfinished:
+        P.step(pusher)
+    assert "did not come" in dest.error and sender.sent == [] and not dest.deferred
+    with pytest.raises(ValueError, match="already known"):  # too late now
+        pusher.set_blocks(dest, 0, {})
+    P.check_integrity()
+
+
+def test_bad_following_blocks_are_refused_and_fail_the_destination(tiny_llama4_dir):
+    P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
+    pusher = KVPusher(CopySender(P.runner.kv_caches, P.runner.kv_caches), P.runner.layer_group,
+                      P.config.cache.block_size, P.config.model.attention_chunk_size)
+    dest = Destination("local", "t", None, None)
+    pusher.add("r", dest, 50)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        pusher.set_blocks(dest, 5, {"global": [1, 2, 3, 4], "local": [5, 6, 7, 8]})
+    assert dest.known.is_set() and "bad destination" in dest.error
+    dest = Destination("local", "t", None, None)
+    pusher.add("r", dest, 50)
+    with pytest.raises(ValueError, match="do not cover"):
+        pusher.set_blocks(dest, 0, {"global": [1, 2], "local": [5, 6, 7, 8]})

@@ -1,0 +1,113 @@
+"""decode's --early-prefill-tokens: the prompt goes to prefill before decode reserves its
+blocks, and the blocks follow in SetDestination. Real processes, KV over tcp: output
+equals the offline engine, only what decode lacks moves, a cancel in the window
+between the two calls leaves both pools whole, and prefill refuses a bad or late
+SetDestination clearly."""
+
+import random
+import signal
+import threading
+import time
+from array import array
+
+import grpc
+import pytest
+
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.convert import pack_token_ids, sampling_to_pb
+from tests.services.helpers import Service, generate, params, pools_whole
+
+
+@pytest.fixture(scope="module")
+def early(tiny_llama4_dir, stack):
+    """A second decode service that sends every prompt early, beside the session's prefill."""
+    p, _, _ = stack
+    d = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", "1", "--log-level", "INFO")
+    ch = grpc.insecure_channel(d.address)
+    yield p, d, decode_pb2_grpc.DecodeServiceStub(ch)
+    ch.close()
+    d.kill(signal.SIGTERM)
+
+
+def test_concurrent_early_requests_match_offline(early, offline):
+    p, d, stub = early
+    rng = random.Random(21)
+    prompts = [[rng.randrange(202048) for _ in range(n)] for n in [40, 47, 64, 65, 70, 90, 100, 130, 150, 81]]
+    ref = [o.token_ids for o in offline.generate(prompts, params())]
+    results = [None] * len(prompts)
+
+    def one(i):
+        results[i] = generate(stub, prompts[i], p.address, packed=True)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == ref
+    assert all(r[1].num_transferred_tokens == len(q) for r, q in zip(results, prompts))
+    assert any("blocks reserved and sent" in line for line in d.log)  # they took the early path
+    pools_whole(stub)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+
+
+def test_early_request_with_a_decode_prefix_hit_moves_only_the_rest(early, offline):
+    p, _, stub = early
+    rng = random.Random(22)
+    shared = [rng.randrange(202048) for _ in range(96)]
+    a, b = shared + [rng.randrange(202048) for _ in range(40)], shared + [rng.randrange(202048) for _ in range(50)]
+    generate(stub, a, p.address)
+    tokens, last = generate(stub, b, p.address)
+    assert tokens == offline.generate(b, params())[0].token_ids
+    assert last.num_cached_tokens == 96 and last.num_transferred_tokens == len(b) - 96
+
+
+def test_cancel_between_prompt_and_blocks_frees_both_pools(early):
+    p, _, stub = early
+    for k, delay in enumerate((0.0, 0.002, 0.02)):
+        req = decode_pb2.GenerateRequest(request_id=f"early-cancel-{k}", sampling=sampling_to_pb(params(200)),
+                                         packed_prompt_token_ids=pack_token_ids(array("I", range(6000, 6160))),
+                                         prefill_address=p.address)
+        call = stub.Generate(req)
+        time.sleep(delay)
+        call.cancel()
+    pools_whole(stub)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+
+
+def _following_prefill(stub_d, rid, n=60):
+    req = prefill_pb2.PrefillRequest(request_id=rid, packed_prompt_token_ids=pack_token_ids(array("I", range(n))),
+                                     sampling=sampling_to_pb(params()), destination_follows=True)
+    req.destination.address = stub_d.Info(common_pb2.InfoRequest()).kv_address
+    req.destination.transfer_id = f"{rid}/t"
+    return req
+
+
+def test_prefill_refuses_a_bad_or_late_destination(early):
+    p, _, stub = early
+    pstub = prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address))
+    # No Prefill for it: found = false (after prefill waited a moment for one).
+    r = pstub.SetDestination(prefill_pb2.SetDestinationRequest(request_id="nobody"), timeout=30)
+    assert not r.found
+    # Another transfer's id: INVALID_ARGUMENT, and the Prefill itself fails (INTERNAL).
+    future = pstub.Prefill.future(_following_prefill(stub, "wrong-tid"), timeout=60)
+    with pytest.raises(grpc.RpcError) as e:
+        bad = prefill_pb2.SetDestinationRequest(request_id="wrong-tid")
+        bad.destination.transfer_id = "someone-else"
+        pstub.SetDestination(bad, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "transfer_id" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        future.result()
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "someone-else" in e.value.details()
+    # Blocks that do not cover the prompt: INVALID_ARGUMENT, the Prefill fails too.
+    future = pstub.Prefill.future(_following_prefill(stub, "short-blocks"), timeout=60)
+    short = prefill_pb2.SetDestinationRequest(request_id="short-blocks")
+    short.destination.transfer_id = "short-blocks/t"
+    short.destination.blocks["global"].ids.extend([0, 1])
+    with pytest.raises(grpc.RpcError) as e:
+        pstub.SetDestination(short, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not cover" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        future.result()
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    pools_whole(pstub)
