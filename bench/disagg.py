@@ -62,6 +62,15 @@ def main() -> int:
                     help="both services on the CPU, KV over tcp (needs --model: a small one, e.g. made by "
                          "`python -m launcher.make_model tiny-llama4 DIR`); measures the service overheads "
                          "without a GPU")
+    ap.add_argument("--colocated-on-prefill-gpu", action="store_true",
+                    help="also time colocated TTFT on the prefill's GPU (a decode service on cuda:0 beside the "
+                         "prefill service): two GPUs of one kind can differ by a few percent, and this baseline "
+                         "runs on the GPU that computes the disaggregated prefill")
+    ap.add_argument("--background", type=int, default=0, metavar="N",
+                    help="keep N short requests generating on each decode service while timing (64-token prompts "
+                         "prefilled there, 256 tokens each, restarted as they end): the decode engines then run "
+                         "steps all the time, as under load, and a request that reserves first waits for the "
+                         "step in flight")
     ap.add_argument("--reserve-first-too", action="store_true",
                     help="also time the disaggregated path with decode reserving the blocks before it calls prefill "
                          "(a second decode service with --early-prefill-tokens 0, same GPU), for every prompt")
@@ -93,19 +102,26 @@ def main() -> int:
     p, p_addr, p_log = start("prefill_service", *common, "--device", devices[0], "--log-level", "INFO")
     procs = [p]
     decode = [*common, "--device", devices[1], "--local-prefill-threshold", "0", "--log-level", "INFO"]
-    if args.reserve_first_too and not args.cpu:  # two decodes on one GPU: a fixed cache each (4,096 blocks)
+    shared_gpu = args.reserve_first_too or args.colocated_on_prefill_gpu
+    if shared_gpu and not args.cpu:  # two services on one GPU: a fixed cache for each decode (4,096 blocks)
         decode += ["--num-blocks", "4096"]
     d, d_addr, d_log = start("decode_service", *decode)
     procs.append(d)
     stubs = {"disaggregated": d_addr}
+    baselines = {}
     if args.reserve_first_too:
         d2, d2_addr, _ = start("decode_service", *decode, "--early-prefill-tokens", "0")
         procs.append(d2)
         stubs["disaggregated, reserve first"] = d2_addr
+    if args.colocated_on_prefill_gpu:
+        d3, d3_addr, _ = start("decode_service", *decode, "--device", devices[0])
+        procs.append(d3)
+        baselines["colocated on the prefill's GPU"] = d3_addr
     try:
-        for address in [p_addr, *stubs.values()]:
+        for address in [p_addr, *stubs.values(), *baselines.values()]:
             wait_healthy(address)
         stubs = {k: decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(a)) for k, a in stubs.items()}
+        baselines = {k: decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(a)) for k, a in baselines.items()}
         stub = stubs["disaggregated"]
         sp = sampling_to_pb(SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True))
         rng = random.Random(0)
@@ -127,28 +143,53 @@ def main() -> int:
         for mode in ("", p_addr):  # warm-up both paths (NCCL pair set-up, kernels)
             for via in stubs.values():
                 run([rng.randrange(200000) for _ in range(args.prompt_len)], mode, via=via)
-        res = {"colocated": [], **{k: [] for k in stubs}}
+        for via in baselines.values():
+            run([rng.randrange(200000) for _ in range(args.prompt_len)], "", via=via)
+        stop = threading.Event()
+
+        def keep_busy(via, seed):
+            r = random.Random(seed)
+            busy = sampling_to_pb(SamplingParams(max_tokens=256, temperature=0, ignore_eos=True))
+            while not stop.is_set():
+                req = decode_pb2.GenerateRequest(sampling=busy, packed_prompt_token_ids=pack_token_ids(
+                    array("I", [r.randrange(200000) for _ in range(64)])))
+                for _ in via.Generate(req, timeout=600):
+                    if stop.is_set():
+                        break
+
+        busy_threads = [threading.Thread(target=keep_busy, args=(via, 1000 * j + n), daemon=True)
+                        for j, via in enumerate([*stubs.values(), *baselines.values()]) for n in range(args.background)]
+        for t in busy_threads:
+            t.start()
+        time.sleep(2.0 if busy_threads else 0.0)  # let the batches fill
+        res = {"colocated": [], **{k: [] for k in baselines}, **{k: [] for k in stubs}}
         same = 0
         for i in range(args.requests):
             prompt = [rng.randrange(200000) for _ in range(args.prompt_len)]
             c = run(prompt, "")
             res["colocated"].append(c)
+            for k, via in baselines.items():
+                res[k].append(run(prompt, "", via=via))
             for k, via in stubs.items():
                 g = run(prompt, p_addr, f"disagg-{i}" if k == "disaggregated" else f"{k[-5:]}-{i}", via=via)
                 res[k].append(g)
                 same += c[1] == g[1]
                 assert g[2].num_transferred_tokens == args.prompt_len, g[2]
+        stop.set()
         ttft = {k: [s[0] for s, _, _ in v] for k, v in res.items()}
         handoff = [s[1] - s[0] for s, _, _ in res["disaggregated"]]
         step = [statistics.median([b - a for a, b in zip(s[1:], s[2:])]) for s, _, _ in res["disaggregated"]]
         c50 = statistics.median(ttft["colocated"])
-        print(f"\nprompt {args.prompt_len} tokens, {args.requests} requests per mode; greedy outputs identical "
-              f"in {same}/{args.requests * len(stubs)}")
+        print(f"\nprompt {args.prompt_len} tokens, {args.requests} requests per mode"
+              + (f", {args.background} background requests generating on each decode" if args.background else "")
+              + f"; greedy outputs identical in {same}/{args.requests * len(stubs)}")
         print("| measure | p50 | p99 |\n|---|---|---|")
         for k in res:
             print(f"| TTFT {k} | {1e3 * statistics.median(ttft[k]):.1f} ms | {1e3 * pct(ttft[k], 0.99):.1f} ms |")
         for k in stubs:
             print(f"| TTFT {k} / colocated | {statistics.median(ttft[k]) / c50:.3f} | |")
+            for b in baselines:
+                print(f"| TTFT {k} / {b} | {statistics.median(ttft[k]) / statistics.median(ttft[b]):.3f} | |")
         print(f"| handoff (first -> second token, disaggregated) | {1e3 * statistics.median(handoff):.1f} ms | "
               f"{1e3 * pct(handoff, 0.99):.1f} ms |")
         print(f"| decode step (steady) | {1e3 * statistics.median(step):.1f} ms | |")
@@ -170,6 +211,14 @@ def main() -> int:
             xs = [float(g[k]) for g in parts[-args.requests:]]
             if xs:
                 print(f"| {name} | {statistics.median(xs):.1f} ms | {pct(xs, 0.99):.1f} ms |")
+        eng = [tuple(map(float, m.groups())) for m in (re.search(
+            r"prefill disagg-\d+:.*queued -> first token ([\d.]+) ms \(its first step began after ([\d.]+) ms; "
+            r"the KV push took ([\d.]+) ms", x) for x in p_log) if m]
+        for k, name in enumerate(("prefill: queued -> first token", "prefill: queued -> its first step begins",
+                                  "prefill: the KV push, on the engine thread")):
+            xs = [e[k] for e in eng]
+            if xs:
+                print(f"| {name} | {statistics.median(xs):.2f} ms | {pct(xs, 0.99):.2f} ms |")
         if pushed:
             xs = pushed[-args.requests:]
             print(f"| prefill service: request in -> transfer DONE | {statistics.median(xs):.1f} ms | "
@@ -197,6 +246,13 @@ def main() -> int:
             for k, name in enumerate(names):
                 xs = [h[k] for h in hops]
                 print(f"| on one clock: {name} | {1e3 * statistics.median(xs):.2f} ms | {1e3 * pct(xs, 0.99):.2f} ms |")
+        # The shape of each mode's TTFT (two runs of the same code have shown p50s of 49
+        # and 72 ms), and the services' garbage-collection pauses over 2 ms.
+        for k, xs in ttft.items():
+            print(f"  TTFT {k}, sorted (ms): " + " ".join(f"{1e3 * x:.0f}" for x in sorted(xs)))
+        for name, lines in (("prefill", p_log), ("decode", d_log)):
+            gcs = [x.strip().split(": ", 2)[-1] for x in lines if " gc: " in x]
+            print(f"  {name} gc pauses over 2 ms: {len(gcs)}" + (f", e.g. {gcs[-1]}" if gcs else ""))
         # The services' own lines for the last request: the finer split (prefill: in ->
         # queued -> first token -> answer; decode: the KV's DONE after the first token).
         for x in [x for x in d_log if "reserve + request" in x][-1:] + [x for x in p_log if "prefill " in x][-1:]:

@@ -146,6 +146,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         stub = self._stub(prefill_address)
         early = 0 < self.early_tokens <= len(ids)
         future = t_dest = None
+        why: list[str] = []  # why SetDestination failed, if it did (the Prefill is cancelled then)
         if early:  # the prompt first: prefill computes while the blocks are reserved here
             preq = self._prefill_request(rid, ids, params, tid)
             preq.destination_follows = True
@@ -166,13 +167,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             t_dest = time.perf_counter()
             call = stub.SetDestination.future(prefill_pb2.SetDestinationRequest(request_id=rid, destination=dest),
                                               timeout=self.prefill_timeout)
-            call.add_done_callback(lambda c: self._destination_sent(rid, prefill_address, c))
+            call.add_done_callback(lambda c: self._destination_sent(rid, prefill_address, c, future, why))
         else:
             preq = self._prefill_request(rid, ids, params, tid)
             preq.destination.CopyFrom(dest)
             future = stub.Prefill.future(preq, timeout=self.prefill_timeout)
             t_sent = time.perf_counter()
-        resp, error = self._await_prefill(rid, future, context)
+        resp, error = self._await_prefill(rid, future, context, why)
         t_answer = time.perf_counter()
         out = None
         if resp is not None:
@@ -219,23 +220,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return preq
 
     @staticmethod
-    def _destination_sent(rid: str, address: str, call) -> None:
-        """SetDestination's end (a gRPC thread). A failure needs nothing here: prefill then
-        fails its Prefill (no destination), and that answer leads to the recompute."""
+    def _destination_sent(rid: str, address: str, call, prefill, why: list[str]) -> None:
+        """SetDestination's end (a gRPC thread). If prefill did not take the blocks, its
+        Prefill can only fail: cancel it now, with the reason for _await_prefill."""
         if call.cancelled():
             return
         try:
-            if not call.result().found:
-                log.warning("request %s: prefill at %s had no Prefill for its destination", rid, address)
+            if call.result().found:
+                return
+            why.append(f"prefill at {address} had no Prefill for the destination")
         except grpc.RpcError as e:
-            log.warning("request %s: SetDestination to %s failed: %s", rid, address, e.details())
+            why.append(f"SetDestination to {address} failed: {e.details()}")
+        log.warning("request %s: %s; cancelling its Prefill", rid, why[-1])
+        prefill.cancel()
 
-    def _await_prefill(self, rid, future, context):
+    def _await_prefill(self, rid, future, context, why: list[str]):
         """(the answer, None), (None, why it failed), or (None, None) when the client left
         or Abort came first (then the request is aborted here)."""
         while True:
             try:
                 return future.result(timeout=0.2), None
+            except grpc.FutureCancelledError:  # by _destination_sent
+                return None, why[0] if why else "the Prefill call was cancelled"
             except grpc.FutureTimeoutError:
                 if not context.is_active() or rid not in self.transfers:  # client gone / aborted
                     future.cancel()

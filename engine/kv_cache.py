@@ -159,6 +159,9 @@ class KVCacheManager:
         if num_local_blocks:
             self.pools[LOCAL] = BlockPool(num_local_blocks, enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
+        # Blocks held past their request's end (pin/unpin): a prefill whose KV still has to
+        # go out to a destination that came late. Counted by the integrity check.
+        self.pinned = {g: Counter() for g in self.pools}
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -288,9 +291,26 @@ class KVCacheManager:
             table.clear()
 
     # -- checks ------------------------------------------------------------------------
+    def pin(self, blocks: dict[str, list[int]]) -> None:
+        """Hold these blocks (one more reference each) until unpin: their request may end
+        and be freed meanwhile without the blocks going back to the pool."""
+        for g, ids in blocks.items():
+            for b in ids:
+                self.pools[g].acquire(b)
+            self.pinned[g].update(ids)
+
+    def unpin(self, blocks: dict[str, list[int]]) -> None:
+        for g, ids in blocks.items():
+            held = self.pinned[g]
+            if any(held[b] < n for b, n in Counter(ids).items()):
+                raise RuntimeError(f"unpin: {g} blocks {ids} were not all pinned")
+            held.subtract(ids)
+            self.pools[g].release(list(ids))
+
     def check_integrity(self, requests) -> None:
         for g, pool in self.pools.items():
             refs = Counter(b for r in requests for b in r.block_tables.get(g, ()) if b is not None)
+            refs.update(+self.pinned[g])
             pool.check_integrity(refs)
 
     def stats(self) -> dict[str, PoolStats]:

@@ -44,7 +44,7 @@ def run(args) -> int:
     runner = engine.runner
     layout = CacheLayout.from_caches(cfg.model.fingerprint, runner.kv_caches)
     sender = make_sender(args.kv_transport, layout, runner.kv_caches)
-    pusher = KVPusher(sender, runner.layer_group, cfg.cache.block_size, cfg.model.attention_chunk_size)
+    pusher = KVPusher(sender, runner.layer_group, cfg.cache.block_size, cfg.model.attention_chunk_size, kv=engine.kv)
     loop = EngineLoop(engine, hook=pusher).start()
     info = static_info("prefill", engine, layout, args.kv_transport)
     servicer = PrefillServicer(loop, sender, pusher, info, args.transfer_timeout)

@@ -20,17 +20,18 @@ A destination may come after its prompt (decode's `destination_follows`: decode 
 the prompt first and reserves its blocks while this engine already computes). Until
 SetDestination fills it in (`set_blocks`, from a gRPC thread, without the engine's
 lock), on_layer defers the request's layers; the first callback that finds the blocks
-known sends what was deferred, trimmed to what decode lacks. The end of a step with
-deferred layers waits for the blocks (at most DESTINATION_WAIT), so a deferred layer
-never outlives the step whose block tables it read. A destination that arrives within
-the step's compute costs nothing; decode sends only prompts of at least
---early-prefill-tokens this way, whose steps outlast its reservation.
+known sends what was deferred, trimmed to what decode lacks. The engine never waits
+for decode: at the end of a step, layers still deferred have their source blocks pinned
+(held past the request's end, KVCacheManager.pin), and whoever sees the blocks first
+sends them: a later step of the same prompt, or, after its last step, the Prefill
+handler (send_deferred, then a fence, then unpin under the engine's lock).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from engine.config import cdiv
@@ -40,9 +41,8 @@ from engine.scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 
-# How long the end of a step waits for a destination that follows its prompt: decode
-# sends it right after reserving (milliseconds); a decode that cancels its Prefill wakes
-# the wait at once (Destination.cancel), so this bounds only a decode that went silent.
+# How long a Prefill whose prompt is computed waits for a destination that follows it
+# (its handler thread waits, never the engine); a cancel wakes it at once.
 DESTINATION_WAIT = 2.0
 
 
@@ -56,11 +56,21 @@ class Destination:
     layers_sent: int = 0  # layer messages handed to the sender
     bytes_sent: int = 0  # KV bytes in those messages
     error: str | None = None  # the push failed; the Prefill RPC reports it
-    # Set once blocks and num_cached_tokens are known, or the request is cancelled (error).
-    known: threading.Event = field(default_factory=threading.Event)
+    # Thread ownership: `known` and `error` are set from any thread (SetDestination, a
+    # cancel); num_cached_tokens and blocks are written once, before `known` is set; the
+    # rest belongs to the engine thread while the request runs, then to the Prefill
+    # handler (the pusher forgets the destination after its last step).
+    known: threading.Event = field(default_factory=threading.Event)  # blocks known, or cancelled (error)
     prompt_len: int = 0
-    deferred: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, lo, hi) waiting for blocks
+    # Layers computed before the blocks were known: (layer, lo, hi, source block ids).
+    deferred: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    pinned: dict[str, list[int]] = field(default_factory=dict)  # source blocks held for them past a step
+    num_pinned: int = 0  # deferred[:num_pinned] have their blocks pinned
     first_sent: dict[str, int] | None = None  # per group, the first block index decode lacks (once known)
+    # For the service's log: when its first step began (perf_counter), and the engine
+    # thread's time in this pusher during its steps (sends, waits for blocks that follow).
+    t_first_step: float | None = None
+    push_seconds: float = 0.0
 
     def cancel(self, reason: str) -> None:
         """From any thread, without the engine's lock: no more sends; wakes a step waiting
@@ -71,10 +81,11 @@ class Destination:
 
 
 class KVPusher:
-    def __init__(self, sender, layer_group: list[str], block_size: int, chunk: int | None,
-                 destination_wait: float = DESTINATION_WAIT):
+    def __init__(self, sender, layer_group: list[str], block_size: int, chunk: int | None, kv=None):
+        """kv: the engine's KVCacheManager, to pin the blocks of layers whose destination
+        has not come by the end of their step (needed only with following destinations)."""
         self.sender = sender
-        self.destination_wait = destination_wait
+        self.kv = kv
         self.layer_group = layer_group
         self.block_size = block_size
         self.chunk = chunk
@@ -92,14 +103,30 @@ class KVPusher:
             # sends of the last layers.
             self.sender.fence()
             self.fence_due = False
+        t = time.perf_counter()
         ranges = self.plan_ranges(plan)
         self._step = (plan, ranges)
-        return (lambda i: self.on_layer(i, plan, ranges)) if ranges else None
+        for rid in ranges:
+            d = self.dest[rid]
+            if d.t_first_step is None:
+                d.t_first_step = t
+        return (lambda i: self._timed(ranges, self.on_layer, i, plan, ranges)) if ranges else None
+
+    def _timed(self, ranges, fn, *args) -> None:
+        t = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            spent = time.perf_counter() - t
+            for rid in ranges:
+                d = self.dest.get(rid)
+                if d is not None:
+                    d.push_seconds += spent
 
     def end(self) -> None:
         if self._step is not None:
             plan, ranges = self._step
-            self._flush_deferred(plan)
+            self._timed(ranges, self._settle_deferred, plan)
             self.after_step(ranges)
             self.fence_due = self.fence_due or bool(ranges)  # before the next step's forward (begin)
             for c in plan.chunks:  # prompts computed to their end: every block went out
@@ -131,7 +158,7 @@ class KVPusher:
             self._check(dest.prompt_len, num_cached_tokens, blocks)
         except ValueError as e:
             dest.cancel(f"bad destination: {e}")
-            raise
+            raise ValueError(f"destination: {e}") from None
         dest.num_cached_tokens, dest.blocks = num_cached_tokens, blocks
         dest.known.set()
 
@@ -147,10 +174,19 @@ class KVPusher:
         return ranges
 
     def remove(self, request_id: str) -> Destination | None:
+        """Caller holds the engine's lock."""
         d = self.dest.pop(request_id, None)
         if d is not None:
             d.cancel("removed")
+            self.unpin(d)
         return d
+
+    def unpin(self, d: Destination) -> None:
+        """Caller holds the engine's lock; after the sends that read the pinned blocks
+        were posted and fenced (or never will be). Idempotent."""
+        if d.pinned:
+            self.kv.unpin(d.pinned)
+            d.pinned = {}
 
     def plan_ranges(self, plan: SchedulerOutput) -> dict[str, dict[str, tuple[int, int]]]:
         """Block-index ranges [lo, hi) each request sends this step, per group."""
@@ -176,14 +212,16 @@ class KVPusher:
             d = self.dest[c.request.request_id]
             if d.error is not None:
                 continue
+            src = c.request.block_tables[g][r[0] : r[1]]
             if not d.known.is_set():  # the blocks follow: send this layer once they are here
-                d.deferred.append((layer, *r))
+                d.deferred.append((layer, *r, src))
                 continue
             if d.deferred:
-                self._send_deferred(d, c.request)
-            self._send(d, c.request, layer, *r)
+                self.send_deferred(d)
+                self.unpin(d)
+            self._send(d, layer, *r, src)
 
-    def _send(self, d: Destination, request, layer: int, lo: int, hi: int) -> None:
+    def _send(self, d: Destination, layer: int, lo: int, hi: int, src: list[int]) -> None:
         if d.error is not None:
             return
         g = self.layer_group[layer]
@@ -192,39 +230,52 @@ class KVPusher:
                                   set(self.layer_group))
             d.first_sent = {h: r.start for h, r in start.items()}
             d.sent_upto = {h: max(v, d.first_sent[h]) for h, v in d.sent_upto.items()}
-        lo = max(lo, d.first_sent[g])
-        if lo >= hi:
+        first = max(lo, d.first_sent[g])
+        if first >= hi:
             return
-        src = request.block_tables[g][lo:hi]
-        dst = d.blocks[g][lo:hi]
+        src, dst = src[first - lo :], d.blocks[g][first:hi]
         try:
             self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
         except Exception as e:  # one bad transfer must not stop the engine's step
-            log.exception("KV push for %s failed", request.request_id)
+            log.exception("KV push for transfer %s failed", d.transfer_id)
             d.error = str(e)
             return
         d.layers_sent += 1
         kv = self.sender.kv_caches[layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
         d.bytes_sent += len(src) * kv[:, 0].nbytes
 
-    def _send_deferred(self, d: Destination, request) -> None:
-        deferred, d.deferred = d.deferred, []
-        for layer, lo, hi in deferred:
-            self._send(d, request, layer, lo, hi)
+    def send_deferred(self, d: Destination) -> None:
+        """The deferred layers, now that the blocks are known. The engine thread then
+        unpins at once (the next step fences the sender before its forward writes
+        anything); a Prefill handler sending them after the request's last step fences
+        the sender itself, then unpins under the engine's lock."""
+        deferred, d.deferred, d.num_pinned = d.deferred, [], 0
+        for layer, lo, hi, src in deferred:
+            self._send(d, layer, lo, hi, src)
 
-    def _flush_deferred(self, plan: SchedulerOutput) -> None:
-        """End of a step: layers deferred for blocks that follow go out now, after waiting
-        for the blocks if they are not here yet (the forward is queued on the GPU)."""
+    def _settle_deferred(self, plan: SchedulerOutput) -> None:
+        """End of a step: deferred layers go out if their blocks came meanwhile. Otherwise
+        their source blocks are pinned, so the request may end (and be freed) without the
+        engine waiting for decode: a later step, or the Prefill handler, sends them."""
         for c in plan.chunks:
             d = self.dest.get(c.request.request_id)
             if d is None or not d.deferred:
                 continue
-            if not d.known.wait(self.destination_wait):
-                d.cancel(f"the destination blocks did not come within {self.destination_wait:g} s")
             if d.error is not None:
                 d.deferred.clear()
-                continue
-            self._send_deferred(d, c.request)
+                self.unpin(d)
+            elif d.known.is_set():
+                self.send_deferred(d)
+                self.unpin(d)
+            else:  # pin what this step deferred: a group's layers share one list of blocks
+                fresh = {(self.layer_group[layer], lo, hi): src for layer, lo, hi, src in d.deferred[d.num_pinned:]}
+                blocks: dict[str, list[int]] = {}
+                for (g, _, _), src in fresh.items():
+                    blocks.setdefault(g, []).extend(src)
+                self.kv.pin(blocks)
+                for g, ids in blocks.items():
+                    d.pinned.setdefault(g, []).extend(ids)
+                d.num_pinned = len(d.deferred)
 
     def after_step(self, ranges) -> None:
         for rid, groups in ranges.items():

@@ -9,7 +9,8 @@ Lifecycle of one Prefill RPC:
      `destination_follows`, decode reserves its blocks while the engine already
      computes, and SetDestination brings them (it may overtake the Prefill: it waits
      up to DESTINATION_WAIT for it); layers computed before then go out once they are
-     known (prefill_service/push.py);
+     known, from the engine thread or, after the prompt's last step, from this handler
+     (their source blocks pinned meanwhile: prefill_service/push.py);
   3. when the first token is sampled, queue the transfer's end-of-stream marker
      (`finish`) and answer with the first token at once: the last layers may still be
      on the wire. Decode's receiver knows when they all landed before we could tell it
@@ -18,11 +19,13 @@ Lifecycle of one Prefill RPC:
   4. in the background (a small thread pool, `_close`): wait for the transfer's DONE or
      FAILED, release its record, log the request's timings. Nothing else waits for it.
 Blocks: the sender gathers a layer's staged blocks before the next layer runs, and the
-pusher fences the sender after each step that pushed (direct runs still queued are
-copied, posted sends waited for), so the engine frees the request's blocks as soon as
-it finishes, before the transfer is acknowledged.
+pusher fences the sender before the next step's forward (direct runs still queued are
+copied, posted sends waited for on the stream), so the engine frees the request's
+blocks as soon as it finishes, before the transfer is acknowledged.
 Cancel / Abort / failure before the answer: the request is aborted in the engine (blocks
-freed once), the transfer aborted, and the RPC ends with the matching status.
+freed once), the transfer aborted, and the RPC ends with the matching status. The RPC's
+cancel callback runs on gRPC's one event thread, so it only flags the destination and
+leaves the abort, which takes the engine's lock, to a pool thread.
 
 One INFO line per request, once its transfer ended: where its time went, from the RPC's
 entry (request in -> queued -> first token -> answer) and `pushed from position N in
@@ -90,20 +93,38 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not dest_pb.address or not dest_pb.transfer_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination: address and transfer_id are required")
-        try:
-            self.sender.connect(dest_pb.address)
-        except LayoutMismatch as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch with {dest_pb.address}: {e}")
-        except (TransferError, OSError) as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode's KV receiver {dest_pb.address}: {e}")
         follows = request.destination_follows
-        dest = (Destination(dest_pb.address, dest_pb.transfer_id, None, None) if follows else
+        dest = (Destination(dest_pb.address, dest_pb.transfer_id, None, None, prompt_len=len(ids)) if follows else
                 Destination(dest_pb.address, dest_pb.transfer_id, dest_pb.num_cached_tokens,
                             blocks_from_pb(dest_pb.blocks)))
+        if follows:  # from here SetDestination finds it (before the connect and the engine's lock)
+            with self._following_cond:
+                self._following[dest.transfer_id] = dest
+                self._following_cond.notify_all()
+        try:
+            return self._prefill(rid, ids, params, dest, context, t_in)
+        finally:
+            if follows:
+                with self._following_cond:
+                    if self._following.get(dest.transfer_id) is dest:
+                        del self._following[dest.transfer_id]
+            if dest.pinned:  # layers whose blocks never came: nothing reads their source blocks now
+                with self.loop.lock:
+                    self.pusher.unpin(dest)
+
+    def _prefill(self, rid, ids, params, dest: Destination, context, t_in: float):
+        try:
+            self.sender.connect(dest.address)
+        except LayoutMismatch as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch with {dest.address}: {e}")
+        except (TransferError, OSError) as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode's KV receiver {dest.address}: {e}")
         # Prefill samples the first token only; decode applies every stop rule to it.
         first_params = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
         try:
             with self.loop.lock:
+                if rid in self.pusher.dest:
+                    raise ValueError(f"request_id: {rid!r} is already in use")
                 self.pusher.add(rid, dest, len(ids))
                 try:
                     stream = self.loop.add_request(ids, first_params, rid)
@@ -114,24 +135,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         t_queued = time.perf_counter()
         answered = False  # from then on the RPC's end has nothing to undo
-        context.add_callback(lambda: answered or self._cancel(rid, dest))
-        if follows:
-            with self._following_cond:
-                self._following[rid] = dest
-                self._following_cond.notify_all()
-        try:
-            out = self._wait_output(stream, context)
-        finally:
-            if follows:
-                with self._following_cond:
-                    if self._following.get(rid) is dest:
-                        del self._following[rid]
+        if not context.add_callback(lambda: answered or self._cancel(rid, dest)):
+            self._cancel(rid, dest)  # the RPC ended already (decode cancelled it): no callback would run
+            context.abort(grpc.StatusCode.CANCELLED, f"request {rid} cancelled")
+        out = self._wait_output(stream, context)
         t_first = time.perf_counter()
         if out is None or out.finish_reason == "abort" or not out.token_ids:
+            dest.cancel("aborted")
             with self.loop.lock:
+                if rid in self.loop.engine.scheduler.requests:
+                    self.loop.abort(rid)
                 self.pusher.remove(rid)
             self.sender.abort(dest.transfer_id)
             context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
+        if dest.deferred:  # layers computed before the blocks came: they go out from here
+            if not dest.known.wait(DESTINATION_WAIT):
+                dest.cancel(f"the destination blocks did not come within {DESTINATION_WAIT:g} s")
+            if dest.error is None:
+                self.pusher.send_deferred(dest)
+                self.sender.fence()  # before unpin lets the engine reuse the blocks these sends read
         # The step that sampled the token pushed the prompt's last blocks, and the pusher
         # dropped the destination then: its counters are final, read without the lock.
         if dest.error is not None:
@@ -178,8 +200,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self.sender.abort(tid)
         reason = self.sender.reason(tid)
         self.sender.release(tid)
+        first_step = "" if dest.t_first_step is None else (
+            f" (its first step began after {1e3 * (dest.t_first_step - t.queued):.2f} ms; the KV push took "
+            f"{1e3 * dest.push_seconds:.2f} ms of the engine thread)")
         split = (f"request in -> queued {1e3 * (t.queued - t.request_in):.2f} ms, queued -> first token "
-                 f"{1e3 * (t.first_token - t.queued):.1f} ms, first token -> answer "
+                 f"{1e3 * (t.first_token - t.queued):.1f} ms{first_step}, first token -> answer "
                  f"{1e3 * (t.answer - t.first_token):.2f} ms (CLOCK_MONOTONIC: in {t.request_in:.6f}, "
                  f"answer {t.answer:.6f})")
         if status == TransferStatus.DONE:
@@ -192,33 +217,33 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                      1e3 * (t_end - t.answer), reason or "no answer from decode")
 
     def _cancel(self, rid: str, dest: Destination) -> None:
-        # Runs when an unanswered RPC ends (cancelled, aborted, failed). First, without the
-        # engine's lock: a step waiting for this destination's blocks holds it.
+        """An unanswered RPC ended (cancelled, aborted, failed). This runs on gRPC's one
+        event thread, which must not wait for the engine's lock (a whole step): the
+        destination is cancelled here, the request aborted by a pool thread."""
         dest.cancel("the Prefill RPC ended")
+        self._closer.submit(self._abort_cancelled, rid, dest)
+
+    def _abort_cancelled(self, rid: str, dest: Destination) -> None:
         with self.loop.lock:
-            if rid in self.loop.engine.scheduler.requests:
-                self.loop.abort(rid)
-            self.pusher.remove(rid)
+            if self.pusher.dest.get(rid) is dest:  # not yet answered, and still this request
+                if rid in self.loop.engine.scheduler.requests:
+                    self.loop.abort(rid)
+                self.pusher.remove(rid)
         self.sender.abort(dest.transfer_id)
 
     def SetDestination(self, request, context):
-        rid = request.request_id
+        d = request.destination
         deadline = time.monotonic() + DESTINATION_WAIT
         with self._following_cond:  # the Prefill may not be here yet: the two calls can overtake each other
-            while (dest := self._following.pop(rid, None)) is None:
+            while (dest := self._following.pop(d.transfer_id, None)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not context.is_active():
                     return prefill_pb2.SetDestinationResponse(found=False)
                 self._following_cond.wait(left)
-        d = request.destination
-        if d.transfer_id != dest.transfer_id:
-            dest.cancel(f"SetDestination named transfer {d.transfer_id!r}, not {dest.transfer_id!r}")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"destination.transfer_id: {d.transfer_id!r} is not "
-                                                            f"the Prefill's {dest.transfer_id!r}")
         try:
             self.pusher.set_blocks(dest, d.num_cached_tokens, blocks_from_pb(d.blocks))
         except ValueError as e:  # the destination failed with it: the Prefill reports it too
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"destination: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return prefill_pb2.SetDestinationResponse(found=True)
 
     def Abort(self, request, context):

@@ -4,10 +4,12 @@ graceful drain on SIGTERM/SIGINT (health NOT_SERVING, no new RPCs, in-flight one
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 
@@ -48,6 +50,7 @@ def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: 
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    quiet_gc()
     server.start()
     if on_start is not None:
         on_start()
@@ -58,6 +61,32 @@ def serve_until_signal(server: grpc.Server, hs: health.HealthServicer, on_stop: 
     server.stop(grace).wait()
     on_stop()
     log.info("stopped")
+
+
+# A garbage collection longer than this is logged (INFO): it pauses every thread.
+GC_LOG_MS = 2.0
+_gc_started: list[float] = []
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_started[:] = [time.perf_counter()]
+    elif _gc_started:
+        ms = 1e3 * (time.perf_counter() - _gc_started[0])
+        if ms > GC_LOG_MS:
+            log.info("gc: a generation %d collection paused the process for %.1f ms (%d objects freed)",
+                     info["generation"], ms, info["collected"])
+
+
+def quiet_gc() -> None:
+    """Once the service is loaded: move every object alive now (the model's modules,
+    tokenizer, graphs, hundreds of thousands of objects) out of the collector's sight
+    (gc.freeze), so a full collection later scans only what requests made; and log any
+    collection that pauses the process for more than GC_LOG_MS."""
+    gc.collect()
+    gc.freeze()
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
 
 
 # Python hands the GIL to a waiting thread only after the holder ran this long (5 ms by

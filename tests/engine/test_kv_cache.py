@@ -72,6 +72,32 @@ def test_prefix_hit_is_block_aligned_and_leaves_a_token():
     assert kv.stats()[GLOBAL].used == 0
 
 
+def test_pinned_blocks_outlive_their_request_and_count_in_the_integrity_check():
+    """Prefill pins the source blocks of layers whose destination has not come: the
+    request ends and is freed, the blocks stay held (and not reusable) until unpinned."""
+    kv = KVCacheManager(4, 6, None, None, enable_prefix_caching=False)
+    r = _req(range(12))
+    kv.acquire_prefix(r)
+    assert kv.allocate_slots(r, 12)
+    held = {GLOBAL: r.block_tables[GLOBAL][1:3]}
+    kv.pin(held)
+    kv.check_integrity([r])
+    kv.free(r)
+    kv.check_integrity([])  # the pins account for the two blocks still held
+    assert kv.stats()[GLOBAL].used == 2
+    others = kv.pools[GLOBAL].allocate(4)
+    assert not set(others) & set(held[GLOBAL])  # never handed out while pinned
+    kv.pools[GLOBAL].release(others)
+    with pytest.raises(RuntimeError, match="not all pinned"):
+        kv.unpin({GLOBAL: [held[GLOBAL][0]] * 2})
+    kv.unpin(held)
+    kv.check_integrity([])
+    assert kv.stats()[GLOBAL].used == 0
+    kv.pools[GLOBAL].acquire(held[GLOBAL][0])  # a reference nobody accounts for: a leak
+    with pytest.raises(AssertionError):
+        kv.check_integrity([])
+
+
 def test_local_window_releases_blocks_behind_the_chunk():
     kv = KVCacheManager(4, 32, 32, chunk=8, enable_prefix_caching=True)
     r = _req(range(30))

@@ -87,19 +87,10 @@ def test_prefill_refuses_a_bad_or_late_destination(early):
     p, _, stub = early
     pstub = prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address))
     # No Prefill for it: found = false (after prefill waited a moment for one).
-    r = pstub.SetDestination(prefill_pb2.SetDestinationRequest(request_id="nobody"), timeout=30)
-    assert not r.found
-    # Another transfer's id: INVALID_ARGUMENT, and the Prefill itself fails (INTERNAL).
-    future = pstub.Prefill.future(_following_prefill(stub, "wrong-tid"), timeout=60)
-    with pytest.raises(grpc.RpcError) as e:
-        bad = prefill_pb2.SetDestinationRequest(request_id="wrong-tid")
-        bad.destination.transfer_id = "someone-else"
-        pstub.SetDestination(bad, timeout=30)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "transfer_id" in e.value.details()
-    with pytest.raises(grpc.RpcError) as e:
-        future.result()
-    assert e.value.code() == grpc.StatusCode.INTERNAL and "someone-else" in e.value.details()
-    # Blocks that do not cover the prompt: INVALID_ARGUMENT, the Prefill fails too.
+    nobody = prefill_pb2.SetDestinationRequest(request_id="nobody")
+    nobody.destination.transfer_id = "nobody/t"
+    assert not pstub.SetDestination(nobody, timeout=30).found
+    # Blocks that do not cover the prompt: INVALID_ARGUMENT, and the Prefill fails too.
     future = pstub.Prefill.future(_following_prefill(stub, "short-blocks"), timeout=60)
     short = prefill_pb2.SetDestinationRequest(request_id="short-blocks")
     short.destination.transfer_id = "short-blocks/t"
@@ -109,5 +100,33 @@ def test_prefill_refuses_a_bad_or_late_destination(early):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not cover" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         future.result()
-    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "bad destination" in e.value.details()
+    # Blocks that never come (another transfer's id is no match): the prompt is computed
+    # without the engine waiting; the Prefill fails, and the blocks it held come back.
+    t0 = time.monotonic()
+    future = pstub.Prefill.future(_following_prefill(stub, "never"), timeout=60)
+    other = prefill_pb2.SetDestinationRequest(request_id="never")
+    other.destination.transfer_id = "someone-else"
+    assert not pstub.SetDestination(other, timeout=30).found
+    tokens, _ = generate(stub, list(range(7000, 7100)), p.address)  # prefill serves others meanwhile
+    with pytest.raises(grpc.RpcError) as e:
+        future.result()
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "did not come" in e.value.details()
+    assert time.monotonic() - t0 < 30
     pools_whole(pstub)
+
+
+def test_a_prefix_hit_that_makes_decode_prefill_here_cancels_the_early_prefill(early, offline):
+    """The reservation finds the prompt cached but for a few tokens (<= the local-prefill
+    threshold): decode prefills here and cancels the Prefill it sent early; both pools
+    come back whole."""
+    p, _, stub = early
+    rng = random.Random(23)
+    a = [rng.randrange(202048) for _ in range(120)]
+    generate(stub, a, p.address)
+    b = a + [rng.randrange(202048) for _ in range(10)]
+    tokens, last = generate(stub, b, p.address)
+    assert tokens == offline.generate(b, params())[0].token_ids
+    assert last.num_transferred_tokens == 0 and last.num_cached_tokens == 112
+    pools_whole(stub)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))

@@ -46,7 +46,13 @@ def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
             if o.finished:
                 first = o.token_ids[0]
         P.check_integrity()
-    assert pusher.fence_due  # the last step sent: the next forward is fenced first (engine may reuse its blocks)
+    # The last step sent: the next step fences the sender before its forward (which may
+    # write the blocks those sends read), and before its first layer is pushed.
+    fences = sender.fences
+    assert pusher.fence_due
+    pusher.begin(P.scheduler.schedule())
+    assert sender.fences == fences + 1 and not pusher.fence_due
+    pusher.end()
     o = D.complete_transfer(req.request_id, first)
     final = o if o.finished else None
     while final is None:
@@ -137,18 +143,28 @@ def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARA
     P, D = p_llm.engine, d_llm.engine
     req = D.reserve(prompt, params)
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
-    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size)
+    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
+                      kv=P.kv)
     rid = P.add_request(prompt, replace(params, max_tokens=1))
     dest = Destination("local", "t", None, None)
     pusher.add(rid, dest, len(prompt))
-    hook = Following(pusher, dest, req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()},
-                     at_step, at_layer)
+    blocks = {g: list(t) for g, t in req.block_tables.items()}
+    hook = Following(pusher, dest, req.num_cached_tokens, blocks, at_step, at_layer)
     first = None
     while P.has_unfinished:
         for o in P.step(hook):
             if o.finished:
                 first = o.token_ids[0]
-    assert dest.error is None and not dest.deferred
+        P.check_integrity()  # pinned blocks included
+    if not dest.known.is_set():  # after the prompt's last step (at_step None, or past its steps): as a Prefill handler
+        assert at_step is None or hook.step < at_step
+        assert dest.deferred and dest.pinned and rid not in pusher.dest
+        assert sum(len(ids) for ids in dest.pinned.values()) > 0
+        pusher.set_blocks(dest, req.num_cached_tokens, blocks)
+        pusher.send_deferred(dest)
+        sender.fence()
+        pusher.unpin(dest)
+    assert dest.error is None and not dest.deferred and not dest.pinned
     if at_step == 0 and P.config.scheduler.max_num_batched_tokens >= len(prompt):
         assert hook.deferred == at_layer + 1  # one step: every layer up to the handover waited
     o = D.complete_transfer(req.request_id, first)
@@ -162,12 +178,14 @@ def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARA
     return final, sender.sent, req.num_cached_tokens
 
 
-@pytest.mark.parametrize("budget,at_step,at_layer", [(2048, 0, 0), (2048, 0, 3), (24, 0, 1), (24, 0, 3)])
+@pytest.mark.parametrize("budget,at_step,at_layer", [(2048, 0, 0), (2048, 0, 3), (24, 0, 1), (24, 2, 2),
+                                                     (2048, None, None), (24, None, None)])
 def test_blocks_that_follow_the_prompt_move_the_same(tiny_llama4_dir, budget, at_step, at_layer):
     """decode's destination_follows: the destination comes while the prompt is computed
-    (after a given layer of a given step; budget 24 chunks the prompt), and decode
-    receives exactly the blocks, and generates exactly the tokens, of the ordinary path,
-    its own prefix hit included."""
+    (after a given layer of a given step; budget 24 chunks the prompt, so earlier steps'
+    layers wait pinned), or after its last step (at_step None: the engine is done and
+    the source blocks stay pinned until sent); decode receives exactly the blocks, and
+    generates exactly the tokens, of the ordinary path, its own prefix hit included."""
     rng = random.Random(5)
     shared = [rng.randrange(202048) for _ in range(64)]
     prompts = [[rng.randrange(202048) for _ in range(n)] for n in (70, 130)] + [shared + [1, 2, 3],
@@ -187,28 +205,35 @@ def test_blocks_that_follow_the_prompt_move_the_same(tiny_llama4_dir, budget, at
     assert cached == 64  # the last prompt: decode held the shared prefix, and it was not sent
 
 
-def test_blocks_that_never_come_fail_the_push_not_the_engine(tiny_llama4_dir):
-    """No SetDestination: the step waits destination_wait, then the push fails (the
-    Prefill RPC reports it), nothing is sent, and the engine carries on."""
+def test_blocks_that_never_come_never_stall_the_engine(tiny_llama4_dir):
+    """No SetDestination: the engine finishes the prompt without waiting, with the
+    layers' source blocks pinned (the integrity check counts them); a cancel then
+    releases them, nothing was sent, and every block is back in its pool."""
     P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
     sender = CopySender(P.runner.kv_caches, P.runner.kv_caches)
     pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
-                      destination_wait=0.05)
+                      kv=P.kv)
     rid = P.add_request(list(range(100, 150)), replace(PARAMS, max_tokens=1))
     dest = Destination("local", "t", None, None)
     pusher.add(rid, dest, 50)
     while P.has_unfinished:
         P.step(pusher)
-    assert "did not come" in dest.error and sender.sent == [] and not dest.deferred
+        P.check_integrity()
+    assert dest.pinned and sender.sent == []
+    assert any(s.used for s in P.kv.stats().values())  # held past the request's end
+    dest.cancel("the Prefill RPC ended")
     with pytest.raises(ValueError, match="already known"):  # too late now
         pusher.set_blocks(dest, 0, {})
+    pusher.unpin(dest)
+    pusher.unpin(dest)  # idempotent
     P.check_integrity()
+    assert all(s.used == 0 for s in P.kv.stats().values()) and sender.sent == []
 
 
 def test_bad_following_blocks_are_refused_and_fail_the_destination(tiny_llama4_dir):
     P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
     pusher = KVPusher(CopySender(P.runner.kv_caches, P.runner.kv_caches), P.runner.layer_group,
-                      P.config.cache.block_size, P.config.model.attention_chunk_size)
+                      P.config.cache.block_size, P.config.model.attention_chunk_size, kv=P.kv)
     dest = Destination("local", "t", None, None)
     pusher.add("r", dest, 50)
     with pytest.raises(ValueError, match="multiple of block_size"):
