@@ -115,6 +115,29 @@ def test_transfer_failing_after_the_first_token_recomputes(stack, failing, offli
     pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
 
 
+@pytest.fixture(scope="module")
+def failing_fail(tiny_llama4_dir):
+    yield from _decode(tiny_llama4_dir, "--test-kv-delay", "0.2", "--test-kv-fail", "--on-transfer-failure", "fail")
+
+
+def test_transfer_failing_after_the_first_token_with_fail_ends_the_rpc(stack, failing_fail, offline):
+    """--on-transfer-failure fail: the client has the first token, then the RPC ends
+    UNAVAILABLE naming prefill (no recompute, no second copy of that token), and every
+    block is back on both sides."""
+    p, _, _ = stack
+    _, stub = failing_fail
+    prompt = _prompts(24, [80])[0]
+    ref = offline.generate([prompt], params(N))[0].token_ids
+    got = []
+    with pytest.raises(grpc.RpcError) as e:
+        for r in stub.Generate(generate_request(prompt, p.address, N), timeout=300):
+            got.extend(r.token_ids)
+    assert got == ref[:1]
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and p.address in e.value.details()
+    pools_whole(stub)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+
+
 def test_a_first_token_that_ends_the_request(stack, late, offline):
     """It ends the RPC at once, with no wait for the KV (which is aborted), and the
     blocks go back on both sides."""
