@@ -112,8 +112,10 @@ import torch
 
 from kv_transfer import cuda_events, nccl_lib, wire
 from kv_transfer.base import TransferError, register_backend
-from kv_transfer.receiver import TcpReceiver, _Arrived, _Conn, _InPart, _Message
-from kv_transfer.sender import TcpSender, _BlockIds, _Part, _Payload, _Peer, _Sent
+from kv_transfer.incoming import _Arrived, _Conn, _InPart, _Message
+from kv_transfer.outgoing import _BlockIds, _Part, _Payload, _Peer, _Sent
+from kv_transfer.receiver import TcpReceiver
+from kv_transfer.sender import TcpSender
 
 SENDER_RANK, RECEIVER_RANK, WORLD = 0, 1, 2
 TAG = 0

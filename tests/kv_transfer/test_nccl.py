@@ -150,7 +150,7 @@ def test_a_message_waits_for_the_latest_recording_on_each_stream():
     covers the others. fence() records a queued part's event again, so the latest is by
     recording order, not queue order: here part a, re-recorded after b."""
     from kv_transfer.nccl import _latest_per_stream
-    from kv_transfer.sender import _Payload
+    from kv_transfer.outgoing import _Payload
 
     class Event:  # stands in for torch.cuda.Event (no GPU here)
         def __init__(self):
