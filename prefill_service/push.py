@@ -217,8 +217,7 @@ class KVPusher:
                 d.deferred.append((layer, *r, src))
                 continue
             if d.deferred:
-                self.send_deferred(d)
-                self.unpin(d)
+                self._send_deferred_and_unpin(d)
             self._send(d, layer, *r, src)
 
     def _send(self, d: Destination, layer: int, lo: int, hi: int, src: list[int]) -> None:
@@ -261,13 +260,10 @@ class KVPusher:
             d = self.dest.get(c.request.request_id)
             if d is None or not d.deferred:
                 continue
-            if d.error is not None:
-                d.deferred.clear()
-                self.unpin(d)
-            elif d.known.is_set():
-                self.send_deferred(d)
-                self.unpin(d)
-            else:  # pin what this step deferred: a group's layers share one list of blocks
+            if d.error is None and d.known.is_set():
+                self._send_deferred_and_unpin(d)
+                continue
+            if d.error is None:  # pin what this step deferred: a group's layers share one list of blocks
                 fresh = {(self.layer_group[layer], lo, hi): src for layer, lo, hi, src in d.deferred[d.num_pinned:]}
                 blocks: dict[str, list[int]] = {}
                 for (g, _, _), src in fresh.items():
@@ -276,6 +272,17 @@ class KVPusher:
                 for g, ids in blocks.items():
                     d.pinned.setdefault(g, []).extend(ids)
                 d.num_pinned = len(d.deferred)
+            if d.error is not None:  # checked again after pinning: a cancel meanwhile found nothing to unpin
+                d.deferred.clear()
+                self.unpin(d)
+
+    def _send_deferred_and_unpin(self, d: Destination) -> None:
+        """Engine thread: the deferred layers go out, and their pinned blocks go back at
+        once, since the next step fences the sender before its forward writes anything
+        (whether or not that step pushes)."""
+        self.send_deferred(d)
+        self.unpin(d)
+        self.fence_due = True
 
     def after_step(self, ranges) -> None:
         for rid, groups in ranges.items():

@@ -74,6 +74,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         # Waits for answered transfers to end (step 4); a few threads, as most end within
         # milliseconds of the answer.
         self._closer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-close")
+        # Work that takes the engine's lock off threads that must not wait for a step: the
+        # abort of a cancelled Prefill (gRPC's event thread), the fence and unpin after a
+        # Prefill handler sent late layers (its answer should not wait). Apart from the
+        # closer, whose threads may each wait a transfer_timeout.
+        self._engine_chores = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefill-chores")
         # Prefills whose destination follows, until SetDestination fills it in or the RPC ends.
         self._following: dict[str, Destination] = {}
         self._following_cond = threading.Condition()
@@ -81,6 +86,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def close(self) -> None:
         """At shutdown, after the sender is closed (which ends every wait)."""
         self._closer.shutdown(wait=False, cancel_futures=True)
+        self._engine_chores.shutdown(wait=False, cancel_futures=True)
 
     def Prefill(self, request, context):
         t_in = time.perf_counter()
@@ -108,9 +114,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 with self._following_cond:
                     if self._following.get(dest.transfer_id) is dest:
                         del self._following[dest.transfer_id]
-            if dest.pinned:  # layers whose blocks never came: nothing reads their source blocks now
-                with self.loop.lock:
-                    self.pusher.unpin(dest)
+            if dest.pinned:  # late layers sent (or never to be): the blocks go back after a fence
+                self._engine_chores.submit(self._fence_and_unpin, dest)
 
     def _prefill(self, rid, ids, params, dest: Destination, context, t_in: float):
         try:
@@ -142,18 +147,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         t_first = time.perf_counter()
         if out is None or out.finish_reason == "abort" or not out.token_ids:
             dest.cancel("aborted")
-            with self.loop.lock:
-                if rid in self.loop.engine.scheduler.requests:
-                    self.loop.abort(rid)
-                self.pusher.remove(rid)
-            self.sender.abort(dest.transfer_id)
+            self._abort_cancelled(rid, dest)
             context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
         if dest.deferred:  # layers computed before the blocks came: they go out from here
             if not dest.known.wait(DESTINATION_WAIT):
                 dest.cancel(f"the destination blocks did not come within {DESTINATION_WAIT:g} s")
             if dest.error is None:
-                self.pusher.send_deferred(dest)
-                self.sender.fence()  # before unpin lets the engine reuse the blocks these sends read
+                self.pusher.send_deferred(dest)  # their blocks go back after a fence (the finally)
         # The step that sampled the token pushed the prompt's last blocks, and the pusher
         # dropped the destination then: its counters are final, read without the lock.
         if dest.error is not None:
@@ -221,7 +221,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         event thread, which must not wait for the engine's lock (a whole step): the
         destination is cancelled here, the request aborted by a pool thread."""
         dest.cancel("the Prefill RPC ended")
-        self._closer.submit(self._abort_cancelled, rid, dest)
+        self._engine_chores.submit(self._abort_cancelled, rid, dest)
+
+    def _fence_and_unpin(self, dest: Destination) -> None:
+        """After a Prefill handler sent its late layers: the stream the engine writes on
+        waits for those sends (fence), then the engine may reuse the pinned blocks."""
+        try:
+            self.sender.fence()
+        finally:
+            with self.loop.lock:
+                self.pusher.unpin(dest)
 
     def _abort_cancelled(self, rid: str, dest: Destination) -> None:
         with self.loop.lock:

@@ -243,3 +243,31 @@ def test_bad_following_blocks_are_refused_and_fail_the_destination(tiny_llama4_d
     pusher.add("r", dest, 50)
     with pytest.raises(ValueError, match="do not cover"):
         pusher.set_blocks(dest, 0, {"global": [1, 2], "local": [5, 6, 7, 8]})
+
+
+def test_late_sends_from_a_step_that_pushes_nothing_still_fence_the_next_step(tiny_llama4_dir):
+    """The blocks come while the prompt is still being computed, but in a step that
+    completes no block (budget 8 < block 16): that step's end sends the deferred layers
+    and unpins their blocks, so the next step must fence the sender before its forward
+    may write them (found by review: it did not)."""
+    P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512, max_num_batched_tokens=8).engine
+    D = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
+    prompt = list(range(300, 340))
+    req = D.reserve(prompt, PARAMS)
+    sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
+    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
+                      kv=P.kv)
+    rid = P.add_request(prompt, replace(PARAMS, max_tokens=1))
+    dest = Destination("local", "t", None, None)
+    pusher.add(rid, dest, len(prompt))
+    P.step(pusher)  # tokens 0-7: no block full
+    P.step(pusher)  # tokens 8-15: block 0 full, deferred and pinned
+    assert dest.pinned and dest.deferred and sender.sent == []
+    pusher.set_blocks(dest, req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()})
+    fences = sender.fences
+    P.step(pusher)  # tokens 16-23: fenced first (step 2 pushed), completes no block, sends the deferred layers
+    assert sender.fences == fences + 1 and sender.sent and not dest.pinned and not dest.deferred
+    assert pusher.fence_due  # the blocks just unpinned may be written by the next forward
+    P.step(pusher)
+    assert sender.fences == fences + 2
+    P.check_integrity()
