@@ -68,13 +68,13 @@ class Destination:
     num_pinned: int = 0  # deferred[:num_pinned] have their blocks pinned
     first_sent: dict[str, int] | None = None  # per group, the first block index decode lacks (once known)
     # For the service's log: when its first step began (perf_counter), and the engine
-    # thread's time in this pusher during its steps (sends, waits for blocks that follow).
+    # thread's time in this pusher during its steps (sends, deferrals, pins).
     t_first_step: float | None = None
     push_seconds: float = 0.0
 
     def cancel(self, reason: str) -> None:
-        """From any thread, without the engine's lock: no more sends; wakes a step waiting
-        for the blocks."""
+        """From any thread, without the engine's lock: no more sends; wakes a Prefill
+        handler waiting for the blocks."""
         if self.error is None:
             self.error = reason
         self.known.set()
@@ -245,9 +245,9 @@ class KVPusher:
 
     def send_deferred(self, d: Destination) -> None:
         """The deferred layers, now that the blocks are known. The engine thread then
-        unpins at once (the next step fences the sender before its forward writes
-        anything); a Prefill handler sending them after the request's last step fences
-        the sender itself, then unpins under the engine's lock."""
+        unpins at once (_send_deferred_and_unpin: the next step fences first); after a
+        request's last step its Prefill handler sends them, and a pool thread fences the
+        sender, then unpins under the engine's lock (PrefillServicer._fence_and_unpin)."""
         deferred, d.deferred, d.num_pinned = d.deferred, [], 0
         for layer, lo, hi, src in deferred:
             self._send(d, layer, lo, hi, src)

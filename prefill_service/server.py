@@ -257,7 +257,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def Abort(self, request, context):
         d = self.pusher.dest.get(request.request_id)
-        if d is not None:  # first, without the lock: a step may be waiting for its blocks
+        if d is not None:  # first, without the lock: wakes its handler if it waits for late blocks
             d.cancel("aborted")
         with self.loop.lock:
             found = self.loop.abort(request.request_id)

@@ -80,6 +80,17 @@ def generate(stub, prompt, prefill_address, n=16, rid="", sampling=None, packed=
     return tokens, last
 
 
+def concurrently(fn, n):
+    """[fn(0), ..., fn(n - 1)], each called on its own thread, all at once."""
+    out = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def pools_whole(stub, timeout=10.0):
     """Wait until the service's block pools are all free and pass its integrity check."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import pytest
 
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.convert import pack_token_ids, sampling_to_pb
-from tests.services.helpers import Service, generate, params, pools_whole
+from tests.services.helpers import Service, concurrently, generate, params, pools_whole
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,7 @@ def test_concurrent_early_requests_match_offline(early, offline):
     rng = random.Random(21)
     prompts = [[rng.randrange(202048) for _ in range(n)] for n in [40, 47, 64, 65, 70, 90, 100, 130, 150, 81]]
     ref = [o.token_ids for o in offline.generate(prompts, params())]
-    results = [None] * len(prompts)
-
-    def one(i):
-        results[i] = generate(stub, prompts[i], p.address, packed=True)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(lambda i: generate(stub, prompts[i], p.address, packed=True), len(prompts))
     assert [r[0] for r in results] == ref
     assert all(r[1].num_transferred_tokens == len(q) for r, q in zip(results, prompts))
     assert any("blocks reserved and sent" in line for line in d.log)  # they took the early path

@@ -6,14 +6,13 @@ transfer DONE only DELAY seconds after setting it up, `failing` sees each one FA
 import random
 import re
 import signal
-import threading
 import time
 
 import grpc
 import pytest
 
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from tests.services.helpers import Service, generate, generate_request, params, pools_whole
+from tests.services.helpers import Service, concurrently, generate, generate_request, params, pools_whole
 
 DELAY = 2.0  # s: decode holds each transfer's DONE back this long after expect()
 N = 8  # tokens a request generates
@@ -51,16 +50,6 @@ def _timed(stub, req):
     return got, last
 
 
-def _concurrently(fn, n):
-    out = [None] * n
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
 def test_first_token_goes_out_while_the_kv_is_arriving(stack, late, offline):
     p, _, _ = stack
     d, stub = late
@@ -91,7 +80,7 @@ def test_concurrent_requests_match_offline_with_late_kv(stack, late, offline):
     _, stub = late
     prompts = _prompts(22, [40, 77, 100, 150])
     want = [o.token_ids for o in offline.generate(prompts, params(N))]
-    got = _concurrently(lambda i: _timed(stub, generate_request(prompts[i], p.address, N, packed=i % 2 == 1)),
+    got = concurrently(lambda i: _timed(stub, generate_request(prompts[i], p.address, N, packed=i % 2 == 1)),
                         len(prompts))
     for (stamps, last), ref in zip(got, want):
         assert [t for _, ids in stamps for t in ids] == ref and last.finish_reason == "length"
@@ -105,7 +94,7 @@ def test_transfer_failing_after_the_first_token_recomputes(stack, failing, offli
     d, stub = failing
     prompts = _prompts(23, [50, 90, 140])
     want = [o.token_ids for o in offline.generate(prompts, params(N))]
-    got = _concurrently(lambda i: _timed(stub, generate_request(prompts[i], p.address, N)), len(prompts))
+    got = concurrently(lambda i: _timed(stub, generate_request(prompts[i], p.address, N)), len(prompts))
     for (stamps, last), ref in zip(got, want):
         # The first token once, then the recomputed rest: the offline greedy tokens exactly.
         assert stamps[0][1] == ref[:1] and [t for _, ids in stamps for t in ids] == ref

@@ -31,12 +31,18 @@ class CopySender:
         self.fences += 1
 
 
+def pusher_for(engine, sender):
+    """The pusher a prefill service builds around this engine (prefill_service/__main__.py)."""
+    return KVPusher(sender, engine.runner.layer_group, engine.config.cache.block_size,
+                    engine.config.model.attention_chunk_size, kv=engine.kv)
+
+
 def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
     P, D = p_llm.engine, d_llm.engine
     req = D.reserve(prompt, params)
     assert req is not None
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
-    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size)
+    pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(params, max_tokens=1))
     pusher.add(rid, Destination("local", "t", req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()}),
                len(prompt))
@@ -143,8 +149,7 @@ def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARA
     P, D = p_llm.engine, d_llm.engine
     req = D.reserve(prompt, params)
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
-    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
-                      kv=P.kv)
+    pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(params, max_tokens=1))
     dest = Destination("local", "t", None, None)
     pusher.add(rid, dest, len(prompt))
@@ -211,8 +216,7 @@ def test_blocks_that_never_come_never_stall_the_engine(tiny_llama4_dir):
     releases them, nothing was sent, and every block is back in its pool."""
     P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
     sender = CopySender(P.runner.kv_caches, P.runner.kv_caches)
-    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
-                      kv=P.kv)
+    pusher = pusher_for(P, sender)
     rid = P.add_request(list(range(100, 150)), replace(PARAMS, max_tokens=1))
     dest = Destination("local", "t", None, None)
     pusher.add(rid, dest, 50)
@@ -232,8 +236,7 @@ def test_blocks_that_never_come_never_stall_the_engine(tiny_llama4_dir):
 
 def test_bad_following_blocks_are_refused_and_fail_the_destination(tiny_llama4_dir):
     P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
-    pusher = KVPusher(CopySender(P.runner.kv_caches, P.runner.kv_caches), P.runner.layer_group,
-                      P.config.cache.block_size, P.config.model.attention_chunk_size, kv=P.kv)
+    pusher = pusher_for(P, CopySender(P.runner.kv_caches, P.runner.kv_caches))
     dest = Destination("local", "t", None, None)
     pusher.add("r", dest, 50)
     with pytest.raises(ValueError, match="multiple of block_size"):
@@ -255,8 +258,7 @@ def test_late_sends_from_a_step_that_pushes_nothing_still_fence_the_next_step(ti
     prompt = list(range(300, 340))
     req = D.reserve(prompt, PARAMS)
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
-    pusher = KVPusher(sender, P.runner.layer_group, P.config.cache.block_size, P.config.model.attention_chunk_size,
-                      kv=P.kv)
+    pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(PARAMS, max_tokens=1))
     dest = Destination("local", "t", None, None)
     pusher.add(rid, dest, len(prompt))
