@@ -457,6 +457,7 @@ class NcclReceiver(_NcclOptions, TcpReceiver):
 
 class NcclSender(_NcclOptions, TcpSender):
     write_inline = True  # posting a message's ops is quick; the link is watched through CUDA events
+    stages_on_host = False  # GPU to GPU: no host staging
 
     def _check_data_plane(self) -> None:
         self._pg.require(self.device)

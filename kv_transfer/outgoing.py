@@ -57,6 +57,7 @@ class _Payload:
     ready_stream: Any = None  # the stream `ready` was recorded on
     ready_seq: int = -1  # when: _record_ready's count (a message waits for the latest recording per stream)
     views: bool = False  # runs are views of the cache, read when sent (fence() copies them)
+    keep: Any = None  # lives as long as the payload: TCP on CUDA, its host staging lease (staging.py)
 
     def __post_init__(self) -> None:
         self.nbytes = sum(t.nbytes for t in self.tensors())  # fixed: copies (fence, host staging) keep sizes

@@ -84,6 +84,7 @@ from kv_transfer import wire
 from kv_transfer.base import (CacheLayout, KVSender, LayoutMismatch, TransferError, TransferStatus,
                               check_blocks, direct_runs, raw, TransferRecords)
 from kv_transfer.outgoing import _BlockIds, _Control, _Outgoing, _Part, _Payload, _Peer, _Sent
+from kv_transfer.staging import DEFAULT_STAGING_BYTES, SLAB_BYTES, PinnedStaging
 
 log = logging.getLogger(__name__)
 S = TransferStatus
@@ -101,11 +102,15 @@ class TcpSender(TransferRecords, KVSender):
     # Python made the transfer slower, 49-59% of raw NCCL against 70-84% (2x H200).
     LINK_DEPTH = 1
     fence_timeout = 30.0  # s; a peer whose posted sends fence() waits on longer than this is torn down
+    stages_on_host = True  # CUDA caches: parts are copied to pinned host memory (staging.py); not NCCL
 
     def __init__(self, layout: CacheLayout, kv_caches: Sequence[torch.Tensor],
-                 connect_timeout: float = 10.0, min_direct_blocks: int | None = None):
+                 connect_timeout: float = 10.0, min_direct_blocks: int | None = None,
+                 host_staging_bytes: int = DEFAULT_STAGING_BYTES):
         """min_direct_blocks: the shortest run of consecutive ids (on both sides) that
-        travels direct; None: DIRECT_MIN_K_BYTES of K per run."""
+        travels direct; None: DIRECT_MIN_K_BYTES of K per run. host_staging_bytes: TCP
+        on CUDA caches, pinned host memory reserved at start-up for parts on their way
+        (staging.py; 0: pin per part, as torch's allocator does)."""
         layout.check_caches(kv_caches)
         self.layout = layout
         self.kv_caches = list(kv_caches)
@@ -119,6 +124,8 @@ class TcpSender(TransferRecords, KVSender):
         if type(min_direct_blocks) is not int or min_direct_blocks < 1:
             raise ValueError(f"min_direct_blocks: must be an integer >= 1, got {min_direct_blocks!r}")
         self.min_direct_blocks = min_direct_blocks
+        self._staging = (PinnedStaging(host_staging_bytes) if host_staging_bytes and self.stages_on_host
+                         and self.device.type == "cuda" else None)
         self._check_data_plane()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -228,10 +235,11 @@ class TcpSender(TransferRecords, KVSender):
         """layers_*: parts (send_layer calls); messages_sent: parts messages on the wire,
         messages_inline of them written by the caller's thread (_write_inline);
         blocks_direct / blocks_staged: blocks of the parts sent, by path; parts_fenced:
-        queued parts whose direct runs fence() copied."""
+        queued parts whose direct runs fence() copied; host_staging_misses: parts (TCP on
+        CUDA) that found the pinned staging full and pinned memory of their own."""
         with self._lock:
             out = dict.fromkeys(("bytes_sent", "layers_sent", "layers_acked", "layers_dropped", "messages_sent",
-                                 "messages_inline",
+                                 "messages_inline", "host_staging_misses",
                                  "blocks_direct", "blocks_staged", "parts_fenced", "transfers_done",
                                  "transfers_failed", "connections_opened"), 0)
             out.update(self._stats)
@@ -627,6 +635,13 @@ class TcpSender(TransferRecords, KVSender):
         if self.device.type != "cuda":
             return _Payload(staged, runs, views=bool(runs))
         payload = _Payload(staged, runs)
+        leased = None if self._staging is None else self._staging.stage(payload.tensors())
+        if leased is not None:  # pieces of the reserved pinned memory, in wire order
+            payload.staged, (payload.runs, payload.keep) = None, leased
+            payload.ready = payload.keep.copied
+            return payload
+        if self._staging is not None:
+            self._staging_missed()
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in payload.tensors()]
         if staged is not None:
@@ -635,6 +650,15 @@ class TcpSender(TransferRecords, KVSender):
         payload.ready = torch.cuda.Event()
         payload.ready.record(torch.cuda.current_stream(self.device))
         return payload
+
+    def _staging_missed(self) -> None:
+        with self._lock:
+            self._stats["host_staging_misses"] += 1
+            first = self._stats["host_staging_misses"] == 1
+        if first:
+            log.warning("KV host staging (%d MiB pinned) is full: parts now pin fresh memory on the caller's "
+                        "thread (~0.5 ms a MiB the first time); the link is slower than the KV comes",
+                        self._staging.num_slabs * SLAB_BYTES >> 20)
 
     def _record_ready(self, payload: _Payload, stream) -> None:
         """Record payload.ready on `stream`, numbered in recording order: of a message's
