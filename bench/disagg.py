@@ -1,9 +1,11 @@
 """Disaggregated vs colocated time-to-first-token on two GPUs, with the real services.
 
-    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8] [--ops triton] [--cpu]
+    python bench/disagg.py [--model DIR] [--prompt-len 8000] [--requests 8] [--ops triton] [--cpu|--one-gpu]
 
 Prefill service on cuda:0, decode service on cuda:1, KV over the nccl backend, model
-scout-slice --layers 4 (written to /tmp if --model is not given). For each prompt:
+scout-slice --layers 4 (written to /tmp if --model is not given). With --one-gpu both
+services share cuda:0 and the KV goes over tcp (through host memory): the first token
+does not wait for the KV, so TTFT still shows the services' own overheads. For each prompt:
   - disaggregated: Generate on decode with prefill_address = the prefill service;
   - colocated: the same decode service prefills it itself (no prefill_address).
 TTFT is measured by the client (request sent -> first token received); the handoff is
@@ -14,6 +16,7 @@ done -> first decode step), beside the steady decode step time.
 from __future__ import annotations
 
 import argparse
+import csv
 import random
 import re
 import statistics
@@ -62,6 +65,9 @@ def main() -> int:
                     help="both services on the CPU, KV over tcp (needs --model: a small one, e.g. made by "
                          "`python -m launcher.make_model tiny-llama4 DIR`); measures the service overheads "
                          "without a GPU")
+    ap.add_argument("--one-gpu", action="store_true",
+                    help="every service on cuda:0, KV over tcp (NCCL cannot pair a GPU with itself): for a "
+                         "machine with one GPU; the transfer is slower, but the first token does not wait for it")
     ap.add_argument("--colocated-on-prefill-gpu", action="store_true",
                     help="also time colocated TTFT on the prefill's GPU (a decode service on cuda:0 beside the "
                          "prefill service): two GPUs of one kind can differ by a few percent, and this baseline "
@@ -74,14 +80,24 @@ def main() -> int:
     ap.add_argument("--reserve-first-too", action="store_true",
                     help="also time the disaggregated path with decode reserving the blocks before it calls prefill "
                          "(a second decode service with --early-prefill-tokens 0, same GPU), for every prompt")
+    ap.add_argument("--destination-delay", type=float, default=0.0, metavar="SECONDS",
+                    help="the prompt-first decode waits this long between reserving and SetDestination "
+                         "(--test-destination-delay): prefill computes layers before their blocks are known, "
+                         "defers them and pins their sources; outputs must not change")
+    ap.add_argument("--trace", metavar="CSV",
+                    help="write every timed request (mode, index, wall-clock send time, TTFT) to this file, to "
+                         "line requests up with a GPU clock log (e.g. nvidia-smi --query-gpu=timestamp,clocks.sm)")
     args = ap.parse_args()
     if args.cpu and not args.model:
         ap.error("--cpu needs --model (scout-slice does not fit a CPU run)")
+    if args.cpu and args.one_gpu:
+        ap.error("--cpu and --one-gpu exclude each other")
 
     import grpc
 
     from protos import decode_pb2, decode_pb2_grpc
     from protos.convert import pack_token_ids, sampling_to_pb
+    from protos import grpc_server
     from protos.grpc_server import wait_healthy
     from engine.sampling import SamplingParams
 
@@ -90,22 +106,25 @@ def main() -> int:
         from launcher.make_model import make_model
 
         make_model("scout-slice", model, seed=0, layers=4)
-    common = ["--model", model, "--port", "0", "--kv-transport", "tcp" if args.cpu else "nccl",
+    common = ["--model", model, "--port", "0", "--kv-transport", "tcp" if args.cpu or args.one_gpu else "nccl",
               "--max-model-len", "16384", "--max-num-batched-tokens", "8192", "--no-prefix-caching",
               "--log-level", "WARNING", "--ops", "torch" if args.cpu else args.ops]
     if args.cpu:
         common += ["--num-blocks", str(2 * -(-16384 // 16))]
+    elif args.one_gpu:  # a share of the GPU is a share of its total memory: a fixed cache for each service
+        common += ["--num-blocks", "4096"]
     else:
         common += ["--gpu-memory-utilization", "0.5"]
-    devices = ("cpu", "cpu") if args.cpu else ("cuda:0", "cuda:1")
+    devices = ("cpu", "cpu") if args.cpu else ("cuda:0", "cuda:0") if args.one_gpu else ("cuda:0", "cuda:1")
     # INFO: each service logs one line per request with where its time went (parsed below).
     p, p_addr, p_log = start("prefill_service", *common, "--device", devices[0], "--log-level", "INFO")
     procs = [p]
     decode = [*common, "--device", devices[1], "--local-prefill-threshold", "0", "--log-level", "INFO"]
     shared_gpu = args.reserve_first_too or args.colocated_on_prefill_gpu
-    if shared_gpu and not args.cpu:  # two services on one GPU: a fixed cache for each decode (4,096 blocks)
+    if shared_gpu and not args.cpu and not args.one_gpu:  # two services on one GPU: a fixed cache per decode
         decode += ["--num-blocks", "4096"]
-    d, d_addr, d_log = start("decode_service", *decode)
+    delay = ["--test-destination-delay", str(args.destination_delay)] if args.destination_delay else []
+    d, d_addr, d_log = start("decode_service", *decode, *delay)
     procs.append(d)
     stubs = {"disaggregated": d_addr}
     baselines = {}
@@ -127,18 +146,20 @@ def main() -> int:
         rng = random.Random(0)
 
         sent_at: dict[str, float] = {}  # request id -> when the client sent it (CLOCK_MONOTONIC)
+        wall_at: dict[int, float] = {}
 
         def run(prompt, prefill_address, rid="", via=None):
             req = decode_pb2.GenerateRequest(packed_prompt_token_ids=pack_token_ids(array("I", prompt)), sampling=sp,
                                              prefill_address=prefill_address, request_id=rid)
             t0 = time.perf_counter()
             sent_at[rid] = t0
+            wall_at[id(req)] = time.time()
             stamps, tokens, last = [], [], None
             for r in (via or stub).Generate(req, timeout=600):
                 stamps.append(time.perf_counter() - t0)
                 tokens.extend(r.token_ids)
                 last = r
-            return stamps, tokens, last
+            return stamps, tokens, last, wall_at.pop(id(req))
 
         for mode in ("", p_addr):  # warm-up both paths (NCCL pair set-up, kernels)
             for via in stubs.values():
@@ -162,8 +183,10 @@ def main() -> int:
         for t in busy_threads:
             t.start()
         time.sleep(2.0 if busy_threads else 0.0)  # let the batches fill
+        grpc_server.quiet_gc()  # as the services do: a collection must not land inside a timed request unseen
         res = {"colocated": [], **{k: [] for k in baselines}, **{k: [] for k in stubs}}
         same = 0
+        mismatches: list[str] = []
         for i in range(args.requests):
             prompt = [rng.randrange(200000) for _ in range(args.prompt_len)]
             c = run(prompt, "")
@@ -174,15 +197,27 @@ def main() -> int:
                 g = run(prompt, p_addr, f"disagg-{i}" if k == "disaggregated" else f"{k[-5:]}-{i}", via=via)
                 res[k].append(g)
                 same += c[1] == g[1]
+                if c[1] != g[1]:
+                    at = next(j for j, (a, b) in enumerate(zip(c[1] + [None], g[1] + [None])) if a != b)
+                    mismatches.append(f"{k} request {i}: first differs at token {at} of {len(c[1])}")
                 assert g[2].num_transferred_tokens == args.prompt_len, g[2]
         stop.set()
-        ttft = {k: [s[0] for s, _, _ in v] for k, v in res.items()}
-        handoff = [s[1] - s[0] for s, _, _ in res["disaggregated"]]
-        step = [statistics.median([b - a for a, b in zip(s[1:], s[2:])]) for s, _, _ in res["disaggregated"]]
+        if args.trace:
+            with open(args.trace, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["mode", "index", "wall_time", "ttft_ms"])
+                for k, v in res.items():
+                    for i, (s, _, _, wall) in enumerate(v):
+                        w.writerow([k, i, f"{wall:.6f}", f"{1e3 * s[0]:.3f}"])
+        ttft = {k: [s[0] for s, *_ in v] for k, v in res.items()}
+        handoff = [s[1] - s[0] for s, *_ in res["disaggregated"]]
+        step = [statistics.median([b - a for a, b in zip(s[1:], s[2:])]) for s, *_ in res["disaggregated"]]
         c50 = statistics.median(ttft["colocated"])
         print(f"\nprompt {args.prompt_len} tokens, {args.requests} requests per mode"
               + (f", {args.background} background requests generating on each decode" if args.background else "")
               + f"; greedy outputs identical in {same}/{args.requests * len(stubs)}")
+        for m in mismatches:
+            print(f"  greedy output differs from colocated: {m}")
         print("| measure | p50 | p99 |\n|---|---|---|")
         for k in res:
             print(f"| TTFT {k} | {1e3 * statistics.median(ttft[k]):.1f} ms | {1e3 * pct(ttft[k], 0.99):.1f} ms |")
@@ -198,7 +233,7 @@ def main() -> int:
         waits = [r[2].prefill_seconds for r in res["disaggregated"]]
         print(f"| disaggregated: decode waiting on Prefill RPC | {1e3 * statistics.median(waits):.1f} ms | "
               f"{1e3 * pct(waits, 0.99):.1f} ms |")
-        rest = [s[0] - last.prefill_seconds for s, _, last in res["disaggregated"]]
+        rest = [s[0] - last.prefill_seconds for s, _, last, _ in res["disaggregated"]]
         print(f"| disaggregated: TTFT minus that wait | {1e3 * statistics.median(rest):.1f} ms | "
               f"{1e3 * pct(rest, 0.99):.1f} ms |")
         time.sleep(0.5)  # the services' last log lines
@@ -231,7 +266,7 @@ def main() -> int:
         p_at = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in (
             re.search(r"prefill (\S+):.*CLOCK_MONOTONIC: in ([\d.]+), answer ([\d.]+)", x) for x in p_log) if m}
         hops = []
-        for i, (s, _, _) in enumerate(res["disaggregated"]):
+        for i, (s, *_) in enumerate(res["disaggregated"]):
             rid = f"disagg-{i}"
             if rid in d_at and rid in p_at:
                 reserve_ms, d_sent, d_answer = d_at[rid]
@@ -250,6 +285,9 @@ def main() -> int:
         # and 72 ms), and the services' garbage-collection pauses over 2 ms.
         for k, xs in ttft.items():
             print(f"  TTFT {k}, sorted (ms): " + " ".join(f"{1e3 * x:.0f}" for x in sorted(xs)))
+        pauses = list(grpc_server.gc_pauses)
+        print(f"  client gc pauses over 2 ms: {len(pauses)}"
+              + (": " + ", ".join(f"gen {g} {ms:.0f} ms" for g, ms in pauses[-8:]) if pauses else ""))
         for name, lines in (("prefill", p_log), ("decode", d_log)):
             gcs = [x.strip().split(": ", 2)[-1] for x in lines if " gc: " in x]
             print(f"  {name} gc pauses over 2 ms: {len(gcs)}" + (f", e.g. {gcs[-1]}" if gcs else ""))

