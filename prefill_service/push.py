@@ -46,27 +46,37 @@ log = logging.getLogger(__name__)
 DESTINATION_WAIT = 2.0
 
 
+@dataclass(frozen=True)
+class DecodeBlocks:
+    """Where decode takes the prompt's KV: given with the Prefill, or later by
+    SetDestination (the destination follows)."""
+    num_cached_tokens: int  # decode already holds positions below this (block-aligned)
+    table: dict[str, list[int | None]]  # decode's block table per layer group
+
+
 @dataclass
 class Destination:
     address: str
     transfer_id: str
-    num_cached_tokens: int | None  # decode already holds positions below this (block-aligned); None: follows
-    blocks: dict[str, list[int | None]] | None  # decode's block table per layer group; None: follows
+    blocks: DecodeBlocks | None = None  # None until known: the destination follows (set_blocks)
     sent_upto: dict[str, int] = field(default_factory=dict)  # next block index to send
     layers_sent: int = 0  # layer messages handed to the sender
     bytes_sent: int = 0  # KV bytes in those messages
     error: str | None = None  # the push failed; the Prefill RPC reports it
     # Thread ownership: `known` and `error` are set from any thread (SetDestination, a
-    # cancel); num_cached_tokens and blocks are written once, before `known` is set; the
-    # rest belongs to the engine thread while the request runs, then to the Prefill
-    # handler (the pusher forgets the destination after its last step).
+    # cancel); blocks (given at construction, or by set_blocks from a gRPC thread) and
+    # first_sent (the pusher's add or set_blocks) are written once, before `known` is
+    # set, and used only after it; the rest belongs to the engine thread while the
+    # request runs, then to the Prefill handler (the pusher forgets the destination
+    # after its last step).
     known: threading.Event = field(default_factory=threading.Event)  # blocks known, or cancelled (error)
+    # Per group, the first block index decode lacks (its prefix hit is never sent).
+    first_sent: dict[str, int] | None = None
     prompt_len: int = 0
     # Layers computed before the blocks were known: (layer, lo, hi, source block ids).
     deferred: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
     pinned: dict[str, list[int]] = field(default_factory=dict)  # source blocks held for them past a step
     num_pinned: int = 0  # deferred[:num_pinned] have their blocks pinned
-    first_sent: dict[str, int] | None = None  # per group, the first block index decode lacks (once known)
     # For the service's log: when its first step began (perf_counter), and the engine
     # thread's time in this pusher during its steps (sends, deferrals, pins).
     t_first_step: float | None = None
@@ -135,40 +145,48 @@ class KVPusher:
             self._step = None
 
     def add(self, request_id: str, dest: Destination, prompt_len: int) -> None:
-        """Caller holds the engine's lock. A destination whose blocks are None follows
-        (set_blocks); until then its ranges start as if decode held nothing."""
+        """Caller holds the engine's lock. ValueError for blocks that do not fit the
+        prompt. A destination without blocks follows (set_blocks). Either way sent_upto
+        starts as if decode held nothing; once the blocks are known, plan_ranges lifts it
+        past decode's prefix hit (first_sent)."""
         dest.prompt_len = prompt_len
-        if dest.blocks is None:
-            ranges = pushed_blocks(prompt_len, 0, self.block_size, self.chunk, set(self.layer_group))
-        else:
-            ranges = self._check(prompt_len, dest.num_cached_tokens, dest.blocks)
-            dest.first_sent = {g: r.start for g, r in ranges.items()}
-            dest.known.set()
-        dest.sent_upto = {g: r.start for g, r in ranges.items()}
+        dest.sent_upto = {g: r.start for g, r in
+                          pushed_blocks(prompt_len, 0, self.block_size, self.chunk, set(self.layer_group)).items()}
+        if dest.blocks is not None and dest.first_sent is None:  # known at once (not by an early set_blocks)
+            self._take_blocks(dest, dest.blocks)
         self.dest[request_id] = dest
 
-    def set_blocks(self, dest: Destination, num_cached_tokens: int, blocks: dict[str, list[int | None]]) -> None:
+    def set_blocks(self, dest: Destination, blocks: DecodeBlocks) -> None:
         """A following destination's blocks, from any thread (the engine's lock is not
-        needed: the engine thread reads them only once `known` is set). ValueError for
-        blocks that do not fit the prompt; the destination then fails, so the Prefill
-        RPC reports it."""
+        needed: the engine thread reads them only once `known` is set). It may come before
+        add (SetDestination can overtake the Prefill): dest.prompt_len is set already.
+        ValueError for blocks that do not fit the prompt; the destination then fails, so
+        the Prefill RPC reports it."""
         if dest.known.is_set():
             raise ValueError("destination: already known (or the request ended)")
         try:
-            self._check(dest.prompt_len, num_cached_tokens, blocks)
+            self._take_blocks(dest, blocks)
         except ValueError as e:
             dest.cancel(f"bad destination: {e}")
             raise ValueError(f"destination: {e}") from None
-        dest.num_cached_tokens, dest.blocks = num_cached_tokens, blocks
+
+    def _take_blocks(self, dest: Destination, blocks: DecodeBlocks) -> None:
+        """Checks the blocks against the prompt, then publishes them with first_sent, in
+        this order: first_sent before blocks (add reads it to tell an early set_blocks
+        from blocks known at once), both before `known`. sent_upto is the engine
+        thread's: plan_ranges lifts it to first_sent."""
+        ranges = self._check(dest.prompt_len, blocks)
+        dest.first_sent = {g: r.start for g, r in ranges.items()}
+        dest.blocks = blocks
         dest.known.set()
 
-    def _check(self, prompt_len: int, num_cached: int, blocks) -> dict[str, range]:
-        bs = self.block_size
+    def _check(self, prompt_len: int, blocks: DecodeBlocks) -> dict[str, range]:
+        bs, num_cached = self.block_size, blocks.num_cached_tokens
         if num_cached % bs:
             raise ValueError(f"num_cached_tokens {num_cached} is not a multiple of block_size {bs}")
         ranges = pushed_blocks(prompt_len, num_cached, bs, self.chunk, set(self.layer_group))
         for g, r in ranges.items():
-            table = blocks.get(g, [])
+            table = blocks.table.get(g, [])
             if len(table) < r.stop or None in table[r.start : r.stop]:
                 raise ValueError(f"destination blocks for {g!r} do not cover positions up to {prompt_len}")
         return ranges
@@ -195,6 +213,8 @@ class KVPusher:
             d = self.dest.get(c.request.request_id)
             if d is None:
                 continue
+            if d.known.is_set() and d.first_sent is not None:  # blocks known: decode's prefix hit is not sent
+                d.sent_upto = {g: max(lo, d.first_sent[g]) for g, lo in d.sent_upto.items()}
             done = c.start + c.num_tokens
             final = done == c.request.num_prompt_tokens
             upto = cdiv(done, self.block_size) if final else done // self.block_size
@@ -224,15 +244,10 @@ class KVPusher:
         if d.error is not None:
             return
         g = self.layer_group[layer]
-        if d.first_sent is None:  # a following destination, just known: skip decode's prefix hit
-            start = pushed_blocks(d.prompt_len, d.num_cached_tokens, self.block_size, self.chunk,
-                                  set(self.layer_group))
-            d.first_sent = {h: r.start for h, r in start.items()}
-            d.sent_upto = {h: max(v, d.first_sent[h]) for h, v in d.sent_upto.items()}
-        first = max(lo, d.first_sent[g])
+        first = max(lo, d.first_sent[g])  # ranges planned before the blocks came may start in decode's prefix hit
         if first >= hi:
             return
-        src, dst = src[first - lo :], d.blocks[g][first:hi]
+        src, dst = src[first - lo :], d.blocks.table[g][first:hi]
         try:
             self.sender.send_layer(d.address, d.transfer_id, layer, src, dst)
         except Exception as e:  # one bad transfer must not stop the engine's step

@@ -46,7 +46,7 @@ import grpc
 
 from engine.loop import EngineLoop
 from kv_transfer.base import LayoutMismatch, TransferError, TransferStatus
-from prefill_service.push import DESTINATION_WAIT, Destination, KVPusher
+from prefill_service.push import DESTINATION_WAIT, DecodeBlocks, Destination, KVPusher
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from protos.convert import blocks_from_pb, fill_info, sampling_from_pb, unpack_token_ids
 
@@ -100,9 +100,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if not dest_pb.address or not dest_pb.transfer_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination: address and transfer_id are required")
         follows = request.destination_follows
-        dest = (Destination(dest_pb.address, dest_pb.transfer_id, None, None, prompt_len=len(ids)) if follows else
-                Destination(dest_pb.address, dest_pb.transfer_id, dest_pb.num_cached_tokens,
-                            blocks_from_pb(dest_pb.blocks)))
+        dest = (Destination(dest_pb.address, dest_pb.transfer_id, prompt_len=len(ids)) if follows else
+                Destination(dest_pb.address, dest_pb.transfer_id,
+                            DecodeBlocks(dest_pb.num_cached_tokens, blocks_from_pb(dest_pb.blocks))))
         if follows:  # from here SetDestination finds it (before the connect and the engine's lock)
             with self._following_cond:
                 self._following[dest.transfer_id] = dest
@@ -163,7 +163,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         resp = prefill_pb2.PrefillResponse(
             request_id=rid, first_token_id=out.token_ids[0],
             num_prefilled_tokens=len(ids) - out.num_cached_tokens,
-            num_sent_tokens=len(ids) - dest.num_cached_tokens, bytes_sent=dest.bytes_sent,
+            num_sent_tokens=len(ids) - dest.blocks.num_cached_tokens, bytes_sent=dest.bytes_sent,
         )
         if out.logprobs:
             chosen, top = out.logprobs[0]
@@ -209,7 +209,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                  f"answer {t.answer:.6f})")
         if status == TransferStatus.DONE:
             log.info("prefill %s: %d tokens (%d cached here), pushed from position %d in %.1f ms; %s, "
-                     "answer -> transfer DONE %.1f ms", rid, num_tokens, cached_here, dest.num_cached_tokens,
+                     "answer -> transfer DONE %.1f ms", rid, num_tokens, cached_here, dest.blocks.num_cached_tokens,
                      1e3 * (t_end - t.request_in), split, 1e3 * (t_end - t.answer))
         else:  # decode recomputes, or aborted it itself (a first token that ended the request)
             log.info("prefill %s: %d tokens (%d cached here); %s; transfer %s ended %s %.1f ms after the answer: "
@@ -250,7 +250,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     return prefill_pb2.SetDestinationResponse(found=False)
                 self._following_cond.wait(left)
         try:
-            self.pusher.set_blocks(dest, d.num_cached_tokens, blocks_from_pb(d.blocks))
+            self.pusher.set_blocks(dest, DecodeBlocks(d.num_cached_tokens, blocks_from_pb(d.blocks)))
         except ValueError as e:  # the destination failed with it: the Prefill reports it too
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return prefill_pb2.SetDestinationResponse(found=True)

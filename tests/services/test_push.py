@@ -10,7 +10,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
-from prefill_service.push import Destination, KVPusher
+from prefill_service.push import DecodeBlocks, Destination, KVPusher
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -37,6 +37,11 @@ def pusher_for(engine, sender):
                     engine.config.model.attention_chunk_size, kv=engine.kv)
 
 
+def decode_blocks(req) -> DecodeBlocks:
+    """Where decode takes the prompt's KV: its reserved request's prefix hit and table."""
+    return DecodeBlocks(req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()})
+
+
 def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
     P, D = p_llm.engine, d_llm.engine
     req = D.reserve(prompt, params)
@@ -44,8 +49,7 @@ def disaggregated(p_llm, d_llm, prompt, params=PARAMS):
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
     pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(params, max_tokens=1))
-    pusher.add(rid, Destination("local", "t", req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()}),
-               len(prompt))
+    pusher.add(rid, Destination("local", "t", decode_blocks(req)), len(prompt))
     first = None
     while P.has_unfinished:  # the engine's own step, with the pusher as its layer hook
         for o in P.step(pusher):
@@ -121,15 +125,17 @@ class Following:
     SetDestination does, set_blocks) right after on_layer(`at_layer`) of step `at_step`:
     the layers before it wait, deferred, and go out once the blocks are known."""
 
-    def __init__(self, pusher, dest, num_cached, blocks, at_step, at_layer):
-        self.pusher, self.dest = pusher, dest
-        self.blocks, self.num_cached = blocks, num_cached
+    def __init__(self, pusher, dest, blocks, at_step, at_layer):
+        self.pusher, self.dest, self.blocks = pusher, dest, blocks
         self.at_step, self.at_layer, self.step = at_step, at_layer, -1
         self.deferred = 0
 
     def begin(self, plan):
         self.step += 1
         inner = self.pusher.begin(plan)
+        d = self.dest
+        if d.known.is_set() and d in self.pusher.dest.values():  # no later step plans blocks decode holds
+            assert all(lo >= d.first_sent[g] for g, lo in d.sent_upto.items())
         if inner is None:
             return None
 
@@ -137,7 +143,7 @@ class Following:
             inner(i)
             if (self.step, i) == (self.at_step, self.at_layer):
                 self.deferred = len(self.dest.deferred)  # layers that waited for the blocks
-                self.pusher.set_blocks(self.dest, self.num_cached, self.blocks)
+                self.pusher.set_blocks(self.dest, self.blocks)
 
         return on_layer
 
@@ -151,10 +157,10 @@ def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARA
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
     pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(params, max_tokens=1))
-    dest = Destination("local", "t", None, None)
+    dest = Destination("local", "t")
     pusher.add(rid, dest, len(prompt))
-    blocks = {g: list(t) for g, t in req.block_tables.items()}
-    hook = Following(pusher, dest, req.num_cached_tokens, blocks, at_step, at_layer)
+    blocks = decode_blocks(req)
+    hook = Following(pusher, dest, blocks, at_step, at_layer)
     first = None
     while P.has_unfinished:
         for o in P.step(hook):
@@ -165,7 +171,7 @@ def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARA
         assert at_step is None or hook.step < at_step
         assert dest.deferred and dest.pinned and rid not in pusher.dest
         assert sum(len(ids) for ids in dest.pinned.values()) > 0
-        pusher.set_blocks(dest, req.num_cached_tokens, blocks)
+        pusher.set_blocks(dest, blocks)
         pusher.send_deferred(dest)
         sender.fence()
         pusher.unpin(dest)
@@ -218,7 +224,7 @@ def test_blocks_that_never_come_never_stall_the_engine(tiny_llama4_dir):
     sender = CopySender(P.runner.kv_caches, P.runner.kv_caches)
     pusher = pusher_for(P, sender)
     rid = P.add_request(list(range(100, 150)), replace(PARAMS, max_tokens=1))
-    dest = Destination("local", "t", None, None)
+    dest = Destination("local", "t")
     pusher.add(rid, dest, 50)
     while P.has_unfinished:
         P.step(pusher)
@@ -227,7 +233,7 @@ def test_blocks_that_never_come_never_stall_the_engine(tiny_llama4_dir):
     assert any(s.used for s in P.kv.stats().values())  # held past the request's end
     dest.cancel("the Prefill RPC ended")
     with pytest.raises(ValueError, match="already known"):  # too late now
-        pusher.set_blocks(dest, 0, {})
+        pusher.set_blocks(dest, DecodeBlocks(0, {}))
     pusher.unpin(dest)
     pusher.unpin(dest)  # idempotent
     P.check_integrity()
@@ -237,15 +243,15 @@ def test_blocks_that_never_come_never_stall_the_engine(tiny_llama4_dir):
 def test_bad_following_blocks_are_refused_and_fail_the_destination(tiny_llama4_dir):
     P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
     pusher = pusher_for(P, CopySender(P.runner.kv_caches, P.runner.kv_caches))
-    dest = Destination("local", "t", None, None)
+    dest = Destination("local", "t")
     pusher.add("r", dest, 50)
     with pytest.raises(ValueError, match="multiple of block_size"):
-        pusher.set_blocks(dest, 5, {"global": [1, 2, 3, 4], "local": [5, 6, 7, 8]})
+        pusher.set_blocks(dest, DecodeBlocks(5, {"global": [1, 2, 3, 4], "local": [5, 6, 7, 8]}))
     assert dest.known.is_set() and "bad destination" in dest.error
-    dest = Destination("local", "t", None, None)
+    dest = Destination("local", "t")
     pusher.add("r", dest, 50)
     with pytest.raises(ValueError, match="do not cover"):
-        pusher.set_blocks(dest, 0, {"global": [1, 2], "local": [5, 6, 7, 8]})
+        pusher.set_blocks(dest, DecodeBlocks(0, {"global": [1, 2], "local": [5, 6, 7, 8]}))
 
 
 def test_late_sends_from_a_step_that_pushes_nothing_still_fence_the_next_step(tiny_llama4_dir):
@@ -260,12 +266,12 @@ def test_late_sends_from_a_step_that_pushes_nothing_still_fence_the_next_step(ti
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
     pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(PARAMS, max_tokens=1))
-    dest = Destination("local", "t", None, None)
+    dest = Destination("local", "t")
     pusher.add(rid, dest, len(prompt))
     P.step(pusher)  # tokens 0-7: no block full
     P.step(pusher)  # tokens 8-15: block 0 full, deferred and pinned
     assert dest.pinned and dest.deferred and sender.sent == []
-    pusher.set_blocks(dest, req.num_cached_tokens, {g: list(t) for g, t in req.block_tables.items()})
+    pusher.set_blocks(dest, decode_blocks(req))
     fences = sender.fences
     P.step(pusher)  # tokens 16-23: fenced first (step 2 pushed), completes no block, sends the deferred layers
     assert sender.fences == fences + 1 and sender.sent and not dest.pinned and not dest.deferred
