@@ -80,7 +80,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kv_transfer import CacheLayout, NcclReceiver, NcclSender  # noqa: E402
-from kv_transfer.sender import DIRECT_MIN_K_BYTES  # noqa: E402
+from kv_transfer.data_plane import DIRECT_MIN_K_BYTES  # noqa: E402
 from protos.grpc_server import GIL_SWITCH_INTERVAL_US  # noqa: E402
 
 BS, CHUNK = 16, 8192  # tokens per block, Scout's attention chunk

@@ -6,8 +6,9 @@
     tx = make_sender("tcp", layout, kv_caches)            # prefill side
 
 The interface and the lifecycle live in base.py; the TCP backend (and the control plane
-every backend shares) in receiver.py and sender.py, registered as "tcp" by tcp.py; the
-NCCL data plane in nccl.py.
+every backend shares) in receiver.py and sender.py, registered as "tcp" by tcp.py, with
+its data plane in data_plane.py; the NCCL data plane in nccl.py, its pair groups in
+nccl_groups.py.
 """
 
 from kv_transfer.base import (BACKENDS, CacheLayout, KVReceiver, KVSender, LayoutMismatch, TransferError,

@@ -1,6 +1,8 @@
-"""Receiver side (decode) of the control plane every backend shares, with the TCP data
-plane as the default hooks. The TCP backend as a whole: tcp.py. The per-transfer and
-per-connection bookkeeping types (_Incoming, _Conn, _Message, _InPart, ...): incoming.py.
+"""Receiver side (decode) of the control plane every backend shares. Its data side
+(direct runs' destinations checked, the cache writes, the TCP data plane as the default
+hooks): ReceiverDataPlane in data_plane.py. The TCP backend as a whole: tcp.py. The
+per-transfer and per-connection bookkeeping types (_Incoming, _Conn, _Message, _InPart,
+...): incoming.py.
 
 Receiver lifecycle (decode side), one record per transfer_id:
 
@@ -46,9 +48,6 @@ Receiver lifecycle (decode side), one record per transfer_id:
   every write is enqueued): DONE, so DONE is never visible before the last byte landed;
   and FAILED (abort included), so after abort() returns no byte of the transfer lands
   any more. An ack means "written, or enqueued to be written unless the transfer fails".
-
-On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides,
-direct runs included (the completer copies them in, like staged blocks).
 """
 
 from __future__ import annotations
@@ -64,13 +63,14 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.base import CacheLayout, KVReceiver, TransferStatus, check_blocks, raw, TransferRecords
+from kv_transfer.data_plane import ReceiverDataPlane
 from kv_transfer.incoming import _Arrived, _Conn, _Finish, _Incoming, _InPart, _Message
 
 log = logging.getLogger(__name__)
 S = TransferStatus
 
 
-class TcpReceiver(TransferRecords, KVReceiver):
+class TcpReceiver(TransferRecords, ReceiverDataPlane, KVReceiver):
     data_plane = "tcp"
     max_queued_messages = 2  # per connection: messages read ahead of the one being written
     MAX_CHECKED_RUNS = 64  # (list, runs) pairs whose destination ids are known consecutive
@@ -207,6 +207,12 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 self._stats["connections_accepted"] += 1
             conn.thread.start()
 
+    def _use_device(self) -> None:
+        """Our threads start here: CUDA calls that use the current device (pinned memory
+        among them) must not create a context on another GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def _serve(self, conn: _Conn) -> None:
         """The connection's reader (see the module docstring)."""
         self._use_device()
@@ -334,26 +340,6 @@ class TcpReceiver(TransferRecords, KVReceiver):
         msg.problem = self._take_data(conn, msg, payload_len - ids_bytes)
         conn.last_started = msg.seq
         return msg
-
-    def _run_first(self, dst_raw: bytes, runs: wire.Runs, tid: str) -> list[int]:
-        """The first destination block of each run, once its ids are checked consecutive
-        (ConnectionError if not: the stream is broken). Remembered per distinct (list,
-        runs): every layer of a group repeats its step's list, message after message."""
-        if not runs:
-            return []
-        key = (dst_raw, runs)
-        first = self._checked_runs.get(key)
-        if first is None:
-            ids = memoryview(dst_raw).cast("i")
-            first = [ids[offset] for offset, _ in runs]
-            for a, (offset, n) in zip(first, runs):
-                if ids[offset:offset + n].tolist() != list(range(a, a + n)):
-                    raise ConnectionError(f"run [{offset}, {offset + n}) of a {tid!r} part has destination "
-                                          "ids that are not consecutive")
-            if len(self._checked_runs) >= self.MAX_CHECKED_RUNS:
-                self._checked_runs.clear()
-            self._checked_runs[key] = first
-        return first
 
     def _claim(self, conn: _Conn, rec: _Incoming | None, part: _InPart) -> None:
         """Caller holds the lock. May the part's runs land in the cache? Only if the part
@@ -504,91 +490,3 @@ class TcpReceiver(TransferRecords, KVReceiver):
                 reason = ""
         status = S.FAILED if reason else S.DONE
         self._reply(conn, {"op": "finish_ack", "tid": tid, "status": int(status), "reason": reason})
-
-    # ---- the cache
-
-    def _use_device(self) -> None:
-        """Our threads start here: CUDA calls that use the current device (pinned memory
-        among them) must not create a context on another GPU."""
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-
-    def _index(self, ids: torch.Tensor) -> torch.Tensor:
-        """Block ids as an int64 index on the cache's device, made on the receiver's stream
-        (the one every cache write uses), from pinned memory so nothing waits."""
-        ids = ids.to(torch.int64)
-        if self._stream is None:
-            return ids
-        with torch.cuda.stream(self._stream):
-            return ids.pin_memory().to(self.device, non_blocking=True)
-
-    def _write(self, layer: int, index: torch.Tensor, data: torch.Tensor) -> None:
-        """Caller holds the lock. On CUDA the copy is enqueued on the receiver's stream and
-        not waited for here (see _sync)."""
-        cache = self._raw[layer]  # [2, num_blocks, bs, kvh, d] as bits
-        if self._stream is None:
-            cache.index_copy_(1, index, raw(data))
-            return
-        with torch.cuda.stream(self._stream):
-            cache.index_copy_(1, index, raw(data).to(self.device, non_blocking=True))
-
-    def _write_run(self, layer: int, first: int, data: torch.Tensor) -> None:
-        """Caller holds the lock: a run that did not land in place ([2, n, bs, kvh, d],
-        TCP on CUDA: pinned host memory) into blocks first..first+n-1."""
-        with torch.cuda.stream(self._stream):
-            self.kv_caches[layer][:, first:first + data.shape[1]].copy_(data, non_blocking=True)
-
-    # ---- data plane hooks (TCP: the parts' bytes follow the block ids in the frame's payload)
-
-    def _check_data_plane(self) -> None:
-        pass
-
-    def _accept_data_plane(self, conn: _Conn, hello: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def _connect_data_plane(self, conn: _Conn) -> None:
-        pass
-
-    def _teardown_data_plane(self, conn: _Conn) -> None:
-        pass
-
-    def _receives_in_place(self) -> bool:
-        """Does the data plane put a claimed part's runs straight into the cache? TCP: on
-        CPU caches (recv_into the cache's memory); on CUDA they come through host memory."""
-        return self._stream is None
-
-    def _staged_shape(self, part: _InPart) -> tuple[int, ...]:
-        return (2, part.num_staged, *self._block_shape)
-
-    def _take_data(self, conn: _Conn, msg: _Message, nbytes: int) -> str | None:
-        """Reader: start the parts' data moving (`nbytes` more payload bytes are on the
-        socket) and set each part's `data`. A problem string means the whole message's
-        data was consumed and dropped. TCP: read it all now: staged blocks into a
-        buffer, claimed runs into the cache (CPU), others into host buffers or dropped."""
-        want = sum(len(p.dst) for p in msg.parts) * self._block_bytes
-        if nbytes != want:
-            conn.reader.discard(nbytes)
-            return f"payload of {nbytes} bytes after the block ids, want {want}"
-        pin = self._stream is not None
-        dtype = self.kv_caches[0].dtype
-        for p in msg.parts:
-            staged = None
-            if p.num_staged:
-                buf = conn.reader.payload(p.num_staged * self._block_bytes, pin_memory=pin)
-                staged = buf.view(dtype).view(self._staged_shape(p))
-            runs = []
-            for first, n in p.run_dst():
-                if p.claim is not None:  # CPU: in place
-                    for half in self._kv[p.layer]:
-                        conn.reader.into(wire.tensor_bytes(half[first:first + n]))
-                elif pin:  # CUDA: through host memory, written by the completer if the part passes
-                    buf = conn.reader.payload(n * self._block_bytes, pin_memory=True)
-                    runs.append(buf.view(dtype).view(2, n, *self._block_shape))
-                else:  # CPU, may not land: dropped
-                    conn.reader.discard(n * self._block_bytes)
-            p.data = _Arrived(staged, runs)
-        return None
-
-    def _await_data(self, conn: _Conn, part: _InPart) -> _Arrived:
-        """Completer: the part's data, once it is all here."""
-        return part.data

@@ -1,6 +1,8 @@
-"""Sender side (prefill) of the control plane every backend shares, with the TCP data
-plane as the default hooks. The TCP backend as a whole: tcp.py. The per-transfer and
-per-connection bookkeeping types (_Outgoing, _Peer, _Outbox, _Part, ...): outgoing.py.
+"""Sender side (prefill) of the control plane every backend shares. Its data side (block
+ids converted and split, cache views in flight, the TCP data plane as the default hooks,
+and why `min_direct_blocks` defaults to 2 MiB of K): SenderDataPlane in data_plane.py.
+The TCP backend as a whole: tcp.py. The per-transfer and per-connection bookkeeping
+types (_Outgoing, _Peer, _Outbox, _Part, ...): outgoing.py.
 
 Sender lifecycle (prefill side), one record per transfer_id:
 
@@ -31,14 +33,6 @@ Sender lifecycle (prefill side), one record per transfer_id:
   So a call costs two list comparisons, at most one gather launch, an event record and a
   queue hand-off: no host-to-device copy and no per-id Python.
 
-  Default `min_direct_blocks`: enough blocks for 2 MiB of K per run (64 blocks of a
-  Scout layer: 16 tokens x 8 heads x 128 x bf16 = 32 KiB of K a block). A run costs two
-  p2p ops (K and V) instead of its share of one; an op carries a fixed cost of a few us
-  inside a grouped NCCL launch (and ~50 us alone: NOTES.md measures 68 GB/s at 4 MiB
-  against 358 GB/s at 256 MiB), while 2 MiB crosses a 350 GB/s link in ~6 us; what a
-  run saves is its gather and its scatter, each ~4 MiB of HBM reads and writes per 2 MiB
-  of K (~3 us at ~3 TB/s). Below ~2 MiB the op's overhead outweighs the copies saved.
-
   Coalescing: the writer takes every part already queued for the peer (FIFO, up to
   `max_message_bytes`, at least one) and sends them as ONE parts message (wire.py): one
   header, the parts' data back to back. A caller that outruns the link therefore gets
@@ -63,10 +57,6 @@ Sender lifecycle (prefill side), one record per transfer_id:
   their staged buffers until sent: a caller that outruns the link holds up to a
   request's whole KV in the queue. release() forgets a record. The socket is closed by
   whichever of the peer's two threads ends last.
-
-On CUDA caches the TCP data plane moves bytes through pinned host memory on both sides
-(direct runs included: they are copied to host at send_layer, so fence() has nothing to
-do there).
 """
 
 from __future__ import annotations
@@ -81,18 +71,16 @@ from typing import Any, Sequence
 import torch
 
 from kv_transfer import wire
-from kv_transfer.base import (CacheLayout, KVSender, LayoutMismatch, TransferError, TransferStatus,
-                              check_blocks, direct_runs, raw, TransferRecords)
-from kv_transfer.outgoing import _BlockIds, _Control, _Outgoing, _Part, _Payload, _Peer, _Sent
-from kv_transfer.staging import DEFAULT_STAGING_BYTES, SLAB_BYTES, PinnedStaging
+from kv_transfer.base import CacheLayout, KVSender, LayoutMismatch, TransferError, TransferStatus, raw, TransferRecords
+from kv_transfer.data_plane import DIRECT_MIN_K_BYTES, SenderDataPlane
+from kv_transfer.outgoing import _Control, _Outgoing, _Part, _Peer, _Sent
+from kv_transfer.staging import DEFAULT_STAGING_BYTES, PinnedStaging
 
 log = logging.getLogger(__name__)
 S = TransferStatus
 
-DIRECT_MIN_K_BYTES = 2 << 20  # default min_direct_blocks: this many K bytes per run (see above)
 
-
-class TcpSender(TransferRecords, KVSender):
+class TcpSender(TransferRecords, SenderDataPlane, KVSender):
     data_plane = "tcp"
     max_message_bytes = 256 << 20  # coalescing cap: parts per message stop adding up past this
     write_inline = False  # the caller writes queued messages itself when the link runs dry (_write_inline; NCCL)
@@ -255,66 +243,6 @@ class TcpSender(TransferRecords, KVSender):
         for peer in peers:
             for t in peer.threads:
                 t.join(timeout=5)
-
-    # ---- block ids
-
-    def _block_ids(self, transfer_id: str, layer: int, src_blocks: Sequence[int],
-                   dst_blocks: Sequence[int]) -> _BlockIds:
-        """The call's block lists, checked and converted: looked up among the transfer's
-        recent lists, or (first call with these lists) checked, converted and split into
-        direct runs and staged blocks now."""
-        if not 0 <= layer < len(self.kv_caches):
-            raise ValueError(f"layer: {layer} out of range [0, {len(self.kv_caches)})")
-        num_blocks = self.kv_caches[layer].shape[1]
-        with self._lock:
-            rec = self._transfers.get(transfer_id)
-            ids = None if rec is None else rec.find_ids(num_blocks, src_blocks, dst_blocks)
-        if ids is not None:
-            return ids
-        whole = self._one_run(num_blocks, src_blocks, dst_blocks)
-        if whole is not None:
-            return whole
-        src = check_blocks(self.kv_caches, layer, src_blocks, "src_blocks")
-        if len(dst_blocks) != len(src_blocks):
-            raise ValueError(f"dst_blocks: {len(dst_blocks)} ids for {len(src_blocks)} src_blocks")
-        dst = wire.block_ids(dst_blocks, "dst_blocks")
-        runs = tuple(direct_runs(src, torch.frombuffer(bytearray(dst), dtype=torch.int32), self.min_direct_blocks))
-        staged = src
-        if runs:
-            keep = torch.ones(len(src), dtype=torch.bool)
-            for offset, count in runs:
-                keep[offset:offset + count] = False
-            staged = src[keep]
-        num_staged = staged.numel()
-        if num_staged and self.device.type == "cuda":
-            # From pinned memory the copy is truly asynchronous. From pageable memory it
-            # would block this thread until the caller's stream drained -- in a prefill
-            # that is until the layer just enqueued has finished computing.
-            staged = staged.pin_memory().to(self.device, non_blocking=True)
-        return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), dst, runs,
-                         [int(src[offset]) for offset, _ in runs], staged if num_staged else None, num_staged)
-
-    def _one_run(self, num_blocks: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> _BlockIds | None:
-        """The common case of a fresh pool, in plain Python: both lists are one run of
-        consecutive ids, long enough to go direct, src within the pool. The general path
-        costs ~0.3 ms of torch ops a list pair, paid on the first send_layer of a transfer
-        before any byte moves. None: not this case (the general path checks and explains)."""
-        n = len(src_blocks)
-        if n < self.min_direct_blocks or len(dst_blocks) != n or type(src_blocks) is not list \
-                or type(dst_blocks) is not list:
-            return None
-        if not (all(type(x) is int for x in src_blocks) and all(type(x) is int for x in dst_blocks)):
-            return None
-        s0, d0 = src_blocks[0], dst_blocks[0]
-        if not (0 <= s0 and s0 + n <= num_blocks) or d0 < 0:
-            return None
-        if src_blocks != list(range(s0, s0 + n)) or dst_blocks != list(range(d0, d0 + n)):
-            return None
-        try:
-            dst = wire.block_ids(dst_blocks, "dst_blocks")
-        except ValueError:
-            return None
-        return _BlockIds(num_blocks, list(src_blocks), list(dst_blocks), dst, ((0, n),), [s0], None, 0)
 
     # ---- connections
 
@@ -496,36 +424,6 @@ class TcpSender(TransferRecords, KVSender):
             self._stats["blocks_direct"] += sum(p.ids.num_direct for p in live)
             self._stats["blocks_staged"] += sum(p.ids.num_staged for p in live)
 
-    def _take(self, peer: _Peer, parts: list[_Part], sent: _Sent) -> list[torch.Tensor]:
-        """Caller holds the lock. The data plane is about to read the parts' tensors: from
-        now on fence() cannot copy them, and orders after the message instead. Returns
-        the message's tensors in wire order."""
-        if not peer.alive:  # its teardown already cleared what fence() waits on: add nothing
-            raise ConnectionError(f"connection to {peer.address} lost")
-        for p in parts:
-            peer.unposted.pop(p, None)
-        if any(p.payload.views for p in parts):
-            sent.reads_cache = True
-            self._reading.add(sent)
-        return [t for p in parts for t in p.payload.tensors()]
-
-    def _fence_sent(self) -> None:
-        """fence(), second half: wait until no message in flight may still read cache
-        views. The default (CPU caches) waits for their acks; a peer that does not ack
-        within fence_timeout is torn down, which ends its reads."""
-        with self._cond:
-            if self._cond.wait_for(lambda: not self._live_reading(), timeout=self.fence_timeout):
-                return
-            stuck = {s.peer for s in self._live_reading()}
-        for peer in stuck:
-            self._peer_failed(peer, f"fence(): no ack within {self.fence_timeout:g} s")
-
-    def _live_reading(self) -> set[_Sent]:
-        """Caller holds the lock: the messages that may still read cache views, less those
-        of dead peers (a torn-down pair reads nothing; its entries are dropped here)."""
-        self._reading = {s for s in self._reading if s.peer.alive}
-        return self._reading
-
     # ---- the reader: the receiver's answers
 
     def _read_loop(self, peer: _Peer) -> None:
@@ -591,98 +489,3 @@ class TcpSender(TransferRecords, KVSender):
         if last:
             self._peer_failed(peer, "connection closed")
             peer.sock.close()
-
-    # ---- data plane hooks (TCP: the parts' bytes follow the block ids in the frame's
-    # payload; on CUDA through pinned host memory)
-
-    def _check_data_plane(self) -> None:
-        pass
-
-    def _hello_extras(self) -> dict[str, Any]:
-        return {}
-
-    def _connect_data_plane(self, peer: _Peer, reply: dict[str, Any]) -> None:
-        pass
-
-    def _teardown_data_plane(self, peer: _Peer) -> None:
-        pass
-
-    def _release_sent(self, peer: _Peer, sent: _Sent) -> None:
-        """Reader, outside the lock: `sent` was acked; its buffers go when this returns."""
-
-    def _link_wants_more(self, peer: _Peer) -> bool:
-        """Should the caller's thread write queued messages itself (see _write_inline)?
-        TCP: never; its sends carry the data and would block the caller for as long."""
-        return False
-
-    def _gather(self, layer: int, src_ids: torch.Tensor) -> torch.Tensor:
-        """On the caller's stream; src_ids is already on the cache's device."""
-        return self._raw[layer].index_select(1, src_ids)  # [2, m, bs, kvh, d] as bits, contiguous
-
-    def _run_views(self, layer: int, ids: _BlockIds) -> list[torch.Tensor]:
-        """K and V of each direct run: contiguous views of the cache, no copy."""
-        k, v = self._kv[layer]
-        views = []
-        for s, (_, n) in zip(ids.run_src, ids.runs):
-            views += (k[s:s + n], v[s:s + n])
-        return views
-
-    def _stage(self, layer: int, ids: _BlockIds) -> _Payload:
-        """On the caller's thread and stream. CPU: the staged blocks gathered, the runs as
-        views (read when sent). CUDA: everything copied into pinned host memory now."""
-        staged = None if ids.staged is None else self._gather(layer, ids.staged)
-        runs = self._run_views(layer, ids)
-        if self.device.type != "cuda":
-            return _Payload(staged, runs, views=bool(runs))
-        payload = _Payload(staged, runs)
-        leased = None if self._staging is None else self._staging.stage(payload.tensors())
-        if leased is not None:  # pieces of the reserved pinned memory, in wire order
-            payload.staged, (payload.runs, payload.keep) = None, leased
-            payload.ready = payload.keep.copied
-            return payload
-        if self._staging is not None:
-            self._staging_missed()
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for t in payload.tensors()]
-        if staged is not None:
-            payload.staged, host = host[0], host[1:]
-        payload.runs = host
-        payload.ready = torch.cuda.Event()
-        payload.ready.record(torch.cuda.current_stream(self.device))
-        return payload
-
-    def _staging_missed(self) -> None:
-        with self._lock:
-            self._stats["host_staging_misses"] += 1
-            first = self._stats["host_staging_misses"] == 1
-        if first:
-            log.warning("KV host staging (%d MiB pinned) is full: parts now pin fresh memory on the caller's "
-                        "thread (~0.5 ms a MiB the first time); the link is slower than the KV comes",
-                        self._staging.num_slabs * SLAB_BYTES >> 20)
-
-    def _record_ready(self, payload: _Payload, stream) -> None:
-        """Record payload.ready on `stream`, numbered in recording order: of a message's
-        parts, the one recorded last on a stream covers the others (fence() records a
-        queued part's event again, so queue order is not recording order)."""
-        with self._record_lock:
-            payload.ready.record(stream)
-            payload.ready_stream, payload.ready_seq = stream, next(self._ready_seq)
-
-    def _detach(self, payload: _Payload) -> None:
-        """Caller holds the lock (fence()): copy the runs out of the cache, on the current
-        stream, so the part no longer reads blocks the caller is about to reuse."""
-        payload.runs = [t.clone() for t in payload.runs]
-        payload.views = False
-        if payload.ready is not None:
-            self._record_ready(payload, torch.cuda.current_stream(self.device))
-
-    def _transmit(self, peer: _Peer, header: bytes, ids: list[memoryview], parts: list[_Part],
-                  sent: _Sent) -> int:
-        """Write one parts message (header, the block ids, then each part's data);
-        returns the bytes it moved."""
-        for p in parts:
-            if p.payload.ready is not None:
-                p.payload.ready.synchronize()
-        with self._lock:
-            tensors = self._take(peer, parts, sent)
-        return wire.send_frame(peer.sock, header, ids + [wire.tensor_bytes(t) for t in tensors])
