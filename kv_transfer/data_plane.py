@@ -38,7 +38,6 @@ from kv_transfer import wire
 from kv_transfer.base import check_blocks, direct_runs, raw
 from kv_transfer.incoming import _Arrived, _Conn, _InPart, _Message
 from kv_transfer.outgoing import _BlockIds, _Part, _Payload, _Peer, _Sent
-from kv_transfer.staging import SLAB_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +205,9 @@ class SenderDataPlane:
             self._stats["host_staging_misses"] += 1
             first = self._stats["host_staging_misses"] == 1
         if first:
-            log.warning("KV host staging (%d MiB pinned) is full: parts now pin fresh memory on the caller's "
-                        "thread (~0.5 ms a MiB the first time); the link is slower than the KV comes",
-                        self._staging.num_slabs * SLAB_BYTES >> 20)
+            log.warning("KV host staging (%d MiB pinned) has no room for a part: parts that find it full "
+                        "pin fresh memory on the caller's thread (~0.5 ms a MiB the first time); more KV is "
+                        "queued for decode than it holds (raise --kv-host-staging-mb)", self._staging.nbytes >> 20)
 
     def _record_ready(self, payload: _Payload, stream) -> None:
         """Record payload.ready on `stream`, numbered in recording order: of a message's

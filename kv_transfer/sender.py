@@ -343,6 +343,7 @@ class TcpSender(TransferRecords, SenderDataPlane, KVSender):
                     if batch is None:
                         return
                     self._send(peer, batch)
+                    del batch  # its parts' host staging goes back now, not when the next message comes
         except Exception as e:
             self._peer_failed(peer, f"send failed: {type(e).__name__}: {e}")
         finally:

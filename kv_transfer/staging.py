@@ -6,74 +6,88 @@ asynchronous and the writer thread can send the bytes later. Pinning memory is s
 the first time -- cudaHostAlloc pins page by page, ~0.56 ms per MiB on an H200 host,
 9 ms for a 16 MiB run of K -- and torch's caching host allocator pins fresh memory
 whenever more parts are queued at once than ever before. Those allocations stalled the
-engine thread 15-18 ms per layer (bench/disagg.py --one-gpu: the KV push's p99 was
-32-53 ms of a request's 50 ms prefill).
+engine thread 15-18 ms per layer (bench/tcp_send.py: send_layer's p99 17.7 ms, 0.61 ms
+with this pool).
 
-A `PinnedStaging` pins `total_bytes` once, at the sender's start, and hands them out
-in fixed SLAB_BYTES slabs: a tensor of n bytes takes ceil(n / SLAB_BYTES) slabs and is
-copied into them piece by piece (the wire carries bytes: a part's pieces go back to
-back, exactly as its tensors would). The slabs come back when their `Lease`, which the
-part's payload holds, dies -- the part sent, dropped, or its peer gone:
-`weakref.finalize`, so no path can leak them -- and are reused once the copies into
-them have completed on the GPU. When the pool
-has too few free slabs, `take` returns None and the caller pins fresh memory as
-before (counted in the sender's stats as `host_staging_misses`).
+A `PinnedStaging` pins its memory once, at the sender's start, and hands out one
+contiguous extent per part, in GRANULE units (64 KiB: one block of one layer of Scout's
+K and V is 64 KiB, so a short prompt's part wastes little): the part's tensors are
+copied into it back to back, one piece each, exactly as they go on the wire. Free
+extents are kept sorted and merged, first fit; parts are taken and given back nearly in
+queue order, so the memory stays in few extents. An extent comes back when its `Lease`,
+which the part's payload holds, dies -- the part sent, dropped, or its peer gone:
+`weakref.finalize`, so no path can leak it -- and is reused once the copies into it
+have completed on the GPU. When no free extent is large enough, `stage` returns None and
+the caller pins fresh memory as before (the sender's stats count `host_staging_misses`).
+
+torch's host allocator pins a power of two: the pool takes the size asked for rounded
+up to one, and uses all of it.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import threading
 import weakref
 
 import torch
 
-SLAB_BYTES = 4 << 20
+GRANULE = 64 << 10
 DEFAULT_STAGING_BYTES = 512 << 20  # a few requests' layers in flight; 0 disables the pool
+
+
+def pinned_size(nbytes: int) -> int:
+    """What torch pins for a request of nbytes (its host allocator rounds up to a power
+    of two)."""
+    return 1 << max(0, nbytes - 1).bit_length()
 
 
 class PinnedStaging:
     def __init__(self, total_bytes: int = DEFAULT_STAGING_BYTES, *, pin: bool = True):
-        """pin=False: ordinary memory, for tests of the bookkeeping on machines without CUDA."""
-        if type(total_bytes) is not int or total_bytes < SLAB_BYTES:
-            raise ValueError(f"host staging: need at least {SLAB_BYTES} bytes, got {total_bytes!r}")
-        n = total_bytes // SLAB_BYTES
-        self._memory = torch.empty(n * SLAB_BYTES, dtype=torch.uint8, pin_memory=pin)
-        self._free = list(range(n))  # slab indices
-        self._pending: list[tuple[list[int], object]] = []  # (slabs, event of the copies into them)
+        """pin=False: ordinary memory of exactly total_bytes, for tests of the bookkeeping
+        on machines without CUDA."""
+        if type(total_bytes) is not int or total_bytes < GRANULE:
+            raise ValueError(f"host staging: need at least {GRANULE} bytes, got {total_bytes!r}")
+        size = pinned_size(total_bytes) if pin else total_bytes
+        self.num_granules = size // GRANULE
+        self.nbytes = self.num_granules * GRANULE
+        self._memory = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._free: list[tuple[int, int]] = [(0, self.num_granules)]  # (start, count) in granules, sorted
+        self._pending: list[tuple[int, int, object]] = []  # given back, copies maybe still running
+        # Finalizers append here without a lock: one may run on a thread that holds the
+        # lock below (a collection can fire it anywhere), and deque.append is atomic.
+        self._returned: collections.deque[tuple[int, int, object]] = collections.deque()
         self._lock = threading.Lock()
-        self.num_slabs = n
 
     @property
-    def free_slabs(self) -> int:
+    def free_bytes(self) -> int:
         with self._lock:
             self._reclaim()
-            return len(self._free)
+            return GRANULE * sum(n for _, n in self._free)
 
     def stage(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Lease] | None:
         """Host copies of `tensors` (contiguous; on the GPU, or anywhere with pin=False),
-        enqueued on the current stream: uint8 pieces in wire order, and the lease that
-        holds their slabs: keep it as long as the pieces are read; the slabs come back
-        when it dies, once the copies have completed. None: too few free slabs (nothing
-        taken)."""
+        enqueued on the current stream: one uint8 piece each, back to back in one extent,
+        and the lease that holds it: keep it as long as the pieces are read; the extent
+        comes back when it dies, once the copies have completed. None: no free extent is
+        large enough (nothing taken)."""
         sizes = [t.nbytes for t in tensors]
-        need = sum(-(-s // SLAB_BYTES) for s in sizes)
+        need = max(1, -(-sum(sizes) // GRANULE))
         with self._lock:
             self._reclaim()
-            if need > len(self._free):
-                return None
-            slabs, self._free = self._free[:need], self._free[need:]
-        pieces, k = [], 0
+            start = self._take(need)
+        if start is None:
+            return None
+        pieces, offset = [], start * GRANULE
         for t, size in zip(tensors, sizes):
-            flat = t.reshape(-1).view(torch.uint8)
-            for start in range(0, size, SLAB_BYTES):
-                n = min(SLAB_BYTES, size - start)
-                piece = self._memory[slabs[k] * SLAB_BYTES:][:n]
-                piece.copy_(flat[start:start + n], non_blocking=True)
-                pieces.append(piece)
-                k += 1
+            piece = self._memory[offset:offset + size]
+            piece.copy_(t.reshape(-1).view(torch.uint8), non_blocking=True)
+            pieces.append(piece)
+            offset += size
         copied = self._record_copies(tensors[0].device) if tensors else None
         lease = Lease(copied)
-        weakref.finalize(lease, self._give, slabs, copied)
+        weakref.finalize(lease, self._returned.append, (start, need, copied))
         return pieces, lease
 
     @staticmethod
@@ -85,24 +99,44 @@ class PinnedStaging:
         copied.record(torch.cuda.current_stream(device))
         return copied
 
-    def _give(self, slabs: list[int], copied) -> None:
-        with self._lock:
-            self._pending.append((slabs, copied))
+    def _take(self, need: int) -> int | None:
+        """Caller holds the lock: the start of a free extent of `need` granules, first fit."""
+        for i, (start, count) in enumerate(self._free):
+            if count >= need:
+                if count == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + need, count - need)
+                return start
+        return None
 
     def _reclaim(self) -> None:
-        """Caller holds the lock: slabs whose copies have completed are free again."""
+        """Caller holds the lock: extents given back whose copies have completed are free
+        again, merged with their free neighbours."""
+        while self._returned:
+            self._pending.append(self._returned.popleft())
         still = []
-        for slabs, copied in self._pending:
+        for start, count, copied in self._pending:
             if copied is None or copied.query():
-                self._free += slabs
+                self._put(start, count)
             else:
-                still.append((slabs, copied))
+                still.append((start, count, copied))
         self._pending = still
+
+    def _put(self, start: int, count: int) -> None:
+        i = bisect.bisect(self._free, (start, count))
+        if i < len(self._free) and start + count == self._free[i][0]:  # merge with the next
+            count += self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:  # and the previous
+            start, count = self._free[i - 1][0], self._free[i - 1][1] + count
+            del self._free[i - 1]
+            i -= 1
+        self._free.insert(i, (start, count))
 
 
 class Lease:
-    """Slabs of a PinnedStaging, held while this object lives; `copied`: the event after
-    the copies into them (None off CUDA)."""
+    """An extent of a PinnedStaging, held while this object lives; `copied`: the event
+    after the copies into it (None off CUDA)."""
 
     def __init__(self, copied):
         self.copied = copied

@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for decode to acknowledge a request's KV (default 60)")
     g.add_argument("--kv-host-staging-mb", type=int, default=512, metavar="MIB",
                    help="tcp on a GPU: pinned host memory reserved at start-up for KV on its way to decode, so "
-                        "the engine never pins memory mid-step (~0.5 ms a MiB); parts beyond it pin their own "
-                        "(default 512; 0: always pin per part)")
+                        "the engine never pins memory mid-step (~0.5 ms a MiB); parts beyond it pin their own. "
+                        "Rounded up to a power of two, as torch pins (default 512; 0: always pin per part)")
     import registry
 
     registry.add_arguments(p)
