@@ -28,6 +28,7 @@ from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+EARLY_PREFILL_TOKENS = 1024  # decode's --early-prefill-tokens default: longer prompts go to prefill first
 sys.path.insert(0, str(ROOT))
 
 
@@ -46,6 +47,25 @@ def start(module: str, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
             break
     threading.Thread(target=lambda: [log.append(x) for x in proc.stdout], daemon=True).start()
     return proc, address, log
+
+
+class GpuWarmer:
+    """Keeps the given GPUs busy for `ms` milliseconds, then returns with them idle: run
+    right before a timed request, every mode starts from the same (busy) power state."""
+
+    def __init__(self, devices: list[str], ms: float):
+        import torch
+
+        self.torch, self.seconds = torch, ms / 1e3
+        self.xs = [torch.randn(2048, 2048, device=d) for d in devices]
+
+    def __call__(self) -> None:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            for x in self.xs:
+                self.torch.mm(x, x)
+            for x in self.xs:
+                self.torch.cuda.synchronize(x.device)
 
 
 def pct(xs, q):
@@ -84,6 +104,10 @@ def main() -> int:
                     help="the prompt-first decode waits this long between reserving and SetDestination "
                          "(--test-destination-delay): prefill computes layers before their blocks are known, "
                          "defers them and pins their sources; outputs must not change")
+    ap.add_argument("--warm-gpus-ms", type=float, default=0.0, metavar="MS",
+                    help="before each timed request, keep the services' GPUs busy this long (matmuls from this "
+                         "client): a GPU that idled runs the next prefill up to ~35 ms slower (bench/idle_gpu.py), "
+                         "and the modes would differ by which GPU idled (default 0: off; e.g. 30)")
     ap.add_argument("--trace", metavar="CSV",
                     help="write every timed request (mode, index, wall-clock send time, TTFT) to this file, to "
                          "line requests up with a GPU clock log (e.g. nvidia-smi --query-gpu=timestamp,clocks.sm)")
@@ -92,6 +116,11 @@ def main() -> int:
         ap.error("--cpu needs --model (scout-slice does not fit a CPU run)")
     if args.cpu and args.one_gpu:
         ap.error("--cpu and --one-gpu exclude each other")
+    if args.warm_gpus_ms < 0 or (args.warm_gpus_ms and args.cpu):
+        ap.error("--warm-gpus-ms: must be >= 0, and needs GPUs")
+    if args.destination_delay and args.prompt_len < EARLY_PREFILL_TOKENS:
+        ap.error(f"--destination-delay: prompts under {EARLY_PREFILL_TOKENS} tokens reserve first (decode's "
+                 "--early-prefill-tokens), so nothing would be late")
 
     import grpc
 
@@ -148,7 +177,11 @@ def main() -> int:
         sent_at: dict[str, float] = {}  # request id -> when the client sent it (CLOCK_MONOTONIC)
         wall_at: dict[int, float] = {}
 
+        warm = GpuWarmer(sorted(set(devices)), args.warm_gpus_ms) if args.warm_gpus_ms else None
+
         def run(prompt, prefill_address, rid="", via=None):
+            if warm is not None:
+                warm()
             req = decode_pb2.GenerateRequest(packed_prompt_token_ids=pack_token_ids(array("I", prompt)), sampling=sp,
                                              prefill_address=prefill_address, request_id=rid)
             t0 = time.perf_counter()
@@ -218,6 +251,9 @@ def main() -> int:
               + f"; greedy outputs identical in {same}/{args.requests * len(stubs)}")
         for m in mismatches:
             print(f"  greedy output differs from colocated: {m}")
+        if args.destination_delay:
+            print(f"  (disaggregated: decode sent each request's blocks {1e3 * args.destination_delay:.0f} ms late, "
+                  "on purpose: its TTFT includes that wait)")
         print("| measure | p50 | p99 |\n|---|---|---|")
         for k in res:
             print(f"| TTFT {k} | {1e3 * statistics.median(ttft[k]):.1f} ms | {1e3 * pct(ttft[k], 0.99):.1f} ms |")

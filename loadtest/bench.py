@@ -94,15 +94,21 @@ async def arun_benchmark(cfg: BenchConfig) -> dict:
 
         # What exists now (the dataset's requests, the client, imported modules) lives to
         # the end: out of the collector's sight, a full collection during the run scans
-        # only the records it made, instead of pausing every request in flight.
-        gc.collect()
-        gc.freeze()
-        with tqdm(total=total, disable=not cfg.progress, unit="req", desc="requests") as bar:
-            rng = np.random.default_rng([cfg.workload.seed, 1])  # arrivals' own stream
-            start = time.perf_counter()
-            per_job = await dispatch(jobs, _job_runner(client, model, bar.update), cfg.arrivals, rng)
-            duration = time.perf_counter() - start
-    gc.unfreeze()
+        # only the records it made, instead of pausing every request in flight. Not when
+        # the caller froze its own objects already (unfreeze would undo that too).
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.collect()
+            gc.freeze()
+        try:
+            with tqdm(total=total, disable=not cfg.progress, unit="req", desc="requests") as bar:
+                rng = np.random.default_rng([cfg.workload.seed, 1])  # arrivals' own stream
+                start = time.perf_counter()
+                per_job = await dispatch(jobs, _job_runner(client, model, bar.update), cfg.arrivals, rng)
+                duration = time.perf_counter() - start
+        finally:
+            if freeze:
+                gc.unfreeze()
     records = [r for recs in per_job for r in recs]
     if not records:
         raise ValueError("duration: no request was sent before the run's time was up")
