@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import scout_slice  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,11 +36,7 @@ def main() -> int:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    model = args.model or "/tmp/scout-slice-L4"
-    if not (Path(model) / "config.json").is_file():
-        from launcher.make_model import make_model
-
-        make_model("scout-slice", model, seed=0, layers=4)
+    model = scout_slice(args.model)
     llm = LLM(model, device=args.device, ops="triton" if args.device.startswith("cuda") else "torch",
               num_blocks=8192, max_model_len=args.prompt_len + 2048, max_num_batched_tokens=max(8192, args.prompt_len),
               enable_prefix_caching=False)

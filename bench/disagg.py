@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EARLY_PREFILL_TOKENS = 1024  # decode's --early-prefill-tokens default: longer prompts go to prefill first
 sys.path.insert(0, str(ROOT))
 
+from bench import scout_slice  # noqa: E402
+
 
 def start(module: str, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
     proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
@@ -130,11 +132,7 @@ def main() -> int:
     from protos.grpc_server import wait_healthy
     from engine.sampling import SamplingParams
 
-    model = args.model or "/tmp/scout-slice-L4"
-    if not (Path(model) / "config.json").is_file():
-        from launcher.make_model import make_model
-
-        make_model("scout-slice", model, seed=0, layers=4)
+    model = scout_slice(args.model)
     common = ["--model", model, "--port", "0", "--kv-transport", "tcp" if args.cpu or args.one_gpu else "nccl",
               "--max-model-len", "16384", "--max-num-batched-tokens", "8192", "--no-prefix-caching",
               "--log-level", "WARNING", "--ops", "torch" if args.cpu else args.ops]

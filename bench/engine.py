@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import scout_slice  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 
 
@@ -216,15 +217,7 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     ceil = ceilings()
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-    model_dir = args.model
-    if model_dir is None:
-        from launcher.make_model import make_model
-
-        model_dir = f"/tmp/scout-slice-L{args.layers}"
-        if not (Path(model_dir) / "config.json").is_file():
-            t0 = time.perf_counter()
-            make_model("scout-slice", model_dir, seed=0, layers=args.layers)
-            print(f"wrote scout-slice in {time.perf_counter() - t0:.0f} s", flush=True)
+    model_dir = scout_slice(args.model, args.layers)
     cfg = ModelConfig.from_dir(model_dir)
 
     hf = {} if args.skip_hf else bench_transformers(model_dir, args.prompt_len, batches, args.hf_new_tokens,

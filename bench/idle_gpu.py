@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import scout_slice  # noqa: E402
+
 
 def pause(kind: str, seconds: float, side: torch.cuda.Stream, x: torch.Tensor) -> None:
     end = time.perf_counter() + seconds
@@ -57,11 +59,7 @@ def main() -> int:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    model = args.model or "/tmp/scout-slice-L4"
-    if not (Path(model) / "config.json").is_file():
-        from launcher.make_model import make_model
-
-        make_model("scout-slice", model, seed=0, layers=4)
+    model = scout_slice(args.model)
     llm = LLM(model, device="cuda", ops="triton", num_blocks=4096, max_model_len=16384,
               max_num_batched_tokens=max(8192, args.prompt_len), enable_prefix_caching=False)
     rng = random.Random(0)

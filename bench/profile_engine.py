@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import scout_slice  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,11 +38,7 @@ def main() -> int:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    model_dir = args.model or f"/tmp/scout-slice-L{args.layers}"
-    if not (Path(model_dir) / "config.json").is_file():
-        from launcher.make_model import make_model
-
-        make_model("scout-slice", model_dir, seed=0, layers=args.layers)
+    model_dir = scout_slice(args.model, args.layers)
     import time
 
     n = args.prompt_len
