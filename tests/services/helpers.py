@@ -3,6 +3,7 @@ of them (a generation, whole block pools)."""
 
 from __future__ import annotations
 
+import random
 import re
 import signal
 import subprocess
@@ -89,6 +90,18 @@ def concurrently(fn, n):
     for t in threads:
         t.join()
     return out
+
+
+def prefix_hit_moves_only_the_rest(stub, prefill_address: str, offline, seed: int) -> None:
+    """Two prompts sharing 96 tokens (6 blocks) through decode `stub`: the second finds
+    them in decode's cache, so prefill sends only the rest, and the tokens equal offline."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(202048) for _ in range(96)]
+    a, b = shared + [rng.randrange(202048) for _ in range(40)], shared + [rng.randrange(202048) for _ in range(50)]
+    generate(stub, a, prefill_address)
+    tokens, last = generate(stub, b, prefill_address)
+    assert tokens == offline.generate(b, params())[0].token_ids
+    assert last.num_cached_tokens == 96 and last.num_transferred_tokens == len(b) - 96
 
 
 def pools_whole(stub, timeout=10.0):

@@ -13,7 +13,7 @@ import pytest
 
 from protos import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from protos.convert import pack_token_ids, sampling_to_pb
-from tests.services.helpers import Service, generate, params, pools_whole
+from tests.services.helpers import Service, concurrently, generate, params, pools_whole, prefix_hit_moves_only_the_rest
 
 
 def test_16_concurrent_requests_match_offline(stack, offline):
@@ -22,16 +22,8 @@ def test_16_concurrent_requests_match_offline(stack, offline):
     prompts = [[rng.randrange(202048) for _ in range(n)] for n in
                [5, 20, 33, 40, 47, 64, 65, 70, 90, 100, 120, 130, 31, 150, 48, 81]]
     ref = [o.token_ids for o in offline.generate(prompts, params())]
-    results = [None] * len(prompts)
-
-    def one(i):
-        results[i] = generate(stub, prompts[i], p.address, packed=i % 2 == 1)  # both forms of a prompt
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # both forms of a prompt: a repeated field and packed bytes
+    results = concurrently(lambda i: generate(stub, prompts[i], p.address, packed=i % 2 == 1), len(prompts))
     assert [r[0] for r in results] == ref
     moved = [r[1].num_transferred_tokens for r in results]
     assert sum(1 for m in moved if m > 0) >= 10  # long uncached prompts went through prefill
@@ -41,13 +33,7 @@ def test_16_concurrent_requests_match_offline(stack, offline):
 
 def test_decode_prefix_hit_transfers_only_the_rest(stack, offline):
     p, d, stub = stack
-    rng = random.Random(12)
-    shared = [rng.randrange(202048) for _ in range(96)]
-    a, b = shared + [rng.randrange(202048) for _ in range(40)], shared + [rng.randrange(202048) for _ in range(50)]
-    generate(stub, a, p.address)
-    tokens, last = generate(stub, b, p.address)
-    assert tokens == offline.generate(b, params())[0].token_ids
-    assert last.num_cached_tokens == 96 and last.num_transferred_tokens == len(b) - 96
+    prefix_hit_moves_only_the_rest(stub, p.address, offline, seed=12)
 
 
 def test_cancel_during_decode_and_abort_free_blocks(stack):

@@ -16,7 +16,8 @@ import pytest
 
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.convert import pack_token_ids, sampling_to_pb
-from tests.services.helpers import Service, concurrently, generate, params, pools_whole
+from tests.services.helpers import (Service, concurrently, generate, params, pools_whole,
+                                    prefix_hit_moves_only_the_rest)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +46,7 @@ def test_concurrent_early_requests_match_offline(early, offline):
 
 def test_early_request_with_a_decode_prefix_hit_moves_only_the_rest(early, offline):
     p, _, stub = early
-    rng = random.Random(22)
-    shared = [rng.randrange(202048) for _ in range(96)]
-    a, b = shared + [rng.randrange(202048) for _ in range(40)], shared + [rng.randrange(202048) for _ in range(50)]
-    generate(stub, a, p.address)
-    tokens, last = generate(stub, b, p.address)
-    assert tokens == offline.generate(b, params())[0].token_ids
-    assert last.num_cached_tokens == 96 and last.num_transferred_tokens == len(b) - 96
+    prefix_hit_moves_only_the_rest(stub, p.address, offline, seed=22)
 
 
 def test_cancel_between_prompt_and_blocks_frees_both_pools(early):

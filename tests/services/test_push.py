@@ -151,14 +151,22 @@ class Following:
         self.pusher.end()
 
 
-def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARAMS):
-    P, D = p_llm.engine, d_llm.engine
+def follow(P, D, prompt, params=PARAMS):
+    """Decode (engine D) reserves the prompt; prefill (engine P) takes it with a
+    destination that follows. (decode's request, sender, pusher, prefill's request id,
+    the destination)."""
     req = D.reserve(prompt, params)
     sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
     pusher = pusher_for(P, sender)
     rid = P.add_request(prompt, replace(params, max_tokens=1))
     dest = Destination("local", "t")
     pusher.add(rid, dest, len(prompt))
+    return req, sender, pusher, rid, dest
+
+
+def disaggregated_following(p_llm, d_llm, prompt, at_step, at_layer, params=PARAMS):
+    P, D = p_llm.engine, d_llm.engine
+    req, sender, pusher, rid, dest = follow(P, D, prompt, params)
     blocks = decode_blocks(req)
     hook = Following(pusher, dest, blocks, at_step, at_layer)
     first = None
@@ -261,13 +269,7 @@ def test_late_sends_from_a_step_that_pushes_nothing_still_fence_the_next_step(ti
     may write them (found by review: it did not)."""
     P = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512, max_num_batched_tokens=8).engine
     D = LLM(tiny_llama4_dir, num_blocks=64, max_model_len=512).engine
-    prompt = list(range(300, 340))
-    req = D.reserve(prompt, PARAMS)
-    sender = CopySender(P.runner.kv_caches, D.runner.kv_caches)
-    pusher = pusher_for(P, sender)
-    rid = P.add_request(prompt, replace(PARAMS, max_tokens=1))
-    dest = Destination("local", "t")
-    pusher.add(rid, dest, len(prompt))
+    req, sender, pusher, _, dest = follow(P, D, list(range(300, 340)))
     P.step(pusher)  # tokens 0-7: no block full
     P.step(pusher)  # tokens 8-15: block 0 full, deferred and pinned
     assert dest.pinned and dest.deferred and sender.sent == []
