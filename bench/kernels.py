@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from engine.attention import DecodeBatch  # noqa: E402
 from engine.ops import TorchOps  # noqa: E402
-from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
-from kernels.rope import rope, rope_reference  # noqa: E402
+from tandem_kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from tandem_kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
+from tandem_kernels.rope import rope, rope_reference  # noqa: E402
 
 
 def torch_paged_decode(q, kv_cache, table, start, length, scale):
@@ -51,7 +51,7 @@ def decode_attention_rows(bw: float, sweep: bool = False) -> list[tuple]:
     for other tile configs and split counts, each checked against the default's output:
         python -c "from bench.kernels import *; print(*decode_attention_rows(ceilings()['copy_GBps'], True), sep='\\n')"
     """
-    from kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
+    from tandem_kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
 
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = default_config(torch.bfloat16, torch.device("cuda"))
@@ -120,14 +120,14 @@ def decode_attention_fp8_rows(bw: float, sweep: bool = False, batch: int = 64, c
     """An fp8 (e4m3) KV cache against the same values in bf16, at Scout heads (40 q / 8 kv,
     d 128), block size 16, bf16 queries, the engine's call replayed from a CUDA graph. The
     fp8 cache is the bf16 one quantised with per-tensor (K, V) scales (amax / 448), the
-    format of kernels/kv_write.py: half the bytes, so the ceiling is the copy bandwidth on
+    format of tandem_kernels/kv_write.py: half the bytes, so the ceiling is the copy bandwidth on
     the fp8 bytes. Errors: each kernel against TorchOps.decode_attention on its own cache;
     the fp8 row also against the bf16 output (e4m3's quantisation error). sweep=True adds
     fp8 rows for other tiles and split counts:
         python -c "from bench.kernels import *; print(*decode_attention_fp8_rows(ceilings()['copy_GBps'], True), sep='\\n')"
     """
-    from kernels.kv_write import quantize_fp8_reference
-    from kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
+    from tandem_kernels.kv_write import quantize_fp8_reference
+    from tandem_kernels.paged_attention import DecodeConfig, choose_num_splits, default_config
 
     def rel(a, b) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()

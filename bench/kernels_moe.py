@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from engine.ops import TorchOps  # noqa: E402
-from kernels.moe import GemmTiles, MoeTiles, fused_moe, fused_moe_reference  # noqa: E402
+from tandem_kernels.moe import GemmTiles, MoeTiles, fused_moe, fused_moe_reference  # noqa: E402
 
 H, I, E = 5120, 8192, 16  # Llama 4 Scout
 DECODE, PREFILL = (1, 8, 64), 8192

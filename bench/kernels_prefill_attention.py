@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
-from kernels.prefill_attention import (  # noqa: E402
+from tandem_kernels.prefill_attention import (  # noqa: E402
     PrefillConfig, PrefillPlan, default_config, prefill_attention, prefill_plan)
 
 H, KVH, D, BS = 40, 8, 128, 16  # Llama 4 Scout heads; the engine's default block size

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import ceilings, cuda_time, print_table  # noqa: E402
 from engine.ops import TorchOps  # noqa: E402
-from kernels.kv_write import quantize_fp8_reference, write_kv, write_kv_reference  # noqa: E402
-from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_reference  # noqa: E402
-from kernels.rope import rope, rope_reference  # noqa: E402
+from tandem_kernels.kv_write import quantize_fp8_reference, write_kv, write_kv_reference  # noqa: E402
+from tandem_kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_reference  # noqa: E402
+from tandem_kernels.rope import rope, rope_reference  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 5120, 40, 8, 128
 TOKENS = (1, 64, 8192)

@@ -68,7 +68,7 @@ class PrefillSegment:
 @dataclass
 class PrefillBatch:
     """The step's prefill segments (the PrefillSegments, in order) as the paged prefill
-    kernel takes them (kernels/prefill_attention.py): segment s owns q rows
+    kernel takes them (tandem_kernels/prefill_attention.py): segment s owns q rows
     cu_seqlens_q[s]:cu_seqlens_q[s + 1] of q[rows] and sees the key positions
     [kv_start[s], kv_start[s] + kv_len[s]) through its block table, its queries being
     the last of them. Index tensors on the device, int32."""

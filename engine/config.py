@@ -209,7 +209,7 @@ def _rope(text: dict) -> tuple[float, RopeScaling | None]:
 
 # --kv-cache-dtype -> the cache's torch dtype name (None: the model's dtype, DeviceConfig).
 # fp8 is e4m3 (float8_e4m3fn) with one fp32 scale for all K and one for all V of the
-# cache (kernels/kv_write.py): 1 byte an element, so twice the blocks of a 16-bit cache.
+# cache (tandem_kernels/kv_write.py): 1 byte an element, so twice the blocks of a 16-bit cache.
 KV_CACHE_DTYPES: dict[str, str | None] = {"auto": None, "fp8": "float8_e4m3fn"}
 
 

@@ -2,7 +2,7 @@
 
 Models call `self.ops.rms_norm(...)`, `self.ops.attention(...)` and so on, never torch
 directly for these. `TorchOps` is the plain-PyTorch implementation, exact against
-transformers and used on CPU; the Triton kernels (kernels/) subclass it and replace
+transformers and used on CPU; the Triton kernels (tandem_kernels/) subclass it and replace
 methods one by one, so the model code never changes. Shapes are written as
 `[tokens, heads, head_dim]` etc.; T is the number of tokens in the step.
 """
@@ -21,7 +21,7 @@ from engine.attention import AttentionMetadata, DecodeBatch
 # have no such cost (measured on H100, BENCHMARKS.md).
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-# An fp8 KV cache (kernels/kv_write.py's format): float8_e4m3fn with per-tensor (K, V)
+# An fp8 KV cache (tandem_kernels/kv_write.py's format): float8_e4m3fn with per-tensor (K, V)
 # scales in a [2] fp32 tensor on the cache's device; x ~ cache.float() * scale.
 FP8_KV = torch.float8_e4m3fn
 
@@ -139,14 +139,14 @@ class TorchOps:
                  kv_scale: torch.Tensor | None = None) -> None:
         """kv_cache: [2, num_blocks, block_size, KVH, D]; k, v: [T, KVH, D]; slots: [T].
         kv_scale: [2] fp32 (K, V) for an fp8 cache, which stores x / scale rounded to e4m3
-        (kernels/kv_write.py's quantize_fp8_reference)."""
+        (tandem_kernels/kv_write.py's quantize_fp8_reference)."""
         _check_kv_scale(kv_cache, kv_scale)
         kvh, d = k.shape[1], k.shape[2]
         if kv_scale is None:
             kv_cache[0].view(-1, kvh, d)[slots] = k
             kv_cache[1].view(-1, kvh, d)[slots] = v
             return
-        from kernels.kv_write import quantize_fp8_reference  # imports triton: only fp8 caches need it
+        from tandem_kernels.kv_write import quantize_fp8_reference  # imports triton: only fp8 caches need it
 
         for i, x in enumerate((k, v)):  # scattered as bytes: index_put need not support fp8 on every device
             dst = kv_cache[i].view(torch.uint8).view(-1, kvh, d)
@@ -207,7 +207,7 @@ class TorchOps:
 
 
 class TritonOps(TorchOps):
-    """TorchOps with Triton kernels (kernels/) where one exists, on CUDA tensors; CPU
+    """TorchOps with Triton kernels (tandem_kernels/) where one exists, on CUDA tensors; CPU
     tensors keep the torch versions, unless `on_cpu` is set: then the kernels run on CPU
     tensors too, in Triton's interpreter (TRITON_INTERPRET=1; tests only, slow).
     Issue 3 adds kernels here one op at a time."""
@@ -220,12 +220,12 @@ class TritonOps(TorchOps):
     graph_safe = True
 
     def __init__(self):
-        from kernels.kv_write import write_kv  # needs triton
-        from kernels.moe import fused_moe
-        from kernels.paged_attention import choose_num_splits, paged_decode_attention
-        from kernels.prefill_attention import default_config, prefill_attention, prefill_plan
-        from kernels.rms_norm import fused_add_rms_norm, rms_norm
-        from kernels.rope import rope
+        from tandem_kernels.kv_write import write_kv  # needs triton
+        from tandem_kernels.moe import fused_moe
+        from tandem_kernels.paged_attention import choose_num_splits, paged_decode_attention
+        from tandem_kernels.prefill_attention import default_config, prefill_attention, prefill_plan
+        from tandem_kernels.rms_norm import fused_add_rms_norm, rms_norm
+        from tandem_kernels.rope import rope
 
         self._rms_norm = rms_norm
         self._fused_add_rms_norm = fused_add_rms_norm

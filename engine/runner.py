@@ -7,7 +7,7 @@ scheduler and the KV cache manager never see a tensor.
 The caches hold the model's dtype, or with `kv_cache_dtype="fp8"` e4m3 (float8_e4m3fn)
 read and written with one `[2]` fp32 (K scale, V scale) device tensor, `kv_scale`, that
 every layer's attention metadata carries: a cache entry is e4m3(clamp(x / scale, +-448))
-and reads back as entry * scale (kernels/kv_write.py). Half the bytes of bf16: twice the
+and reads back as entry * scale (tandem_kernels/kv_write.py). Half the bytes of bf16: twice the
 blocks in the same memory, half the bytes a decode step's attention reads.
 """
 

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from kernels.kv_write import quantize_fp8_reference  # noqa: E402
-from kernels.paged_attention import (  # noqa: E402
+from tandem_kernels.kv_write import quantize_fp8_reference  # noqa: E402
+from tandem_kernels.paged_attention import (  # noqa: E402
     DecodeConfig, choose_num_splits, paged_decode_attention, paged_decode_attention_reference)
 from tests.test_kernels import ROWS, _chunked, _paged_case  # noqa: E402
 

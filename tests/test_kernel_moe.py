@@ -1,4 +1,4 @@
-"""The fused top-1 MoE kernels (kernels/moe.py) against the pure-torch reference and the
+"""The fused top-1 MoE kernels (tandem_kernels/moe.py) against the pure-torch reference and the
 engine's torch path, in Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET).
 Shapes stay tiny: the interpreter is slow."""
 
@@ -12,7 +12,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from engine.ops import TorchOps  # noqa: E402
-from kernels.moe import GemmTiles, MoeTiles, choose_tiles, fused_moe, fused_moe_reference  # noqa: E402
+from tandem_kernels.moe import GemmTiles, MoeTiles, choose_tiles, fused_moe, fused_moe_reference  # noqa: E402
 
 
 def _weights(gen, e, h, i, dtype):

@@ -13,10 +13,10 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from kernels.kv_write import quantize_fp8_reference, write_kv, write_kv_reference  # noqa: E402
-from kernels.rms_norm import (  # noqa: E402
+from tandem_kernels.kv_write import quantize_fp8_reference, write_kv, write_kv_reference  # noqa: E402
+from tandem_kernels.rms_norm import (  # noqa: E402
     fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm, rms_norm_reference)
-from kernels.rope import rope, rope_reference  # noqa: E402
+from tandem_kernels.rope import rope, rope_reference  # noqa: E402
 
 # Triton's interpreter (3.6 and 3.9) casts fp32 to bf16 by truncation, not round-to-nearest
 # as the GPU and torch do, so in bf16 each rounding point may land one ulp off. fp16 casts
@@ -253,9 +253,9 @@ def _sm90_memory_ops() -> dict[str, list[str]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.kv_write import _write_kv_kernel
-    from kernels.rms_norm import _rms_norm_kernel
-    from kernels.rope import _rope_kernel
+    from tandem_kernels.kv_write import _write_kv_kernel
+    from tandem_kernels.rms_norm import _rms_norm_kernel
+    from tandem_kernels.rope import _rope_kernel
 
     def memory_ops(fn, types: dict, consts: dict, num_warps: int) -> list[str]:
         """types: each runtime argument's Triton type; a trailing ':16' marks a value Triton

@@ -1,4 +1,4 @@
-"""Paged prefill attention (kernels/prefill_attention.py) against its torch reference and
+"""Paged prefill attention (tandem_kernels/prefill_attention.py) against its torch reference and
 against the engine's torch attention path, run by Triton's interpreter on the CPU.
 
 Every cache slot that no segment may read holds nan, so a kernel that reads one (a
@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from kernels.prefill_attention import (  # noqa: E402
+from tandem_kernels.prefill_attention import (  # noqa: E402
     PrefillConfig, _key_tile_runs, prefill_attention, prefill_attention_reference, prefill_plan)
 
 # (n queries, kv_start, kv_len) per segment: square causal; a chunk after a prefix whose
@@ -242,7 +242,7 @@ def _sm90_build(cfg: PrefillConfig) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.prefill_attention import _prefill_kernel
+    from tandem_kernels.prefill_attention import _prefill_kernel
 
     consts = dict(H=40, G=5, D=128, BS=16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PER_BLOCK=cfg.ids_per_block,
                   LEAN_RUNS=cfg.lean_runs, ORDER=cfg.order, ROW_ALIGN=16, PRECISION="tf32",
@@ -264,7 +264,7 @@ def _sm90_build(cfg: PrefillConfig) -> dict:
 
 
 def _sm90_configs() -> list[PrefillConfig]:
-    from kernels.prefill_attention import default_config
+    from tandem_kernels.prefill_attention import default_config
 
     cfg = default_config(128, torch.bfloat16, torch.device("cuda"))
     return [cfg, cfg._replace(**VARIANTS)]

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from tandem_kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,7 +39,7 @@ def test_rms_norm_rejects_bad_inputs():
         rms_norm(torch.randn(8, 2).t(), torch.ones(8), 1e-5)
 
 
-from kernels.rope import rope, rope_reference  # noqa: E402
+from tandem_kernels.rope import rope, rope_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,7 +77,7 @@ def test_rope_strided_q_from_a_projection_view():
 # Every cache slot no query may read holds nan (slots before kv_start or past the last key
 # in a sequence's blocks, spare blocks), so a kernel that reads one fails loudly. The
 # interpreter costs ~0.1 s per program (KV heads x rows x splits): cases stay few and small.
-from kernels.paged_attention import (  # noqa: E402
+from tandem_kernels.paged_attention import (  # noqa: E402
     DecodeConfig, choose_num_splits, paged_decode_attention, paged_decode_attention_reference)
 
 # (kv_start, kv_len) per query: one key; ragged lengths ending mid-tile; a mid-block start
@@ -195,7 +195,7 @@ def _sm90_paged_builds() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.paged_attention import _paged_decode_kernel, default_config
+    from tandem_kernels.paged_attention import _paged_decode_kernel, default_config
 
     def build(dtype: torch.dtype, splits: int, kv_fp8: bool = False) -> dict:
         cfg = default_config(dtype, torch.device("cuda"))

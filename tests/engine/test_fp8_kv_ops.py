@@ -4,7 +4,7 @@ One step of a small batch built by build_metadata, as the engine builds it: two 
 rows, a prefill chunk after a cached prefix and a fresh prefill, on the global layers and
 on the chunked-local ones (whose released blocks are -1 in the tables). The history and
 the step's new keys go in through write_kv; then
-  - the fp8 cache's bytes are kernels/kv_write.py's reference quantisation;
+  - the fp8 cache's bytes are tandem_kernels/kv_write.py's reference quantisation;
   - TorchOps.attention on the fp8 cache equals TorchOps.attention on the dequantised
     cache (cache.float() * scale, in the model's dtype): exactly in fp32, up to bf16
     rounding of the dequantised keys in bf16;
@@ -76,14 +76,14 @@ KV_SCALE = torch.tensor([0.0123, 0.0051])  # 448 * scale: 5.5 and 2.3, so some v
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, CHUNK])
 def test_torch_ops_fp8_cache_matches_the_dequantised_cache(dtype, chunk):
-    from kernels.kv_write import write_kv_reference
+    from tandem_kernels.kv_write import write_kv_reference
 
     ops, spans = TorchOps(), _spans(chunk)
     cache, meta, q = _step(ops.write_kv, spans, chunk, dtype, KV_SCALE, seed=11)
     assert meta.decode is not None and len(meta.prefills) == 2 and meta.kv_scale is KV_SCALE
     assert meta.prefills[0].end - meta.prefills[0].start < len(meta.prefills[0].kv_slots)  # after a prefix
 
-    # write_kv stored kernels/kv_write.py's reference quantisation, bit for bit.
+    # write_kv stored tandem_kernels/kv_write.py's reference quantisation, bit for bit.
     want, _, _ = _step(write_kv_reference, spans, chunk, dtype, KV_SCALE, seed=11)
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
 

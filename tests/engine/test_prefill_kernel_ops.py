@@ -1,5 +1,5 @@
 """TritonOps runs a step's prefill segments through the paged prefill kernel
-(kernels/prefill_attention.py) from build_metadata's PrefillBatch, in one launch beside
+(tandem_kernels/prefill_attention.py) from build_metadata's PrefillBatch, in one launch beside
 the decode rows; it must attend exactly like TorchOps' per-segment SDPA. One small step
 as the engine builds it: decode rows, a chunk after a cached prefix, a fresh prefill, a
 prefill cut at a local-chunk boundary; global and chunked-local layers (released blocks

@@ -11,7 +11,7 @@ position p of sequence b lives at block block_tables[b, p // block_size], row
 p % block_size. Query head h reads KV head h // (H / KVH) (GQA).
 
 The caches hold q's dtype, or float8_e4m3fn with kv_scale, a [2] fp32 tensor (K scale,
-V scale) per tensor, as kernels/kv_write.py writes them: x ~ cache.float() * scale. fp8
+V scale) per tensor, as tandem_kernels/kv_write.py writes them: x ~ cache.float() * scale. fp8
 tiles are loaded as fp8 and converted to q's compute type (exact: every e4m3 value is a
 bf16, fp16 and fp32 value). The kernel reads the scales from the tensor (no host sync:
 CUDA-graph capturable) and applies each once per program, never per element: the K
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 MAX_SPLITS = 64  # the merge kernel holds every split of a row in registers
-FP8 = torch.float8_e4m3fn  # the quantised cache's dtype (kernels/kv_write.py writes it)
+FP8 = torch.float8_e4m3fn  # the quantised cache's dtype (tandem_kernels/kv_write.py writes it)
 
 
 class DecodeConfig(NamedTuple):
@@ -293,7 +293,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sizes, else default_config (benchmarks pass others).
 
     The caches hold q's dtype, or float8_e4m3fn with kv_scale: a [2] fp32 tensor (K scale,
-    V scale) on their device, as kernels/kv_write.py writes them (x = cache.float() *
+    V scale) on their device, as tandem_kernels/kv_write.py writes them (x = cache.float() *
     scale). The kernel reads the scales itself: no host sync, CUDA-graph capturable.
 
     validate=False skips the checks that read the index tensors' values (one
