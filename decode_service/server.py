@@ -128,8 +128,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield from self._stream(rid, self._local(rid, ids, params, context), context, len(ids), PrefillStats())
 
     def Abort(self, request, context):
-        self._drop_transfer(request.request_id)  # before the engine frees the blocks it writes
-        return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
+        # The transfer is aborted before the engine frees the blocks it writes, both under
+        # the engine's lock, which a reservation holds from taking the blocks to registering
+        # their transfer. Without it, an Abort could look for the transfer just before a
+        # reservation registered it, then free the blocks just after: prefill's KV for the
+        # aborted request then landed in blocks that other requests were given.
+        with self.loop.lock:
+            self._drop_transfer(request.request_id)
+            return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
 
     def Info(self, request, context):
         with self.loop.lock:
