@@ -2,16 +2,23 @@
 RPC at a random moment (waiting for a reservation, in prefill, during the KV transfer,
 while decoding), against real processes over tcp. Some prompts share a prefix that
 decode holds, some are long enough to go to prefill before their blocks are reserved,
-some are prefilled on decode. Whatever happens to a request:
+some are prefilled on decode; in a second test the prefill process is killed mid-round.
+Whatever happens to a request:
   - it ends: no stream hangs;
   - what its client got is a prefix of the offline engine's greedy output, all of it
     when nothing stopped it;
-and after each round both services' block pools are whole and pass the integrity
-check. Seeded: a failure names its seed and replays."""
+and after each round both services' block pools (decode's only, once prefill was
+killed) are whole and pass the integrity check. Seeded: a failure names its seed and
+replays its requests (not their timing).
+
+The first test found a real race (fixed in DecodeServicer.Abort): an Abort between a
+reservation's blocks and its transfer's registration freed blocks that prefill's KV
+then landed in, under other requests."""
 
 import random
 import signal
 import threading
+import time
 
 import grpc
 import pytest
@@ -44,21 +51,22 @@ def _run(stub, prompt, prefill_address, rid, fate, delay, timers):
         timers.append(threading.Timer(delay, lambda: stub.Abort(common_pb2.AbortRequest(request_id=rid), timeout=30)))
     if fate != "none":
         timers[-1].start()
-    tokens, end, how = [], None, ""
+    tokens, end, last = [], None, None
     try:
         for r in call:
             tokens.extend(r.token_ids)
-            how = f"{r.num_cached_tokens} cached on decode, {r.num_transferred_tokens} transferred"
+            last = r
             if r.finished:
                 end = r.finish_reason
     except grpc.RpcError as e:
         end = e.code()
-    return tokens, end, how
+    return tokens, end, last
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, offline, seed):
-    p, stub = mixed
+def _round(stub, prefill_address: str, offline, seed: int, meanwhile=None) -> list[tuple[str, object, int]]:
+    """One round of REQUESTS at once (see the module docstring); `meanwhile(rng)` runs
+    beside them (e.g. kills prefill). Returns each request's (prefill address, end,
+    prompt tokens transferred)."""
     rng = random.Random(seed)
     prefixes = [[rng.randrange(202048) for _ in range(48)] for _ in range(3)]  # decode caches these
     prompts, fates, delays, addresses = [], [], [], []
@@ -67,7 +75,7 @@ def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, 
         prompts.append(head + [rng.randrange(202048) for _ in range(rng.randrange(10, 180))])
         fates.append(rng.choice(["none", "cancel", "abort"]))
         delays.append(rng.uniform(0.0, 0.6))
-        addresses.append("" if rng.random() < 0.15 else p.address)
+        addresses.append("" if rng.random() < 0.15 else prefill_address)
     want = [o.token_ids for o in offline.generate(prompts, params(N))]
     timers: list[threading.Timer] = []
     got = [None] * REQUESTS
@@ -78,12 +86,16 @@ def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(REQUESTS)]
     for t in threads:
         t.start()
+    if meanwhile is not None:
+        meanwhile(rng)
     for t in threads:
         t.join(timeout=180)
     assert not any(t.is_alive() for t in threads), f"seed {seed}: a request hung"
     for t in list(timers):
         t.join()
-    for i, (tokens, end, how) in enumerate(got):
+    for i, (tokens, end, last) in enumerate(got):
+        how = "no response" if last is None else \
+            f"{last.num_cached_tokens} cached on decode, {last.num_transferred_tokens} transferred"
         what = (f"seed {seed}, request {i} ({fates[i]} after {delays[i]:.2f} s, {len(prompts[i])} tokens, "
                 f"prefill {'here' if not addresses[i] else 'there'}; {how})")
         assert tokens == want[i][:len(tokens)], f"{what}: tokens differ from offline"
@@ -93,6 +105,29 @@ def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, 
             allowed = {"cancel": grpc.StatusCode.CANCELLED, "abort": "abort"}.get(fates[i])
             assert end == allowed, f"{what}: ended {end}"
     pools_whole(stub, timeout=30)
-    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=30)
     stopped = [end for end, f in zip((g[1] for g in got), fates) if f != "none" and end != "length"]
     assert stopped, f"seed {seed}: every cancel and abort came after its request had finished"
+    return [(a, g[1], g[2].num_transferred_tokens if g[2] is not None else 0) for a, g in zip(addresses, got)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, offline, seed):
+    p, stub = mixed
+    _round(stub, p.address, offline, seed)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=30)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_prefill_killed_at_random_mid_round_means_recompute(mixed, offline, tiny_llama4_dir, seed):
+    """The same round, with the prefill instance SIGKILLed at a random moment: requests
+    it had (in prefill, mid-transfer, answered but not yet acknowledged) recompute on
+    decode, exactly, and those sent to it afterwards are prefilled on decode."""
+    _, stub = mixed
+    victim = Service("prefill_service", tiny_llama4_dir)
+    try:
+        ends = _round(stub, victim.address, offline, seed,
+                      meanwhile=lambda rng: (time.sleep(rng.uniform(0.05, 0.5)), victim.kill()))
+    finally:
+        victim.kill()
+    recomputed = [e for a, e, sent in ends if a == victim.address and e == "length" and sent == 0]
+    assert recomputed, f"seed {seed}: no request meant for the killed prefill was recomputed on decode"
