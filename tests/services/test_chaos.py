@@ -117,6 +117,28 @@ def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, 
     pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=30)
 
 
+@pytest.fixture(scope="module")
+def late_blocks(tiny_llama4_dir, stack):
+    """A decode that sends every prompt first and its blocks 50 ms after reserving them:
+    prefill computes layers before their destination is known, defers them and pins
+    their source blocks (prefill_service/push.py)."""
+    p, _, _ = stack
+    d = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", "1", "--test-destination-delay", "0.05")
+    ch = grpc.insecure_channel(d.address)
+    yield p, decode_pb2_grpc.DecodeServiceStub(ch)
+    ch.close()
+    d.kill(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("seed", [8, 9])
+def test_cancels_and_aborts_while_prefill_holds_deferred_layers(late_blocks, offline, seed):
+    """The same round while prefill holds layers whose blocks have not come: its pins are
+    all released, whatever ended the requests."""
+    p, stub = late_blocks
+    _round(stub, p.address, offline, seed)
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=30)
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_prefill_killed_at_random_mid_round_means_recompute(mixed, offline, tiny_llama4_dir, seed):
     """The same round, with the prefill instance SIGKILLed at a random moment: requests
@@ -131,3 +153,39 @@ def test_prefill_killed_at_random_mid_round_means_recompute(mixed, offline, tiny
         victim.kill()
     recomputed = [e for a, e, sent in ends if a == victim.address and e == "length" and sent == 0]
     assert recomputed, f"seed {seed}: no request meant for the killed prefill was recomputed on decode"
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_decode_killed_at_random_mid_round_leaves_prefill_whole(mixed, offline, tiny_llama4_dir, seed):
+    """A decode instance SIGKILLed while its requests are in prefill, mid-transfer or
+    decoding: every client call ends (the rest of its output lost, never a hang),
+    prefill's pool comes back whole (its transfers to the dead receiver fail), and
+    prefill serves the next request exactly."""
+    p, stub = mixed
+    victim = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", str(EARLY))
+    vstub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(victim.address))
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(202048) for _ in range(rng.randrange(40, 200))] for _ in range(REQUESTS)]
+    want = [o.token_ids for o in offline.generate(prompts, params(N))]
+    got = [None] * REQUESTS
+
+    def one(i):
+        got[i] = _run(vstub, prompts[i], p.address, f"doomed-{seed}-{i}", "none", 0.0, [])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(REQUESTS)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.05, 0.5))
+    finally:
+        victim.kill()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), f"seed {seed}: a client call hung on the dead decode"
+    for i, (tokens, end, _) in enumerate(got):
+        assert tokens == want[i][:len(tokens)], f"seed {seed}, request {i}"
+        assert end in ("length", grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), f"seed {seed}: {end}"
+    assert any(end != "length" for _, end, _ in got), f"seed {seed}: decode died after every request had finished"
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=60)
+    tokens, end, last = _run(stub, prompts[0], p.address, f"after-{seed}", "none", 0.0, [])
+    assert tokens == want[0] and last.num_transferred_tokens > 0
