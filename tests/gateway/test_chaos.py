@@ -1,0 +1,99 @@
+"""Many streamed completions at once through the REST shim, each read to its end or
+dropped by its client after a random number of chunks. Afterwards:
+  - every completed one gave the offline engine's greedy text, and every dropped one a
+    prefix of it;
+  - both decode instances and the prefill instance are idle with their pools whole;
+  - each request's record in Redis is final, and says which way it ended.
+Seeded: a failure names its seed and replays its requests (not their timing)."""
+
+import json
+import random
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+import redis
+
+from engine.sampling import SamplingParams
+from protos import common_pb2, prefill_pb2_grpc
+
+from .conftest import API_KEY
+from .test_bad_input import decode_pools_whole
+
+H = {"Authorization": f"Bearer {API_KEY}"}
+N = 16  # tokens a request generates
+REQUESTS = 16  # at once
+
+
+def _stream(base_url: str, model: str, ids: list[int], drop_after: int | None):
+    """(request id, text received, finish_reason or "dropped")."""
+    body = {"model": model, "prompt": ids, "max_tokens": N, "temperature": 0, "ignore_eos": True, "stream": True}
+    rid, text, finish, chunks = None, "", None, 0
+    with httpx.Client(timeout=120) as c, c.stream("POST", base_url + "/v1/completions", headers=H, json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            rid = chunk["id"]
+            if chunk["choices"]:
+                text += chunk["choices"][0]["text"]
+                finish = chunk["choices"][0]["finish_reason"] or finish
+            chunks += 1
+            if drop_after is not None and chunks >= drop_after:
+                return rid, text, "dropped"  # leaving the block closes the connection
+    return rid, text, finish
+
+
+def _prefill_pools_whole(stack) -> bool:
+    for p in stack.services("prefill"):
+        with grpc.insecure_channel(p.address) as ch:
+            info = prefill_pb2_grpc.PrefillServiceStub(ch).Info(common_pb2.InfoRequest(), timeout=10)
+        assert info.integrity_error == ""
+        if info.running or info.waiting or info.free_blocks["global"] != info.total_blocks["global"]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_streams_dropped_at_random_are_aborted_everywhere(stack, model_name, offline, seed):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1000, 200000) for _ in range(rng.randrange(10, 150))] for _ in range(REQUESTS)]
+    drops = [None if rng.random() < 0.4 else rng.randrange(1, 8) for _ in range(REQUESTS)]
+    want = [o.text for o in offline.generate(prompts, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))]
+    got = [None] * REQUESTS
+
+    def one(i):
+        got[i] = _stream(stack.base_url, model_name, prompts[i], drops[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(REQUESTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), f"seed {seed}: a stream hung"
+    for i, (rid, text, end) in enumerate(got):
+        what = f"seed {seed}, request {i} ({len(prompts[i])} tokens, dropped after {drops[i]} chunks)"
+        assert want[i].startswith(text), f"{what}: text differs from offline"
+        if end != "dropped":
+            assert end == "length" and text == want[i], f"{what}: {end}"
+    deadline = time.monotonic() + 30
+    while not (decode_pools_whole(stack) and _prefill_pools_whole(stack)):
+        assert time.monotonic() < deadline, f"seed {seed}: an instance kept a dropped request's blocks"
+        time.sleep(0.3)
+    cancelled = 0
+    with redis.Redis.from_url(stack.redis_url, decode_responses=True) as rds:
+        for i, (rid, _, end) in enumerate(got):
+            status = None
+            while time.monotonic() < deadline + 10:
+                status = rds.hget(f"tandem:request:{rid}", "status")
+                if status in ("finished", "aborted", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            assert status == ("cancelled" if end == "dropped" else "finished") or (end == "dropped" and
+                                                                                 status == "finished"), \
+                f"seed {seed}, request {i} ({end}): record says {status}"
+            cancelled += status == "cancelled"
+    assert cancelled, f"seed {seed}: every dropped stream had finished before its client left"
