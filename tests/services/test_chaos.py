@@ -110,7 +110,7 @@ def _round(stub, prefill_address: str, offline, seed: int, meanwhile=None) -> li
     return [(a, g[1], g[2].num_transferred_tokens if g[2] is not None else 0) for a, g in zip(addresses, got)]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_requests_cancelled_and_aborted_at_random_leave_both_pools_whole(mixed, offline, seed):
     p, stub = mixed
     _round(stub, p.address, offline, seed)
@@ -130,7 +130,7 @@ def late_blocks(tiny_llama4_dir, stack):
     d.kill(signal.SIGTERM)
 
 
-@pytest.mark.parametrize("seed", [8, 9])
+@pytest.mark.parametrize("seed", [8])
 def test_cancels_and_aborts_while_prefill_holds_deferred_layers(late_blocks, offline, seed):
     """The same round while prefill holds layers whose blocks have not come: its pins are
     all released, whatever ended the requests."""
@@ -139,7 +139,7 @@ def test_cancels_and_aborts_while_prefill_holds_deferred_layers(late_blocks, off
     pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=30)
 
 
-@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize("seed", [4])
 def test_prefill_killed_at_random_mid_round_means_recompute(mixed, offline, tiny_llama4_dir, seed):
     """The same round, with the prefill instance SIGKILLed at a random moment: requests
     it had (in prefill, mid-transfer, answered but not yet acknowledged) recompute on
@@ -155,7 +155,7 @@ def test_prefill_killed_at_random_mid_round_means_recompute(mixed, offline, tiny
     assert recomputed, f"seed {seed}: no request meant for the killed prefill was recomputed on decode"
 
 
-@pytest.mark.parametrize("seed", [6, 7])
+@pytest.mark.parametrize("seed", [6])
 def test_decode_killed_at_random_mid_round_leaves_prefill_whole(mixed, offline, tiny_llama4_dir, seed):
     """A decode instance SIGKILLed while its requests are in prefill, mid-transfer or
     decoding: every client call ends (the rest of its output lost, never a hang),
@@ -189,3 +189,58 @@ def test_decode_killed_at_random_mid_round_leaves_prefill_whole(mixed, offline, 
     pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=60)
     tokens, end, last = _run(stub, prompts[0], p.address, f"after-{seed}", "none", 0.0, [])
     assert tokens == want[0] and last.num_transferred_tokens > 0
+
+
+@pytest.mark.parametrize("seed", [10])
+def test_prefill_drained_mid_round(mixed, offline, tiny_llama4_dir, seed):
+    """SIGTERM to prefill mid-round: what it has runs to its end, what comes after is
+    refused and recomputed on decode; every output exact, decode's pool whole, and
+    prefill exits well within its 30 s grace."""
+    _, stub = mixed
+    victim = Service("prefill_service", tiny_llama4_dir)
+    took = []
+
+    def drain(rng):
+        time.sleep(rng.uniform(0.05, 0.5))
+        t0 = time.monotonic()
+        victim.kill(signal.SIGTERM)  # waits for the exit
+        took.append(time.monotonic() - t0)
+
+    try:
+        _round(stub, victim.address, offline, seed, meanwhile=drain)
+    finally:
+        victim.kill()
+    assert took and took[0] < 20, f"seed {seed}: prefill took {took} s to drain"
+
+
+@pytest.mark.parametrize("seed", [12])
+def test_decode_drained_mid_round(mixed, offline, tiny_llama4_dir, seed):
+    """SIGTERM to a decode instance mid-round: the requests it has generate to their end,
+    exactly (any it refuses get UNAVAILABLE, nothing half-done), and prefill's pool
+    ends whole."""
+    p, _ = mixed
+    victim = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", str(EARLY))
+    vstub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(victim.address))
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(202048) for _ in range(rng.randrange(40, 200))] for _ in range(REQUESTS)]
+    want = [o.token_ids for o in offline.generate(prompts, params(N))]
+    got = [None] * REQUESTS
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+        i, _run(vstub, prompts[i], p.address, f"drained-{seed}-{i}", "none", 0.0, []))) for i in range(REQUESTS)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.05, 0.3))
+        t0 = time.monotonic()
+        victim.kill(signal.SIGTERM)
+        assert time.monotonic() - t0 < 20, f"seed {seed}: decode took too long to drain"
+    finally:
+        victim.kill()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    for i, (tokens, end, _) in enumerate(got):
+        assert (end == "length" and tokens == want[i]) or (end == grpc.StatusCode.UNAVAILABLE and not tokens), \
+            f"seed {seed}, request {i}: ended {end} after {len(tokens)} tokens"
+    assert sum(end == "length" for _, end, _ in got) > REQUESTS // 2, f"seed {seed}: most requests were refused"
+    pools_whole(prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(p.address)), timeout=30)
