@@ -1,15 +1,15 @@
-"""Many requests at once, each left alone, cancelled by its client or aborted by an Abort
-RPC at a random moment (waiting for a reservation, in prefill, during the KV transfer,
-while decoding), against real processes over tcp. Some prompts share a prefix that
-decode holds, some are long enough to go to prefill before their blocks are reserved,
-some are prefilled on decode; in a second test the prefill process is killed mid-round.
-Whatever happens to a request:
+"""Many requests at once against real processes over tcp, each left alone, cancelled by
+its client or aborted by an Abort RPC at a random moment (waiting for a reservation, in
+prefill, during the KV transfer, while decoding). Some prompts share a prefix that
+decode holds, some go to prefill before their blocks are reserved, some are prefilled
+on decode. Variants: prefill holding deferred layers; prefill or decode SIGKILLed, or
+drained by SIGTERM, mid-round. Whatever happens to a request:
   - it ends: no stream hangs;
   - what its client got is a prefix of the offline engine's greedy output, all of it
-    when nothing stopped it;
-and after each round both services' block pools (decode's only, once prefill was
-killed) are whole and pass the integrity check. Seeded: a failure names its seed and
-replays its requests (not their timing).
+    when nothing stopped it (a request whose prefill died is recomputed exactly);
+and afterwards the block pools of the services still running are whole and pass the
+integrity check. Seeded: a failure names its seed and replays its requests (not their
+timing).
 
 The first test found a real race (fixed in DecodeServicer.Abort): an Abort between a
 reservation's blocks and its transfer's registration freed blocks that prefill's KV
