@@ -8,7 +8,7 @@ import pytest
 
 from engine.llm import LLM
 from protos import decode_pb2_grpc
-from tests.services.helpers import Service
+from tests.services.helpers import DEVICE, Service
 
 
 @pytest.fixture(scope="session")
@@ -24,4 +24,6 @@ def stack(tiny_llama4_dir):
 
 @pytest.fixture(scope="session")
 def offline(tiny_llama4_dir):
+    if DEVICE != "cpu":
+        return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512, device=DEVICE, dtype="float32")
     return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512)

@@ -3,6 +3,7 @@ of them (a generation, whole block pools)."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -19,7 +20,12 @@ from protos.convert import pack_token_ids, sampling_to_pb
 from protos.grpc_server import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE_FLAGS = ["--num-blocks", "96", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
+# TANDEM_TEST_DEVICE=cuda runs the services (and the offline reference, conftest.py) on the
+# GPU in float32, KV still over tcp: the same tests then cover the CUDA data path (pinned
+# staging, the receiver's own stream). CI runs them on the CPU.
+DEVICE = os.environ.get("TANDEM_TEST_DEVICE", "cpu")
+ENGINE_FLAGS = ["--num-blocks", "96", "--max-model-len", "512", "--max-num-batched-tokens", "64",
+                *(["--device", DEVICE, "--dtype", "float32"] if DEVICE != "cpu" else [])]
 
 
 class Service:
