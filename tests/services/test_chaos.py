@@ -42,7 +42,9 @@ def mixed(tiny_llama4_dir, stack):
 
 
 def _run(stub, prompt, prefill_address, rid, fate, delay, timers):
-    """(token ids the client got, how the stream ended: a finish_reason or a gRPC code)."""
+    """(token ids the client got, how the stream ended: a finish_reason or a gRPC code,
+    the last response or None). `fate` "cancel" or "abort" starts a timer (kept in
+    `timers`) that does it after `delay` seconds."""
     call = stub.Generate(generate_request(prompt, prefill_address, N, rid=rid, packed=len(prompt) % 2 == 0),
                          timeout=120)
     if fate == "cancel":
