@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from protos import common_pb2, decode_pb2_grpc
+from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 from .conftest import API_KEY
 
@@ -106,13 +106,14 @@ def test_flood_of_malformed_requests_leaves_it_serving(stack, model_name):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
-def decode_pools_whole(stack):
-    """Every decode instance idle, with all its blocks free and its integrity check passing."""
+def pools_whole(stack, role: str = "decode"):
+    """Every instance of `role` idle, with all its blocks free and its integrity check passing."""
     import grpc
 
-    for d in stack.services("decode"):
+    stub = decode_pb2_grpc.DecodeServiceStub if role == "decode" else prefill_pb2_grpc.PrefillServiceStub
+    for d in stack.services(role):
         with grpc.insecure_channel(d.address) as ch:
-            info = decode_pb2_grpc.DecodeServiceStub(ch).Info(common_pb2.InfoRequest(), timeout=10)
+            info = stub(ch).Info(common_pb2.InfoRequest(), timeout=10)
         assert info.integrity_error == ""
         if info.running or info.waiting or info.free_blocks["global"] != info.total_blocks["global"]:
             return False
@@ -134,7 +135,7 @@ def test_client_disconnect_aborts_everywhere(stack, model_name, stream):
         time.sleep(1.5)  # admitted and generating
     s.close()
     deadline = time.monotonic() + 20
-    while not decode_pools_whole(stack):
+    while not pools_whole(stack):
         assert time.monotonic() < deadline, "decode kept the request after its client left"
         time.sleep(0.3)
     text = httpx.get(stack.base_url + "/metrics").text

@@ -11,16 +11,14 @@ import random
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 import redis
 
 from engine.sampling import SamplingParams
-from protos import common_pb2, prefill_pb2_grpc
 
 from .conftest import API_KEY
-from .test_bad_input import decode_pools_whole
+from .test_bad_input import pools_whole
 
 H = {"Authorization": f"Bearer {API_KEY}"}
 N = 16  # tokens a request generates
@@ -47,16 +45,6 @@ def _stream(base_url: str, model: str, ids: list[int], drop_after: int | None):
     return rid, text, finish
 
 
-def _prefill_pools_whole(stack) -> bool:
-    for p in stack.services("prefill"):
-        with grpc.insecure_channel(p.address) as ch:
-            info = prefill_pb2_grpc.PrefillServiceStub(ch).Info(common_pb2.InfoRequest(), timeout=10)
-        assert info.integrity_error == ""
-        if info.running or info.waiting or info.free_blocks["global"] != info.total_blocks["global"]:
-            return False
-    return True
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_streams_dropped_at_random_are_aborted_everywhere(stack, model_name, offline, seed):
     rng = random.Random(seed)
@@ -80,7 +68,7 @@ def test_streams_dropped_at_random_are_aborted_everywhere(stack, model_name, off
         if end != "dropped":
             assert end == "length" and text == want[i], f"{what}: {end}"
     deadline = time.monotonic() + 30
-    while not (decode_pools_whole(stack) and _prefill_pools_whole(stack)):
+    while not (pools_whole(stack, "decode") and pools_whole(stack, "prefill")):
         assert time.monotonic() < deadline, f"seed {seed}: an instance kept a dropped request's blocks"
         time.sleep(0.3)
     cancelled = 0

@@ -157,14 +157,11 @@ def test_prefill_killed_at_random_mid_round_means_recompute(mixed, offline, tiny
     assert recomputed, f"seed {seed}: no request meant for the killed prefill was recomputed on decode"
 
 
-@pytest.mark.parametrize("seed", [6])
-def test_decode_killed_at_random_mid_round_leaves_prefill_whole(mixed, offline, tiny_llama4_dir, seed):
-    """A decode instance SIGKILLed while its requests are in prefill, mid-transfer or
-    decoding: every client call ends (the rest of its output lost, never a hang),
-    prefill's pool comes back whole (its transfers to the dead receiver fail), and
-    prefill serves the next request exactly."""
-    p, stub = mixed
-    victim = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", str(EARLY))
+def _decode_stopped_mid_round(prefill_address: str, offline, model, seed: int, sig: int):
+    """REQUESTS requests, left alone, to a fresh decode instance that gets `sig` at a
+    random moment of them. Returns (the prompts, offline's outputs, each request's _run
+    result, seconds the instance took to exit after the signal)."""
+    victim = Service("decode_service", model, "--early-prefill-tokens", str(EARLY))
     vstub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(victim.address))
     rng = random.Random(seed)
     prompts = [[rng.randrange(202048) for _ in range(rng.randrange(40, 200))] for _ in range(REQUESTS)]
@@ -172,18 +169,32 @@ def test_decode_killed_at_random_mid_round_leaves_prefill_whole(mixed, offline, 
     got = [None] * REQUESTS
 
     def one(i):
-        got[i] = _run(vstub, prompts[i], p.address, f"doomed-{seed}-{i}", "none", 0.0, [])
+        got[i] = _run(vstub, prompts[i], prefill_address, f"stopped-{seed}-{i}", "none", 0.0, [])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(REQUESTS)]
     try:
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.05, 0.5))
+        time.sleep(rng.uniform(0.05, 0.3))
+        t0 = time.monotonic()
+        victim.kill(sig)  # waits for the exit
+        took = time.monotonic() - t0
     finally:
         victim.kill()
     for t in threads:
         t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), f"seed {seed}: a client call hung on the dead decode"
+    assert not any(t.is_alive() for t in threads), f"seed {seed}: a client call hung on the stopped decode"
+    return prompts, want, got, took
+
+
+@pytest.mark.parametrize("seed", [6])
+def test_decode_killed_at_random_mid_round_leaves_prefill_whole(mixed, offline, tiny_llama4_dir, seed):
+    """A decode instance SIGKILLed while its requests are in prefill, mid-transfer or
+    decoding: every client call ends (the rest of its output lost, never a hang),
+    prefill's pool comes back whole (its transfers to the dead receiver fail), and
+    prefill serves the next request exactly."""
+    p, stub = mixed
+    prompts, want, got, _ = _decode_stopped_mid_round(p.address, offline, tiny_llama4_dir, seed, signal.SIGKILL)
     for i, (tokens, end, _) in enumerate(got):
         assert tokens == want[i][:len(tokens)], f"seed {seed}, request {i}"
         assert end in ("length", grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), f"seed {seed}: {end}"
@@ -218,29 +229,11 @@ def test_prefill_drained_mid_round(mixed, offline, tiny_llama4_dir, seed):
 @pytest.mark.parametrize("seed", [12])
 def test_decode_drained_mid_round(mixed, offline, tiny_llama4_dir, seed):
     """SIGTERM to a decode instance mid-round: the requests it has generate to their end,
-    exactly (any it refuses get UNAVAILABLE, nothing half-done), and prefill's pool
-    ends whole."""
+    exactly (any it refuses get UNAVAILABLE, nothing half-done), it exits well within
+    its 30 s grace, and prefill's pool ends whole."""
     p, _ = mixed
-    victim = Service("decode_service", tiny_llama4_dir, "--early-prefill-tokens", str(EARLY))
-    vstub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(victim.address))
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(202048) for _ in range(rng.randrange(40, 200))] for _ in range(REQUESTS)]
-    want = [o.token_ids for o in offline.generate(prompts, params(N))]
-    got = [None] * REQUESTS
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(
-        i, _run(vstub, prompts[i], p.address, f"drained-{seed}-{i}", "none", 0.0, []))) for i in range(REQUESTS)]
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(rng.uniform(0.05, 0.3))
-        t0 = time.monotonic()
-        victim.kill(signal.SIGTERM)
-        assert time.monotonic() - t0 < 20, f"seed {seed}: decode took too long to drain"
-    finally:
-        victim.kill()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    _, want, got, took = _decode_stopped_mid_round(p.address, offline, tiny_llama4_dir, seed, signal.SIGTERM)
+    assert took < 20, f"seed {seed}: decode took {took:.1f} s to drain"
     for i, (tokens, end, _) in enumerate(got):
         assert (end == "length" and tokens == want[i]) or (end == grpc.StatusCode.UNAVAILABLE and not tokens), \
             f"seed {seed}, request {i}: ended {end} after {len(tokens)} tokens"
