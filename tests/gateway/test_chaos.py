@@ -1,9 +1,10 @@
 """Many streamed completions at once through the REST shim, each read to its end or
-dropped by its client after a random number of chunks. Afterwards:
+dropped by its client after a random number of chunks; and many requests through the
+public gRPC API, some aborted by its Abort at random moments. Afterwards:
   - every completed one gave the offline engine's greedy text, and every dropped one a
     prefix of it;
   - both decode instances and the prefill instance are idle with their pools whole;
-  - each request's record in Redis is final, and says which way it ended.
+  - each REST request's record in Redis is final, and says which way it ended.
 Seeded: a failure names its seed and replays its requests (not their timing)."""
 
 import json
@@ -11,6 +12,7 @@ import random
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 import redis
@@ -21,6 +23,7 @@ from .conftest import API_KEY
 from .test_bad_input import pools_whole
 
 H = {"Authorization": f"Bearer {API_KEY}"}
+AUTH = (("authorization", f"Bearer {API_KEY}"),)  # the gRPC API's
 N = 16  # tokens a request generates
 REQUESTS = 16  # at once
 
@@ -85,3 +88,68 @@ def test_streams_dropped_at_random_are_aborted_everywhere(stack, model_name, off
                 f"seed {seed}, request {i} ({end}): record says {status}"
             cancelled += status == "cancelled"
     assert cancelled, f"seed {seed}: every dropped stream had finished before its client left"
+
+
+def _generate(stub, model: str, ids: list[int], rid: str, abort_after: float | None, timers: list):
+    """Through the public gRPC API: (token ids received, finish_reason or the gRPC code).
+    With `abort_after`, an Abort for `rid` goes through the API that long after the call."""
+    from protos import api_pb2, common_pb2
+
+    if abort_after is not None:
+        timers.append(threading.Timer(abort_after, lambda: stub.Abort(common_pb2.AbortRequest(request_id=rid),
+                                                                      metadata=AUTH, timeout=30)))
+        timers[-1].start()
+    tokens, end = [], None
+    try:
+        for r in stub.Generate(api_pb2.GenerateRequest(model=model, request_id=rid, token_ids=api_pb2.TokenIds(ids=ids),
+                                                       sampling=common_pb2.SamplingParams(
+                                                           max_tokens=N, temperature=0, ignore_eos=True)),
+                               metadata=AUTH, timeout=120):
+            tokens.extend(r.token_ids)
+            if r.finished:
+                end = r.finish_reason
+    except grpc.RpcError as e:
+        end = e.code()
+    return tokens, end
+
+
+@pytest.mark.parametrize("seed", [3])
+def test_requests_aborted_through_the_api_at_random(stack, model_name, offline, seed):
+    """The public gRPC API's Abort, at random moments (queued at the gateway, routed, in
+    prefill, mid-transfer, decoding): completed requests give offline greedy tokens,
+    aborted ones a prefix of them, and every instance ends idle with its pools whole."""
+    from protos import api_pb2_grpc
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1000, 200000) for _ in range(rng.randrange(10, 150))] for _ in range(REQUESTS)]
+    aborts = [None if rng.random() < 0.4 else rng.uniform(0.0, 0.6) for _ in range(REQUESTS)]
+    want = [o.token_ids for o in offline.generate(prompts, SamplingParams(max_tokens=N, temperature=0,
+                                                                          ignore_eos=True))]
+    timers: list[threading.Timer] = []
+    got = [None] * REQUESTS
+    with grpc.insecure_channel(stack.grpc_address) as ch:
+        stub = api_pb2_grpc.TandemStub(ch)
+
+        def one(i):
+            got[i] = _generate(stub, model_name, prompts[i], f"api-chaos-{seed}-{i}", aborts[i], timers)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(REQUESTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        for t in list(timers):
+            t.join()
+    assert not any(t.is_alive() for t in threads), f"seed {seed}: a stream hung"
+    for i, (tokens, end) in enumerate(got):
+        what = f"seed {seed}, request {i} ({len(prompts[i])} tokens, aborted after {aborts[i]} s)"
+        assert tokens == want[i][:len(tokens)], f"{what}: tokens differ from offline"
+        if end == "length":
+            assert tokens == want[i], what
+        else:
+            assert aborts[i] is not None and end in ("abort", grpc.StatusCode.CANCELLED), f"{what}: ended {end}"
+    assert any(end != "length" for _, end in got), f"seed {seed}: every abort came after its request had finished"
+    deadline = time.monotonic() + 30
+    while not (pools_whole(stack, "decode") and pools_whole(stack, "prefill")):
+        assert time.monotonic() < deadline, f"seed {seed}: an instance kept an aborted request's blocks"
+        time.sleep(0.3)
