@@ -110,7 +110,12 @@ class StateStore:
                                retry_after=1.0) from None
 
     async def unlock_session(self, sid: str) -> None:
-        await self._try("session unlock", self.r.delete(session_key(sid) + ":busy"))
+        """Release a session's turn lock. Often called from a request whose task is being
+        cancelled (its client left: Starlette cancels the task, and under its cancel scope
+        every later await raises again), so the delete runs shielded, to its end, whatever
+        happens to the caller; unshielded, the lock stayed until its TTL (request_timeout)
+        and every later turn of the session got 409 session_busy."""
+        await asyncio.shield(self._try("session unlock", self.r.delete(session_key(sid) + ":busy")))
 
     async def load_session(self, sid: str) -> Session | None:
         try:

@@ -153,3 +153,37 @@ def test_requests_aborted_through_the_api_at_random(stack, model_name, offline, 
     while not (pools_whole(stack, "decode") and pools_whole(stack, "prefill")):
         assert time.monotonic() < deadline, f"seed {seed}: an instance kept an aborted request's blocks"
         time.sleep(0.3)
+
+
+def test_a_session_turn_dropped_mid_stream_frees_the_session(stack, model_name):
+    """A client that leaves during a streamed turn of its session: the session's turn
+    lock goes at once, so its next turn is served, not refused 409 session_busy until
+    the lock's TTL. (Found by a probe: the unlock ran in a task being cancelled, and the
+    cancellation stopped it half the time.)"""
+    sessions = [f"dropped-turn-{i}" for i in range(12)]
+
+    def turn(sid, content, drop_after=None):
+        body = {"model": model_name, "messages": [{"role": "user", "content": content}], "max_tokens": 16,
+                "temperature": 0, "ignore_eos": True, "stream": drop_after is not None}
+        headers = {**H, "X-Session-ID": sid}
+        if drop_after is None:
+            return httpx.post(stack.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+        with httpx.Client(timeout=120) as c, c.stream("POST", stack.base_url + "/v1/chat/completions", json=body,
+                                                      headers=headers) as r:
+            for i, _ in enumerate(line for line in r.iter_lines() if line.startswith("data: ")):
+                if i + 1 >= drop_after:
+                    return r
+
+    for sid in sessions:
+        assert turn(sid, f"Hello from {sid}.").status_code == 200
+    rng = random.Random(0)
+    threads = [threading.Thread(target=turn, args=(sid, "And then?", rng.randrange(1, 6))) for sid in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for sid in sessions:
+        deadline = time.monotonic() + 5  # a turn still finishing its cleanup may answer 409 for a moment
+        while (r := turn(sid, "Thanks.")).status_code == 409 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 200, f"{sid}: {r.status_code} {r.text}"
