@@ -24,6 +24,4 @@ def stack(tiny_llama4_dir):
 
 @pytest.fixture(scope="session")
 def offline(tiny_llama4_dir):
-    if DEVICE != "cpu":
-        return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512, device=DEVICE, dtype="float32")
-    return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512)
+    return LLM(tiny_llama4_dir, num_blocks=96, max_model_len=512, device=DEVICE, dtype="float32")
